@@ -1,0 +1,27 @@
+"""Find, explain and remove in-place mutation hazards in multi-task PyTorch models.
+
+    import torch, fxinplace
+    compiled = torch.compile(model, backend="inplace_audit")   # prints a table per graph
+    loss = compiled(x)["seg"].sum()
+    report = fxinplace.audit(model, x)                            # the same facts, as objects
+    report.assert_no_hazards()                                    # for your own test suite
+"""
+
+from __future__ import annotations
+
+from .api import audit
+from .backend import AnalysisError, AnalysisWarning, InplaceAudit, inplace_audit
+from .report import GraphReport, Hazard, HazardError, Mutation, Report
+
+__all__ = [
+    "audit",
+    "inplace_audit",
+    "InplaceAudit",
+    "Report",
+    "GraphReport",
+    "Mutation",
+    "Hazard",
+    "HazardError",
+    "AnalysisError",
+    "AnalysisWarning",
+]

@@ -1,0 +1,91 @@
+"""Where a node came from: the user's file and line, its module path, a parameter's name."""
+
+from __future__ import annotations
+
+import linecache
+import re
+from dataclasses import dataclass
+
+import torch.fx
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
+# Dynamo module paths look like "L['self'].heads.seg" or "L['model'].trunk.0".
+_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    file: str
+    line: int
+    code: str
+    function: str = ""
+
+    def __str__(self) -> str:
+        return f"{_short_path(self.file)}:{self.line}"
+
+
+def source_of(node: torch.fx.Node) -> SourceLocation | None:
+    """The innermost user frame of `node` (Dynamo already filtered torch's own frames)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = list(_FRAME.finditer(trace))
+    if not frames:
+        return None
+    last = frames[-1]
+    file, line = last["file"], int(last["line"])
+    return SourceLocation(file, line, linecache.getline(file, line).strip(), last["fn"])
+
+
+def module_path_of(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module that ran `node` ("" for the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _ROOT.sub("", str(path))
+
+
+def qualified_name_of(source) -> tuple[str, str]:
+    """(kind, name) for a Dynamo `Source`: parameters and buffers by fully qualified name.
+
+    Reads the `_modules` / `_parameters` / `_buffers` lookups Dynamo records, e.g.
+    ``L['self']._modules['trunk']._modules['1']._buffers['running_mean']``, skipping the
+    wrapper sources (`UnspecializedNNModuleSource`, ...) that carry neither.
+    """
+    steps: list[tuple[str, str]] = []
+    src = source
+    while getattr(src, "base", None) is not None:
+        if getattr(src, "member", None) is not None:
+            steps.append(("member", str(src.member)))
+        elif getattr(src, "index", None) is not None:
+            steps.append(("index", str(src.index)))
+        src = src.base
+    steps.reverse()
+    parts: list[str] = []
+    kind = "input"
+    i = 0
+    while i < len(steps):
+        step, value = steps[i]
+        if step == "member" and value in _CONTAINERS and i + 1 < len(steps) and steps[i + 1][0] == "index":
+            parts.append(steps[i + 1][1])
+            kind = _CONTAINERS[value]
+            i += 2
+        elif step == "member":
+            parts.append(value)
+            i += 1
+        else:
+            break
+    if i == len(steps) and parts and kind in ("parameter", "buffer"):
+        return kind, ".".join(parts)
+    name = source.name if isinstance(getattr(source, "name", None), str) else str(source)
+    local = re.fullmatch(r"L\['([^']+)'\]", name)
+    return "input", local.group(1) if local else name
+
+
+_CONTAINERS = {"_modules": "module", "_parameters": "parameter", "_buffers": "buffer"}
+
+
+def _short_path(file: str) -> str:
+    parts = file.replace("\\", "/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else file

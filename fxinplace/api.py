@@ -1,0 +1,113 @@
+"""`fxinplace.audit`: run a model once through the backend and return its report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ._sources import SourceLocation
+from .backend import InplaceAudit, analyze, emit_tables
+from .report import GraphReport, Hazard, Report
+
+__all__ = ["audit"]
+
+_TRACE_FAILURES = {
+    # Autograd refuses these while Dynamo traces; we turn them into report entries.
+    "a leaf Variable that requires grad is being used in an in-place operation": (
+        "leaf-inplace",
+        "in-place op on a leaf tensor that requires grad (a parameter or an input with "
+        "requires_grad=True) while grad mode is on: autograd forbids it. Wrap it in `torch.no_grad()` if it is "
+        "a deliberate update, or write `x = x * 2` instead of `x.mul_(2)`",
+    ),
+    "is a view and is being modified inplace": (
+        "view-inplace",
+        "in-place op on a view that autograd forbids modifying (a view created in no_grad mode, or one of "
+        "several views returned by one op such as unbind/split/chunk): clone the view first, or write the op "
+        "out of place",
+    ),
+}
+
+
+def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
+    """Run `model(*args, **kwargs)` once through the `inplace_audit` backend; return its `Report`.
+
+    Tasks are named after the keys of the model's output dict (or the positions of a tuple)
+    where they can be recovered. `options` are the backend's options; the compiler defaults
+    to "eager" here (the audit does not need compiled code) and tables are printed unless
+    `options={"print": False}`. The call runs the model for real: parameters, buffers and
+    inputs are updated as in any forward call.
+    """
+    options = {"compiler": "eager", **(options or {})}
+    backend = InplaceAudit(**options)
+    backend.defer_tables = True
+    backend.capture_outputs = True
+    compiled = torch.compile(model, backend=backend)
+    try:
+        result = compiled(*args, **kwargs)
+    except Exception as e:
+        failure = _trace_failure(e)
+        if failure is None:
+            raise
+        report = Report((failure,))
+        emit_tables(failure, backend.options)
+        return report
+    finally:
+        torch._dynamo.reset()  # the audit's compiled code must not stay in the user's cache
+
+    names = _output_names(result)
+    graphs = []
+    for graph in backend.graphs:
+        report = graph.report
+        if graph.trace is not None and graph.outputs:
+            output_names = [_task_name(names.get(i), backend.options.tasks) for i in graph.outputs]
+            if any(output_names):
+                report = analyze(graph.gm, graph.trace, graph.identity, backend.options, output_names)
+                graph.report = report
+        emit_tables(report, backend.options)
+        graphs.append(report)
+    return Report(tuple(graphs))
+
+
+def _output_names(result: Any) -> dict[int, str]:
+    """id(tensor) -> a readable path in the model's output ("seg", "aux.depth", "1")."""
+    names: dict[int, str] = {}
+    for path, leaf in pytree.tree_flatten_with_path(result)[0]:
+        if isinstance(leaf, torch.Tensor):
+            parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+            names.setdefault(id(leaf), ".".join(parts) or "output")
+    return names
+
+
+def _task_name(key: str | None, tasks: dict[str, str]) -> str | None:
+    if key is None:
+        return None
+    return next((t for t, wanted in tasks.items() if key == wanted or key.startswith(wanted + ".")), key)
+
+
+def _trace_failure(e: BaseException) -> GraphReport | None:
+    text = str(e)
+    for needle, (code, advice) in _TRACE_FAILURES.items():
+        if needle in text:
+            source = _user_frame(e)
+            where = f" at {source}" if source else ""
+            message = f"{advice}. PyTorch said: {needle}{where}"
+            hazard = Hazard(code, "error", message, source)
+            return GraphReport("?", "?", "tracing failed", hazards=(hazard,))
+    return None
+
+
+def _user_frame(e: BaseException) -> SourceLocation | None:
+    stack = getattr(e, "real_stack", None)
+    frames = list(stack) if stack else []
+    if not frames:
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch" not in f.filename]
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/fxinplace/" not in frame.filename:
+            return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
+    return None
+
+

@@ -1,0 +1,196 @@
+"""The `inplace_audit` torch.compile backend: audit each graph, then hand it off.
+
+    torch.compile(model, backend="inplace_audit", options={"compiler": "inductor"})
+
+For every graph Dynamo hands over it runs the passes in `fxinplace.passes`, prints a table,
+keeps a `GraphReport`, and then compiles the graph, unchanged (unless `functionalize` was
+asked for), with the chosen compiler.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from .options import AuditOptions, parse_options
+from .passes.find_hazards import find_hazards
+from .passes.split_tasks import split_tasks
+from .passes.trace_mutations import MutationTrace, trace_mutations
+from .report import GraphReport, HazardError, Report, severity_rank
+
+__all__ = ["InplaceAudit", "inplace_audit", "AnalysisError", "AnalysisWarning"]
+
+log = logging.getLogger(__name__)
+
+_AUTOGRAD_ERROR = "modified by an inplace operation"
+
+
+class AnalysisError(RuntimeError):
+    """The audit itself failed on a graph and `strict` was set."""
+
+
+class AnalysisWarning(UserWarning):
+    """The audit itself failed on a graph; the graph was compiled without it."""
+
+
+@dataclass
+class _AuditedGraph:
+    gm: torch.fx.GraphModule
+    identity: tuple[str, str, str]
+    trace: MutationTrace | None
+    report: GraphReport
+    outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
+
+
+class InplaceAudit:
+    """A torch.compile backend that audits in-place mutations, keeping one report per graph.
+
+    `fxinplace.inplace_audit` is the instance behind `backend="inplace_audit"`; make your
+    own to keep a model's reports apart::
+
+        audit = fxinplace.InplaceAudit(compiler="eager", print=False)
+        torch.compile(model, backend=audit)(x)
+        audit.report.assert_no_hazards()
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = parse_options(options)
+        self.graphs: list[_AuditedGraph] = []
+        self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
+        self.capture_outputs = False
+
+    @property
+    def report(self) -> Report:
+        return Report(tuple(g.report for g in self.graphs))
+
+    def clear(self) -> None:
+        """Forget the reports kept so far."""
+        self.graphs.clear()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs: Any):
+        opts = self.options if not options else parse_options({**self._explicit_options(), **options})
+        mode = kwargs.pop("mode", None)
+        if kwargs:
+            log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))
+        graph = self._audit(gm, example_inputs, opts)
+        self.graphs.append(graph)
+        if not self.defer_tables:
+            emit_tables(graph.report, opts)
+        if opts.raise_on is not None:
+            found = [h for h in graph.report.all_hazards() if severity_rank(h.severity) >= severity_rank(opts.raise_on)]
+            if found:
+                raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
+        compiled = self._compile(gm, example_inputs, opts, mode, graph)
+        if not self.capture_outputs:
+            return compiled
+
+        def run_and_capture(*args):
+            out = compiled(*args)
+            graph.outputs = [id(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
+            return out
+
+        return run_and_capture
+
+    def _explicit_options(self) -> dict[str, Any]:
+        defaults = AuditOptions().as_dict()
+        return {k: v for k, v in self.options.as_dict().items() if v != defaults[k]}
+
+    def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
+        identity = graph_identity(gm)
+        try:
+            trace = trace_mutations(gm, example_inputs)
+            report = analyze(gm, trace, identity, opts)
+        except Exception as e:  # the user's training comes first
+            if opts.strict:
+                raise AnalysisError(f"fxinplace: the audit failed on graph {identity[0]}: {e!r}") from e
+            warnings.warn(
+                f"fxinplace: the audit failed on graph {identity[0]} `{identity[1]}` ({type(e).__name__}: {e}); "
+                f"compiling it without the audit. Pass options={{'strict': True}} to raise instead.",
+                AnalysisWarning,
+                stacklevel=2,
+            )
+            log.debug("audit failure", exc_info=True)
+            return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
+        return _AuditedGraph(gm, identity, trace, report)
+
+    def _compile(self, gm, example_inputs, opts: AuditOptions, mode, graph: _AuditedGraph) -> Callable:
+        compiler = _resolve_compiler(opts.compiler, mode)
+        try:
+            return compiler(gm, example_inputs)
+        except Exception as e:
+            if opts.explain and _is_autograd_inplace_error(e):
+                errors = [h for h in graph.report.all_hazards() if h.severity == "error"]
+                cause = (
+                    "fxinplace: the compiler failed with PyTorch's in-place autograd error "
+                    "(\"one of the variables needed for gradient computation has been modified by an "
+                    "inplace operation\"). This is why:"
+                )
+                raise HazardError(graph.report, errors, cause) from e
+            raise
+
+
+def analyze(
+    gm: torch.fx.GraphModule,
+    trace: MutationTrace,
+    identity: tuple[str, str, str],
+    opts: AuditOptions,
+    output_names: list[str | None] | None = None,
+) -> GraphReport:
+    """Split tasks and classify hazards on an already traced graph (cheap: no tensor runs)."""
+    split = split_tasks(gm, trace, output_names, opts.tasks)
+    mutations = find_hazards(gm, trace, split)
+    return GraphReport(*identity, mutations=tuple(mutations), tasks=split.tasks, shared_parameters=split.shared_parameters)
+
+
+def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:
+    """(compile id, function name, why the graph ended) for the graph being compiled now."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    context = torch._guards.TracingContext.try_get()
+    codes = getattr(context, "traced_code", None) or []
+    function = codes[0].co_name if codes else "?"
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    why = getattr(reason, "reason", None) or "?"
+    if getattr(reason, "graph_break", False):
+        why = f"graph break: {why}"
+    return (str(compile_id) if compile_id is not None else "?", function, why)
+
+
+def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
+    text = report.render()
+    if opts.print:
+        print(text, file=sys.stdout, flush=True)
+    if opts.file:
+        with open(opts.file, "a", encoding="utf-8") as f:
+            f.write(text + "\n\n")
+
+
+def _resolve_compiler(compiler: str | Callable, mode: str | None) -> Callable:
+    if compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode else None
+        return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+    if callable(compiler):
+        return compiler
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(compiler)
+
+
+def _is_autograd_inplace_error(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if _AUTOGRAD_ERROR in str(e):
+            return True
+        e = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+inplace_audit = InplaceAudit()

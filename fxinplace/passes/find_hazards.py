@@ -1,0 +1,171 @@
+"""Classify every write: safe, or a named hazard with the user's lines and tasks.
+
+Expects the `MutationTrace` of `trace_mutations` and the `TaskSplit` of `split_tasks`;
+writes one `Mutation` per written target to `node.meta["fxinplace"]` (a list, since batch
+norm writes two buffers from one node) and returns them in graph order.
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from .._sources import module_path_of, source_of
+from ..report import Hazard, Mutation
+from .resolve_aliases import describe_op, resolve_target, target_of_root
+from .split_tasks import TaskSplit
+from .trace_mutations import MutationTrace, SavedTensor, Write
+
+__all__ = ["find_hazards", "HAZARD_CODES"]
+
+# code -> default severity; the catalogue in docs/hazards.md explains each one.
+HAZARD_CODES = {
+    "saved-then-mutated": "error",
+    "hidden-write-to-saved": "error",
+    "leaf-inplace": "error",
+    "view-inplace": "error",
+    "cross-task-write": "warning",
+    "parameter-write": "warning",
+    "input-write": "warning",
+    "buffer-update": "info",
+    "safe-inplace": "info",
+}
+
+_AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
+
+
+def find_hazards(gm: torch.fx.GraphModule, trace: MutationTrace, split: TaskSplit) -> list[Mutation]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
+    hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
+    for record in trace.saved:
+        if not split.tasks_of(record.node):
+            continue  # no task's backward goes through the op that saved it
+        if record.mutated_by is not None:
+            saved_by_mutator.setdefault(record.mutated_by, []).append(record)
+        for node in record.hidden_writes:
+            hidden_by_mutator.setdefault(node, []).append(record)
+
+    mutations = []
+    for node, writes in trace.writes_by_node().items():
+        facts = []
+        for write in writes:
+            target, chain = resolve_target(write, trace)
+            writer_tasks = _writer_tasks(write, split)
+            readers = [r for r in split.readers.get(write.storage, ()) if r is not node]
+            before = [r for r in readers if order[r] < order[node]]
+            after = [r for r in readers if order[r] > order[node]]
+            read_tasks = set().union(*(split.tasks_of(r) for r in readers)) if readers else set()
+            shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
+            hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after,
+                                   saved_by_mutator.get(node, ()), hidden_by_mutator.get(node, ()))
+            facts.append(Mutation(
+                node=node.name,
+                op=describe_op(node),
+                target=target,
+                view_chain=chain,
+                source=source_of(node),
+                module=module_path_of(node),
+                tasks=tuple(sorted(writer_tasks | (read_tasks if target.kind == "intermediate" else set()))),
+                shared=shared,
+                autograd_visible=write.autograd_visible,
+                under_no_grad=not write.grad_enabled,
+                hazards=tuple(hazards),
+            ))
+        node.meta["fxinplace"] = facts
+        mutations.extend(facts)
+    return mutations
+
+
+def _writer_tasks(write: Write, split: TaskSplit) -> set[str]:
+    # The tasks a write belongs to: those downstream of it (through later readers), those
+    # whose module ran it, and those that computed the value written.
+    tasks = set(split.tasks_of(write.node))
+    for arg in write.node.all_input_nodes:
+        if arg is not write.arg:
+            tasks |= split.tasks_of(arg)
+    return tasks
+
+
+def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale, hidden) -> list[Hazard]:
+    node = write.node
+    where = source_of(node)
+    op = f"`{describe_op(node)}` at {_at(node)}"
+    hazards = []
+    for saving_node, records in _group(stale).items():
+        hazards.append(Hazard("saved-then-mutated", "error", (
+            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
+            f"{_at(saving_node)} (needed by the backward of {_tasks(split.tasks_of(saving_node))}), then "
+            f"modified in place by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
+        ), where))
+    for saving_node, records in _group(hidden).items():
+        hazards.append(Hazard("hidden-write-to-saved", "error", (
+            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
+            f"{_at(saving_node)} (needed by the backward of {_tasks(split.tasks_of(saving_node))}), then "
+            f"overwritten by {op} through a path autograd does not see: backward raises nothing and "
+            f"silently computes gradients from the new values"
+        ), where))
+    other_readers = [r for r in before + after if split.tasks_of(r) - writer_tasks]
+    if writer_tasks and other_readers:
+        others = set().union(*(split.tasks_of(r) for r in other_readers)) - writer_tasks
+        when = []
+        for label, group in (("before", before), ("after", after)):
+            readers = [r for r in group if split.tasks_of(r) & others]
+            if readers:
+                when.append(f"{label} the write at {', '.join(sorted({_at(r) for r in readers}))}")
+        hazards.append(Hazard("cross-task-write", "warning", (
+            f"{_tasks(writer_tasks)} writes {target} with {op}, and {_tasks(others)} reads it too "
+            f"({'; '.join(when)}): what {_tasks(others)} sees depends on the order the tasks run in"
+        ), where))
+    how = "" if write.autograd_visible else " (hidden from autograd)"
+    if not write.grad_enabled:
+        how += " under no_grad"
+    if target.kind == "parameter":
+        hazards.append(Hazard("parameter-write", "warning", (
+            f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
+            f"step see the new value"
+        ), where))
+    elif target.kind == "input":
+        hazards.append(Hazard("input-write", "warning", (
+            f"{op} writes the caller's input `{target.name}` in place{how}: the caller sees the change"
+        ), where))
+    elif target.kind == "buffer":
+        hazards.append(Hazard("buffer-update", "info", f"{op} updates buffer `{target.name}`{how}", where))
+    elif not hazards:
+        hazards.append(Hazard("safe-inplace", "info", f"{op} writes {target}: no saved tensor or other task is affected", where))
+    return hazards
+
+
+def _group(records) -> dict[torch.fx.Node, list[SavedTensor]]:
+    grouped: dict[torch.fx.Node, list[SavedTensor]] = {}
+    for record in records:
+        grouped.setdefault(record.node, []).append(record)
+    return grouped
+
+
+def _describe_saved(records: list[SavedTensor], trace: MutationTrace) -> str:
+    names = []
+    for record in records:
+        root = trace.storage_root.get(record.storage) if record.storage is not None else None
+        if root is None:
+            names.append("a tensor")
+        elif root.op == "placeholder":
+            target = target_of_root(root, trace)
+            names.append(f"{target.kind} `{target.name}`")
+        else:
+            names.append(f"`{root.name}` (output of `{describe_op(root)}` at {_at(root)})")
+    unique = list(dict.fromkeys(names))
+    return unique[0] if len(unique) == 1 else " and ".join(unique)
+
+
+def _at(node: torch.fx.Node) -> str:
+    source = source_of(node)
+    where = f"{source}" if source else "an unknown line"
+    module = module_path_of(node)
+    return f"{where} ({module})" if module else where
+
+
+def _tasks(tasks) -> str:
+    tasks = sorted(tasks)
+    if not tasks:
+        return "no task"
+    return ("task " if len(tasks) == 1 else "tasks ") + ", ".join(f"'{t}'" for t in tasks)

@@ -1,0 +1,144 @@
+"""Split a graph into per-task subgraphs: which task outputs each node feeds.
+
+A node belongs to every task whose output depends on it. Mutations add the edges FX does
+not show: later readers of a mutated tensor still point at the original node, so a write
+is also linked to every later reader of the storage it writes.
+
+Tasks are named, in order of preference, by the names the caller passes (`fxinplace.audit`
+recovers the keys of an output dict), by the user's `tasks` option (task name -> module
+prefix), by the module path all of a task's own nodes share (`heads.seg`), or by position
+(`output[1]`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from .._sources import module_path_of
+from .resolve_aliases import target_of_root
+from .trace_mutations import MutationTrace, StorageKey
+
+__all__ = ["split_tasks", "TaskSplit"]
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    names: tuple[str, ...]  # one per graph output position
+    node_tasks: dict[torch.fx.Node, frozenset[str]]
+    module_prefixes: dict[str, str]  # task -> the module path its own nodes run under
+    shared_parameters: dict[str, tuple[str, ...]]  # parameter name -> tasks that read it
+    readers: dict[StorageKey, list[torch.fx.Node]]  # nodes reading each storage, in order
+
+    def tasks_of(self, node: torch.fx.Node) -> frozenset[str]:
+        return self.node_tasks.get(node, frozenset())
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.names))
+
+
+def split_tasks(
+    gm: torch.fx.GraphModule,
+    trace: MutationTrace,
+    output_names: list[str | None] | None = None,
+    task_prefixes: dict[str, str] | None = None,
+) -> TaskSplit:
+    nodes = list(gm.graph.nodes)
+    output_node = nodes[-1]
+    outputs = [leaf for leaf in pytree.tree_leaves(output_node.args) if isinstance(leaf, torch.fx.Node)]
+    written: dict[torch.fx.Node, set[StorageKey]] = {}
+    for w in trace.writes:
+        written.setdefault(w.node, set()).add(w.storage)
+    readers = _readers_by_storage(nodes, trace, written)
+
+    masks = _reachability(nodes, outputs, readers, written)
+    names = _name_outputs(nodes, outputs, masks, output_names, task_prefixes or {})
+    node_tasks = {n: frozenset(names[i] for i in range(len(names)) if mask >> i & 1) for n, mask in masks.items()}
+    prefixes = dict(task_prefixes or {})
+    for name in dict.fromkeys(names):
+        prefix = _common_module_prefix([n for n, tasks in node_tasks.items() if tasks == {name}])
+        if prefix and name not in prefixes:
+            prefixes[name] = prefix
+    for node in written:
+        path = module_path_of(node)
+        extra = {t for t, p in prefixes.items() if p and (path == p or path.startswith(p + "."))}
+        if extra:
+            node_tasks[node] = node_tasks.get(node, frozenset()) | extra
+
+    shared = {}
+    for key, root in trace.storage_root.items():
+        if root.op != "placeholder":
+            continue
+        target = target_of_root(root, trace)
+        if target.kind != "parameter":
+            continue
+        tasks = set().union(*(node_tasks.get(r, frozenset()) for r in readers.get(key, ())))
+        if len(tasks) > 1:
+            shared[target.name] = tuple(sorted(tasks))
+    return TaskSplit(tuple(names), node_tasks, prefixes, shared, readers)
+
+
+def _readers_by_storage(nodes, trace: MutationTrace, written) -> dict[StorageKey, list[torch.fx.Node]]:
+    # A node reads a storage when it consumes its values; making a view of it is not a read.
+    readers: dict[StorageKey, list[torch.fx.Node]] = {}
+    for node in nodes:
+        made = trace.storages_made.get(node, set())
+        for key in trace.storages_read.get(node, ()):
+            if key not in made or key in written.get(node, ()):
+                readers.setdefault(key, []).append(node)
+    return readers
+
+
+def _reachability(nodes, outputs, readers, written) -> dict[torch.fx.Node, int]:
+    """Bit i of a node's mask is set when output i depends on it (through data or writes)."""
+    order = {n: i for i, n in enumerate(nodes)}
+    masks: dict[torch.fx.Node, int] = {}
+    for i, out in enumerate(outputs):
+        masks[out] = masks.get(out, 0) | 1 << i
+    for node in reversed(nodes):
+        mask = masks.get(node, 0)
+        for user in node.users:
+            if user.op != "output":
+                mask |= masks.get(user, 0)
+        for key in written.get(node, ()):
+            for reader in readers.get(key, ()):
+                if order[reader] > order[node]:
+                    mask |= masks.get(reader, 0)
+        if mask:
+            masks[node] = mask
+    return masks
+
+
+def _name_outputs(nodes, outputs, masks, output_names, task_prefixes) -> list[str]:
+    names = []
+    for i, out in enumerate(outputs):
+        given = output_names[i] if output_names and i < len(output_names) else None
+        if given:
+            names.append(given)
+            continue
+        ancestors = [n for n in nodes if masks.get(n, 0) >> i & 1]
+        by_prefix = next(
+            (t for t, p in task_prefixes.items() if any(_under(module_path_of(n), p) for n in ancestors)), None
+        )
+        if by_prefix:
+            names.append(by_prefix)
+            continue
+        own = [n for n in ancestors if masks[n] == 1 << i]
+        names.append(_common_module_prefix(own) or f"output[{i}]")
+    return names
+
+
+def _under(path: str, prefix: str) -> bool:
+    return bool(prefix) and (path == prefix or path.startswith(prefix + "."))
+
+
+def _common_module_prefix(nodes) -> str:
+    paths = [module_path_of(n).split(".") for n in nodes if n.op in ("call_function", "call_method")]
+    paths = [p for p in paths if p != [""]]
+    if not paths:
+        return ""
+    return ".".join(os.path.commonprefix(paths))

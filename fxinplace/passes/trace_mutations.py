@@ -1,0 +1,340 @@
+"""Run a Dynamo graph once on fake tensors and record what PyTorch itself does.
+
+Instead of keeping a table of every spelling of "in place" (`add_`, `x += y`, `x[m] = 0`,
+`out=`, `inplace=True`, custom ops with mutable schemas, ...), the run watches the
+version counters of each node's tensor arguments: any op that writes a tensor bumps its
+counter, whatever it is called. Two kinds of writes leave the counter alone and are
+caught otherwise: writes through `.data` (the alias has its own counter, so the root's
+counter does not move: that is what makes them invisible to autograd) and the writes that
+PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`).
+
+The same run installs `saved_tensors_hooks`, so it sees exactly which tensors autograd
+saves, for which node, at which version: the facts behind the "modified by an inplace
+operation" error, observed rather than guessed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+
+__all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor"]
+
+StorageKey = StorageWeakRef
+
+
+@dataclass
+class Write:
+    """One tensor written by one node."""
+
+    node: torch.fx.Node
+    arg: torch.fx.Node  # the argument node whose value was written (maybe a view)
+    tensor: torch.Tensor
+    storage: StorageKey
+    autograd_visible: bool  # did the write bump the version counter autograd checks?
+    grad_enabled: bool
+    how: str  # "version" (counter moved) or "schema" (a write the schema hides)
+
+
+@dataclass
+class SavedTensor:
+    """One tensor autograd saved for backward while running `node`."""
+
+    node: torch.fx.Node
+    tensor: torch.Tensor
+    version: int
+    storage: StorageKey | None
+    mutated_by: torch.fx.Node | None = None  # first write that moved its version
+    hidden_writes: list[torch.fx.Node] = field(default_factory=list)
+    _last_version: int = 0
+
+
+@dataclass
+class MutationTrace:
+    """What one fake run of a graph observed."""
+
+    writes: list[Write]
+    saved: list[SavedTensor]
+    storage_root: dict[StorageKey, torch.fx.Node]  # the node that first produced each storage
+    storages_read: dict[torch.fx.Node, set[StorageKey]]  # tensor arguments' storages
+    storages_made: dict[torch.fx.Node, set[StorageKey]]  # outputs' storages
+    grad_enabled: dict[torch.fx.Node, bool]
+    # Dynamo drops `grapharg` from placeholders once compiled; keep their sources for naming.
+    sources: dict[torch.fx.Node, Any] = field(default_factory=dict)
+
+    def writes_by_node(self) -> dict[torch.fx.Node, list[Write]]:
+        grouped: dict[torch.fx.Node, list[Write]] = {}
+        for write in self.writes:
+            grouped.setdefault(write.node, []).append(write)
+        return grouped
+
+
+def _batch_norm_writes(args: tuple, kwargs: dict) -> list[int | str]:
+    # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    # the running stats are updated in training mode, without a version bump even in eager.
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    return [1, 2] if training else []
+
+
+def _instance_norm_writes(args: tuple, kwargs: dict) -> list[int | str]:
+    use_input_stats = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
+    return [1, 2] if use_input_stats else []
+
+
+# Writes that neither the version counter nor the Python-level schema shows; the value
+# says which argument positions are written for the given call.
+_HIDDEN_WRITES: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
+    torch.nn.functional.batch_norm: _batch_norm_writes,
+    torch.batch_norm: _batch_norm_writes,
+    torch.nn.functional.instance_norm: _instance_norm_writes,
+    torch.instance_norm: _instance_norm_writes,
+}
+
+
+def storage_key(value: Any) -> StorageKey | None:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _tensor_args(node: torch.fx.Node, env: dict) -> Iterator[tuple[torch.fx.Node, torch.Tensor]]:
+    for leaf in pytree.tree_leaves((node.args, node.kwargs)):
+        if isinstance(leaf, torch.fx.Node):
+            value = env.get(leaf)
+            for v in pytree.tree_leaves(value):
+                if isinstance(v, torch.Tensor):
+                    yield leaf, v
+
+
+def _hidden_write_args(node: torch.fx.Node, args: tuple, kwargs: dict) -> list[Any]:
+    rule = _HIDDEN_WRITES.get(node.target) if node.op == "call_function" else None
+    if rule is None:
+        return []
+    positions = rule(args, kwargs)
+    return [(node.args[p] if isinstance(p, int) and p < len(node.args) else node.kwargs.get(p)) for p in positions]
+
+
+class _TracingInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, fake_mode):
+        super().__init__(gm, garbage_collect_values=False)
+        self.fake_mode = fake_mode
+        self.current: torch.fx.Node | None = None
+        self.trace = MutationTrace([], [], {}, {}, {}, {})
+        self._saved_by_storage: dict[StorageKey, list[SavedTensor]] = {}
+
+    # -- saved tensor hooks -------------------------------------------------------------
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.current is not None:
+            version = _version(tensor)
+            record = SavedTensor(self.current, tensor, version or 0, storage_key(tensor), _last_version=version or 0)
+            self.trace.saved.append(record)
+            if record.storage is not None:
+                self._saved_by_storage.setdefault(record.storage, []).append(record)
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    # -- the run --------------------------------------------------------------------------
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            value = self.fake_mode.from_tensor(value, static_shapes=True)
+        return value
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        trace = self.trace
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            inputs = list(_tensor_args(n, self.env))
+            before = [_version(t) for _, t in inputs]
+            roots_before = self._root_versions(inputs)
+            trace.grad_enabled[n] = torch.is_grad_enabled()
+            self.current = n
+            try:
+                result = getattr(self, n.op)(n.target, args, kwargs)
+            finally:
+                self.current = None
+        trace.storages_read[n] = {k for _, t in inputs if (k := storage_key(t)) is not None}
+        made = {k for v in pytree.tree_leaves(result) if (k := storage_key(v)) is not None}
+        trace.storages_made[n] = made
+        for key in made:
+            trace.storage_root.setdefault(key, n)
+        if n.op != "placeholder":
+            self._record_writes(n, args, kwargs, inputs, before, roots_before)
+        return result
+
+    def _root_versions(self, inputs: list) -> dict[StorageKey, int | None]:
+        versions = {}
+        for _, t in inputs:
+            key = storage_key(t)
+            root = self.env.get(self.trace.storage_root.get(key)) if key is not None else None
+            if isinstance(root, torch.Tensor):
+                versions[key] = _version(root)
+        return versions
+
+    def _record_writes(self, n, args, kwargs, inputs, before, roots_before) -> None:
+        bumped = [(arg, t) for (arg, t), v in zip(inputs, before) if v is not None and _version(t) != v]
+        written = _pick_written(n, bumped)
+        hidden = {id(a) for a in _hidden_write_args(n, args, kwargs)}
+        for arg, t in inputs:
+            if id(arg) in hidden and all(t is not w for _, w in written):
+                written.append((arg, t))
+        seen: set[int] = set()
+        for arg, t in written:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            key = storage_key(t)
+            if key is None:
+                continue
+            by_version = any(t is b for _, b in bumped)
+            # `.data` returns an alias with a counter of its own: writing through it leaves
+            # the root's counter, the one autograd checks, where it was.
+            root = self.env.get(self.trace.storage_root.get(key))
+            visible = by_version and (
+                not isinstance(root, torch.Tensor) or root is t or _version(root) != roots_before.get(key)
+            )
+            self.trace.writes.append(
+                Write(n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema")
+            )
+            self._check_saved(n, key, t)
+
+    def _check_saved(self, n: torch.fx.Node, key: StorageKey, written: torch.Tensor) -> None:
+        for record in self._saved_by_storage.get(key, ()):
+            if record.node is n:
+                continue
+            now = _version(record.tensor) or 0
+            if now != record._last_version:
+                record._last_version = now
+                if record.mutated_by is None and now != record.version:
+                    record.mutated_by = n
+            elif _overlaps(record.tensor, written):
+                record.hidden_writes.append(n)
+
+
+def _pick_written(n: torch.fx.Node, bumped: list) -> list:
+    # Views of the written tensor share its counter, so several arguments can show a bump
+    # (`a.add_(a[0])`): the schema's written argument is the one we report.
+    if len(bumped) <= 1:
+        return list(bumped)
+    out = n.kwargs.get("out")
+    if isinstance(out, torch.fx.Node):
+        chosen = [(a, t) for a, t in bumped if a is out]
+        if chosen:
+            return chosen[:1]
+    first = n.args[0] if n.args else None
+    if n.op == "call_method" or n.target in (operator.setitem,) or _is_inplace_function(n):
+        chosen = [(a, t) for a, t in bumped if a is first]
+        if chosen:
+            return chosen[:1]
+    schema_written = _schema_written_args(n)
+    if schema_written:
+        chosen = [(a, t) for a, t in bumped if a in schema_written]
+        if chosen:
+            return chosen
+    return bumped[:1]
+
+
+def _is_inplace_function(n: torch.fx.Node) -> bool:
+    name = getattr(n.target, "__name__", "")
+    return n.op == "call_function" and (
+        (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or n.kwargs.get("inplace") is True
+    )
+
+
+def _schema_written_args(n: torch.fx.Node) -> set[torch.fx.Node]:
+    schema = getattr(n.target, "_schema", None)
+    if schema is None:
+        return set()
+    written = set()
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = n.args[i] if i < len(n.args) else n.kwargs.get(argument.name)
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.fx.Node):
+                    written.add(leaf)
+    return written
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Can `a` and `b` (same storage) touch the same elements? True when unsure."""
+    try:
+        ranges = []
+        for t in (a, b):
+            start = int(t.storage_offset()) * t.element_size()
+            if t.numel() == 0:
+                return False
+            extent = sum((int(s) - 1) * abs(int(st)) for s, st in zip(t.shape, t.stride()))
+            ranges.append((start, start + (extent + 1) * t.element_size()))
+    except (TypeError, RuntimeError):  # symbolic sizes: stay conservative
+        return True
+    (a0, a1), (b0, b1) = ranges
+    return a0 < b1 and b0 < a1
+
+
+def _fake_inputs(gm: torch.fx.GraphModule, example_inputs: list, fake_mode) -> list:
+    """Fresh fakes shaped like Dynamo's, so our writes never touch Dynamo's own fakes."""
+    fakes = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bases: dict[StorageKey, torch.Tensor] = {}
+    groups: dict[StorageKey, int] = {}
+    metas = [p.meta.get("example_value") for p in placeholders]
+    for meta in metas:
+        key = storage_key(meta)
+        if key is not None:
+            groups[key] = groups.get(key, 0) + 1
+    with fake_mode:
+        for meta, real in zip(metas, example_inputs):
+            if meta is None and isinstance(real, torch.Tensor):
+                meta = fake_mode.from_tensor(real)
+            if not isinstance(meta, torch.Tensor):
+                fakes.append(meta if meta is not None else real)
+                continue
+            key = storage_key(meta)
+            if key is not None and groups[key] > 1 and not meta.requires_grad:
+                # Inputs that alias each other stay aliased: views of one shared base.
+                if key not in bases:
+                    bases[key] = torch.empty(
+                        meta.untyped_storage().nbytes() // meta.element_size(), dtype=meta.dtype, device=meta.device
+                    )
+                fakes.append(bases[key].as_strided(meta.shape, meta.stride(), meta.storage_offset()))
+                continue
+            fake = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
+            fakes.append(fake.requires_grad_(meta.requires_grad) if meta.is_floating_point() or meta.is_complex() else fake)
+    return fakes
+
+
+def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=None) -> MutationTrace:
+    """Run `gm` once on fake tensors and return the writes and saved tensors it observed.
+
+    Expects a Dynamo graph (placeholders carry `example_value`). Never touches the user's
+    tensors: every input is a fresh fake tensor in Dynamo's fake mode.
+    """
+    if fake_mode is None:
+        fake_mode = torch._guards.detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+    interpreter = _TracingInterpreter(gm, fake_mode)
+    for node in gm.graph.find_nodes(op="placeholder"):
+        interpreter.trace.sources[node] = getattr(node.meta.get("grapharg"), "source", None)
+    fakes = _fake_inputs(gm, example_inputs, fake_mode)
+    with fake_mode, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
+        with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
+            interpreter.run(*fakes)
+    return interpreter.trace
