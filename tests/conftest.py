@@ -1,0 +1,124 @@
+"""Shared fixtures and PyTorch oracles: what eager PyTorch itself says a model does."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fxinplace
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@dataclass(frozen=True)
+class EagerEffects:
+    """Which caller-visible tensors one eager call changed, by value and by version counter."""
+
+    changed: frozenset[tuple[str, str]]  # (kind, name) whose values changed
+    version_moved: frozenset[tuple[str, str]]  # (kind, name) whose _version moved
+
+
+def named_state(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    for name, p in model.named_parameters(remove_duplicate=False):
+        yield ("parameter", name), p
+    for name, b in model.named_buffers(remove_duplicate=False):
+        yield ("buffer", name), b
+    for name, t in inputs.items():
+        yield ("input", name), t
+
+
+def eager_effects(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> EagerEffects:
+    """Run `model(**inputs)` eagerly on copies and report what changed (PyTorch is the oracle)."""
+    model = copy.deepcopy(model)
+    inputs = {k: v.clone() for k, v in inputs.items()}
+    before = {key: (t.detach().clone(), t._version) for key, t in named_state(model, inputs)}
+    model(**inputs)
+    changed, moved = set(), set()
+    for key, t in named_state(model, inputs):
+        value, version = before[key]
+        if not torch.equal(value, t.detach()):
+            changed.add(key)
+        if t._version != version:
+            moved.add(key)
+    return EagerEffects(frozenset(changed), frozenset(moved))
+
+
+def eager_backward_error(model: torch.nn.Module, *args) -> str | None:
+    """The message of the error eager forward+backward raises, or None if it trains."""
+    model = copy.deepcopy(model)
+    try:
+        out = model(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        total_loss(out).backward()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def total_loss(out) -> torch.Tensor:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return sum(t.float().sum() for t in leaves)
+
+
+def marked_line(obj, marker: str) -> int:
+    """The line number of the source line of `obj` that carries `# <marker>`."""
+    lines, start = inspect.getsourcelines(obj)
+    hits = [start + i for i, line in enumerate(lines) if f"# {marker}" in line]
+    assert len(hits) == 1, f"expected exactly one `# {marker}` line in {obj}, found {len(hits)}"
+    return hits[0]
+
+
+def quiet_audit(model, *args, **options) -> fxinplace.Report:
+    return fxinplace.audit(model, *args, options={"print": False, **options})
+
+
+class _WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every tensor an ATen op's schema marks as written, with the user's line."""
+
+    def __init__(self, user_file: str):
+        super().__init__()
+        self.user_file = user_file
+        self.writes: list[tuple[int, int | None]] = []  # (storage data_ptr, line)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(argument.name)
+                for t in torch.utils._pytree.tree_leaves(value):
+                    if isinstance(t, torch.Tensor):
+                        self.writes.append((t.untyped_storage().data_ptr(), self._line()))
+        return func(*args, **kwargs)
+
+    def _line(self) -> int | None:
+        frame = inspect.currentframe()
+        while frame is not None:
+            if frame.f_code.co_filename == self.user_file:
+                return frame.f_lineno
+            frame = frame.f_back
+        return None
+
+
+def eager_writes(model: torch.nn.Module, inputs: dict[str, torch.Tensor], user_file: str):
+    """What eager PyTorch writes in one call, by schema: {(kind, name) or ("intermediate", None): {lines}}.
+
+    Uses a dispatch mode (PyTorch's own op schemas), independent of fxinplace's analysis.
+    """
+    model = copy.deepcopy(model)
+    inputs = {k: v.clone() for k, v in inputs.items()}
+    owners = {t.untyped_storage().data_ptr(): key for key, t in named_state(model, inputs)}
+    recorder = _WriteRecorder(user_file)
+    with recorder:
+        model(**inputs)
+    found: dict[tuple[str, str | None], set[int | None]] = {}
+    for ptr, line in recorder.writes:
+        found.setdefault(owners.get(ptr, ("intermediate", None)), set()).add(line)
+    return found
