@@ -55,7 +55,7 @@ def split_tasks(
         written.setdefault(w.node, set()).add(w.storage)
     readers = _readers_by_storage(nodes, trace, written)
 
-    masks = _reachability(nodes, outputs, readers, written)
+    masks = _reachability(nodes, outputs, readers, written, trace)
     names = _name_outputs(nodes, outputs, masks, output_names, task_prefixes or {})
     node_tasks = {n: frozenset(names[i] for i in range(len(names)) if mask >> i & 1) for n, mask in masks.items()}
     prefixes = dict(task_prefixes or {})
@@ -93,18 +93,24 @@ def _readers_by_storage(nodes, trace: MutationTrace, written) -> dict[StorageKey
     return readers
 
 
-def _reachability(nodes, outputs, readers, written) -> dict[torch.fx.Node, int]:
+def _reachability(nodes, outputs, readers, written, trace: MutationTrace) -> dict[torch.fx.Node, int]:
     """Bit i of a node's mask is set when output i depends on it (through data or writes)."""
     order = {n: i for i, n in enumerate(nodes)}
     masks: dict[torch.fx.Node, int] = {}
     for i, out in enumerate(outputs):
         masks[out] = masks.get(out, 0) | 1 << i
+    # The output node reads what it returns: a write into a returned storage feeds that output.
+    returned: dict[StorageKey, int] = {}
+    for i, out in enumerate(outputs):
+        for key in trace.storages_made.get(out, ()):
+            returned[key] = returned.get(key, 0) | 1 << i
     for node in reversed(nodes):
         mask = masks.get(node, 0)
         for user in node.users:
             if user.op != "output":
                 mask |= masks.get(user, 0)
         for key in written.get(node, ()):
+            mask |= returned.get(key, 0)
             for reader in readers.get(key, ()):
                 if order[reader] > order[node]:
                     mask |= masks.get(reader, 0)
