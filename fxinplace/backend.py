@@ -9,6 +9,7 @@ asked for), with the chosen compiler.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import warnings
@@ -80,6 +81,9 @@ class InplaceAudit:
             log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))
         graph = self._audit(gm, example_inputs, opts)
         self.graphs.append(graph)
+        wrap = None
+        if opts.functionalize_mode:
+            gm, wrap = self._functionalize(gm, example_inputs, opts, graph)
         if not self.defer_tables:
             emit_tables(graph.report, opts)
         if opts.raise_on is not None:
@@ -87,6 +91,8 @@ class InplaceAudit:
             if found:
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
         compiled = self._compile(gm, example_inputs, opts, mode, graph)
+        if wrap is not None:
+            compiled = wrap(compiled)
         if not self.capture_outputs:
             return compiled
 
@@ -118,6 +124,29 @@ class InplaceAudit:
             log.debug("audit failure", exc_info=True)
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
         return _AuditedGraph(gm, identity, trace, report)
+
+    def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
+        """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
+        from .passes.functionalize import functionalize
+
+        try:
+            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations)
+        except Exception as e:  # the user's training comes first
+            if opts.strict:
+                raise AnalysisError(f"fxinplace: functionalize failed on graph {graph.identity[0]}: {e!r}") from e
+            warnings.warn(
+                f"fxinplace: functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}` "
+                f"({type(e).__name__}: {e}); compiling it unchanged. Pass options={{'strict': True}} to raise instead.",
+                AnalysisWarning,
+                stacklevel=3,
+            )
+            log.debug("functionalize failure", exc_info=True)
+            kept = f"kept in place: functionalize failed ({type(e).__name__})"
+            mutations = tuple(dataclasses.replace(m, rewrite=kept) for m in graph.report.mutations)
+            graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
+            return gm, None
+        graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=done.mutations)
+        return done.gm, done.wrap
 
     def _compile(self, gm, example_inputs, opts: AuditOptions, mode, graph: _AuditedGraph) -> Callable:
         compiler = _resolve_compiler(opts.compiler, mode)

@@ -215,7 +215,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
             self.trace.writes.append(
                 Write(n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema")
             )
-            self._check_saved(n, key, t)
+            self._check_saved(n, key, _written_region(n, args, t, key))
 
     def _check_saved(self, n: torch.fx.Node, key: StorageKey, written: torch.Tensor) -> None:
         for record in self._saved_by_storage.get(key, ()):
@@ -228,6 +228,19 @@ class _TracingInterpreter(torch.fx.Interpreter):
                     record.mutated_by = n
             elif _overlaps(record.tensor, written):
                 record.hidden_writes.append(n)
+
+
+def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: StorageKey) -> torch.Tensor:
+    # `t[idx] = v` writes only `t[idx]`: when the index is basic slicing that is a view of
+    # `t`, and the region tells a write beside a saved view from a write over it.
+    if n.target is operator.setitem and len(args) > 1:
+        try:
+            region = t[args[1]]
+        except Exception:
+            return t
+        if storage_key(region) == key:
+            return region
+    return t
 
 
 def _pick_written(n: torch.fx.Node, bumped: list) -> list:

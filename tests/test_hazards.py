@@ -1,0 +1,326 @@
+"""Hazard prediction against eager PyTorch, on models written after public bug reports.
+
+Each model has an in-place version and an out-of-place twin computing the same forward
+values (`oop=True`). PyTorch decides what is hazardous: the in-place version's eager
+backward raises the version-counter error, or its gradients silently differ from the
+twin's. Exactly those models must get an error-level hazard at the culprit line (marked
+`# CULPRIT`); every twin, and every safe in-place model, must get none.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxinplace
+from conftest import eager_backward_error, marked_line, quiet_audit, total_loss
+
+AUTOGRAD_ERROR = "modified by an inplace operation"
+
+
+class FPNLateral(nn.Module):
+    """FPN: `lateral += upsample(top)` on a LeakyReLU(inplace=True) output."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.lateral = nn.Conv2d(3, 4, 1)
+        self.top = nn.Conv2d(3, 4, 1, stride=2)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.seg = nn.Conv2d(4, 2, 1)
+        self.cls = nn.Linear(4, 3)
+
+    def forward(self, x):
+        lat = self.act(self.lateral(x))
+        up = F.interpolate(self.top(x), scale_factor=2.0)
+        if self.oop:
+            lat = lat + up
+        else:
+            lat += up  # CULPRIT
+        return {"seg": self.seg(lat), "cls": self.cls(lat.mean((2, 3)))}
+
+
+class ReluTwice(nn.Module):
+    """The same ReLU(inplace=True) module applied twice."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU(inplace=not oop)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h = self.act(h)  # CULPRIT
+        return self.fc2(h)
+
+
+class SigmoidSlice(nn.Module):
+    """Slice assignment on a sigmoid output."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc(x))
+        if self.oop:
+            s = s.clone()
+        s[:, 0] = 1.0  # CULPRIT
+        return s
+
+
+class SoftmaxMask(nn.Module):
+    """`masked_fill_` after softmax (attention)."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x):
+        p = torch.softmax(self.q(x) @ x.t(), dim=-1)
+        mask = torch.eye(p.shape[0], dtype=torch.bool)
+        if self.oop:
+            p = p.masked_fill(mask, 0.0)
+        else:
+            p.masked_fill_(mask, 0.0)  # CULPRIT
+        return p @ x
+
+
+class MemoryBank(nn.Module):
+    """MoCo-style queue: the buffer is used by `q @ queue`, then enqueued in place."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.enc = nn.Linear(4, 4)
+        self.register_buffer("queue", torch.randn(4, 6))
+
+    def forward(self, x):
+        q = self.enc(x)
+        logits = q @ (self.queue.clone() if self.oop else self.queue)
+        self.queue[:, : x.shape[0]] = q.detach().t()  # CULPRIT
+        return logits
+
+
+class ClipInForward(nn.Module):
+    """WGAN weight clipping under no_grad inside forward, after the weight was used."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        y = h @ (self.w.clone() if self.oop else self.w)
+        with torch.no_grad():
+            self.w.clamp_(-0.1, 0.1)  # CULPRIT
+        return y
+
+
+class DataClamp(nn.Module):
+    """`p.data.clamp_()` after use: no error, silently wrong trunk gradients."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        y = h @ (self.w.clone() if self.oop else self.w)
+        self.w.data.clamp_(-0.1, 0.1)  # CULPRIT
+        return y
+
+
+class EmbeddingMaxNorm(nn.Module):
+    """nn.Embedding(max_norm=...) renormalises its weight in place after the weight was used."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.emb = nn.Embedding(10, 4, max_norm=0.5)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, idx, x):
+        w = self.emb.weight.clone() if self.oop else self.emb.weight
+        scores = self.fc(x) @ w.t()
+        tokens = self.emb(idx)  # CULPRIT
+        return {"scores": scores, "tokens": tokens}
+
+
+class Decoder(nn.Module):
+    def __init__(self, oop):
+        super().__init__()
+        self.oop = oop
+        self.bias = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, z):
+        if self.oop:
+            z = z + self.bias
+        else:
+            z += self.bias  # CULPRIT
+        return self.fc(z)
+
+
+class SharedLatent(nn.Module):
+    """A decoder does `z += ...` on the latent another decoder already consumed."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec_a = nn.Linear(4, 3)
+        self.dec_b = Decoder(oop)
+
+    def forward(self, x):
+        z = self.enc(x)
+        return {"a": self.dec_a(z), "b": self.dec_b(z)}
+
+
+class OtherRegion(nn.Module):
+    """A write to a different region of a storage whose view autograd saved: still an error."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.fc = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        h = self.fc(x)
+        y = h[:, :2] * self.w
+        if self.oop:
+            h = h.clone()
+        h[:, 2:] = 0  # CULPRIT
+        return {"y": y, "h": h}
+
+
+class SavedInput(nn.Module):
+    """The caller's input is saved by `mul` and then incremented in place."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        y = (x.clone() if self.oop else x) * self.w
+        x += 1  # CULPRIT
+        return y
+
+
+HAZARDOUS = {
+    "FPN lateral += on LeakyReLU(inplace)": (FPNLateral, lambda: (torch.randn(2, 3, 4, 4),)),
+    "ReLU(inplace) twice": (ReluTwice, lambda: (torch.randn(3, 4),)),
+    "slice assignment on sigmoid": (SigmoidSlice, lambda: (torch.randn(3, 4),)),
+    "masked_fill_ after softmax": (SoftmaxMask, lambda: (torch.randn(3, 4),)),
+    "memory bank enqueue": (MemoryBank, lambda: (torch.randn(3, 4),)),
+    "weight clipping in forward": (ClipInForward, lambda: (torch.randn(3, 4),)),
+    "p.data.clamp_()": (DataClamp, lambda: (torch.randn(3, 4),)),
+    "Embedding(max_norm)": (EmbeddingMaxNorm, lambda: (torch.tensor([1, 2, 3]), torch.randn(3, 4))),
+    "x += on a shared latent": (SharedLatent, lambda: (torch.randn(3, 4),)),
+    "other region of a saved view": (OtherRegion, lambda: (torch.randn(3, 4),)),
+    "saved caller input": (SavedInput, lambda: (torch.randn(3, 4),)),
+}
+
+
+def _grads(model, args):
+    model = copy.deepcopy(model)
+    total_loss(model(*[a.clone() for a in args])).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _pytorch_says_hazardous(model, twin, args) -> bool:
+    """Eager backward raises the version-counter error, or gradients silently differ."""
+    error = eager_backward_error(model, *args)
+    if error is not None:
+        assert AUTOGRAD_ERROR in error, error
+        return True
+    ours, theirs = _grads(model, args), _grads(twin, args)
+    return any(not torch.allclose(ours[n], theirs[n]) for n in theirs if theirs[n] is not None)
+
+
+@pytest.mark.parametrize("cls, make_args", HAZARDOUS.values(), ids=HAZARDOUS.keys())
+def test_hazardous_models_get_an_error_at_the_culprit_line(cls, make_args):
+    torch.manual_seed(0)
+    model, args = cls(), make_args()
+    twin = cls(oop=True)
+    twin.load_state_dict(model.state_dict())
+    assert _pytorch_says_hazardous(model, twin, args)
+
+    errors = quiet_audit(copy.deepcopy(model), *[a.clone() for a in args]).hazards("error")
+    assert errors, "PyTorch says this model is hazardous, the audit found no error"
+    culprit = marked_line(cls if cls is not SharedLatent else Decoder, "CULPRIT")
+    assert culprit in {h.source.line for h in errors}
+
+
+@pytest.mark.parametrize("cls, make_args", HAZARDOUS.values(), ids=HAZARDOUS.keys())
+def test_out_of_place_twins_get_no_error(cls, make_args):
+    torch.manual_seed(0)
+    twin, args = cls(oop=True), make_args()
+    assert eager_backward_error(twin, *args) is None
+    assert quiet_audit(twin, *args).hazards("error") == []
+
+
+class SafeInPlace(nn.Module):
+    """In-place ops PyTorch accepts: nothing saved what they overwrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True))
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+        self.w = nn.Parameter(torch.ones(8))
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w.clamp_(0, 2)  # clipping before use
+        h = self.trunk(x) * 0.5
+        h[:, 0] = 0  # mul by a scalar saved nothing
+        h.relu_()
+        h.add_(1)  # relu_ saved its result: `add_` does not need it... but relu's backward does
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(h.mean(0), alpha=0.1)
+        return {"a": self.a(h * self.w), "b": self.b(h)}
+
+
+class DataWriteOtherRegion(nn.Module):
+    """`.data` write to a region of a parameter that no saved view covers: gradients are right."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 2)
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        y = self.trunk(x) * (self.w[:2].clone() if self.oop else self.w[:2])
+        self.w.data[2:] = 0
+        return y
+
+
+def test_safe_in_place_models_get_no_error():
+    torch.manual_seed(0)
+    for model in (DataWriteOtherRegion(), ):
+        twin = DataWriteOtherRegion(oop=True)
+        twin.load_state_dict(model.state_dict())
+        x = torch.randn(3, 4)
+        assert not _pytorch_says_hazardous(model, twin, (x,))
+        assert quiet_audit(model, x).hazards("error") == []
+
+
+def test_relu_then_add_is_an_error_exactly_when_pytorch_says_so():
+    torch.manual_seed(0)
+    model, x = SafeInPlace().train(), torch.randn(4, 4)
+    raises = eager_backward_error(model, x) is not None
+    errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
+    assert bool(errors) == raises
