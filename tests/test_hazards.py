@@ -324,3 +324,122 @@ def test_relu_then_add_is_an_error_exactly_when_pytorch_says_so():
     raises = eager_backward_error(model, x) is not None
     errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
     assert bool(errors) == raises
+
+
+def test_compiler_failure_is_replaced_by_our_explanation():
+    torch.manual_seed(0)
+    model, x = SharedLatent(), torch.randn(3, 4)
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend="aot_eager")(x)
+    assert AUTOGRAD_ERROR in str(info.value)  # what PyTorch says without us ("Good luck!")
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend="inplace_audit", options={"compiler": "aot_eager", "print": False})(x)
+    error = info.value
+    while not isinstance(error, fxinplace.HazardError):
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+        assert error is not None, "no HazardError in the chain"
+    text = str(error)
+    line = marked_line(Decoder, "CULPRIT")
+    assert f"test_hazards.py:{line}" in text and "saved-then-mutated" in text
+    assert "functionalize" in text and "out of place" in text  # the fix
+    assert any(h.code == "saved-then-mutated" for h in error.hazards)
+
+
+@pytest.mark.parametrize("severity, raises", [("error", True), ("warning", True), ("info", True), (None, False)])
+def test_raise_on_severity(severity, raises):
+    model = ClipInForward()  # has an error, a warning (parameter write) and nothing below
+    compiled = torch.compile(
+        model, backend="inplace_audit", options={"compiler": "eager", "print": False, "raise_on": severity}
+    )
+    if raises:
+        with pytest.raises(Exception, match="HazardError.*raise_on"):
+            compiled(torch.randn(3, 4))
+    else:
+        compiled(torch.randn(3, 4))
+
+
+def test_assert_no_hazards_helper():
+    torch.manual_seed(0)
+    quiet_audit(SharedLatent(oop=True), torch.randn(3, 4)).assert_no_hazards()
+    report = quiet_audit(SharedLatent(), torch.randn(3, 4))
+    with pytest.raises(fxinplace.HazardError, match="saved-then-mutated"):
+        report.assert_no_hazards()
+    with pytest.raises(ValueError, match="severity must be one of"):
+        report.assert_no_hazards("fatal")
+
+
+class Heads(nn.Module):
+    """Head `b` writes the trunk feature in place; does head `a` see it? It depends on order."""
+
+    def __init__(self, b_first=False, oop=False):
+        super().__init__()
+        self.b_first, self.oop = b_first, oop
+        self.trunk = nn.Linear(4, 4)
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def head_b(self, h):
+        with torch.no_grad():
+            if self.oop:
+                h = h * 0
+            else:
+                h.mul_(0)
+        return self.b(h.detach())
+
+    def forward(self, x):
+        h = self.trunk(x)
+        a_in = h.sum(1, keepdim=True) * 1.0
+        if self.b_first:
+            b = self.head_b(h)
+            a = self.a(h) + a_in
+        else:
+            a = self.a(h) + a_in
+            b = self.head_b(h)
+        return {"a": a, "b": b}
+
+
+@pytest.mark.parametrize("oop", [False, True], ids=["in place", "out of place"])
+def test_cross_task_write_is_a_warning_exactly_when_order_matters(oop):
+    torch.manual_seed(0)
+    first, x = Heads(oop=oop), torch.randn(3, 4)
+    second = Heads(b_first=True, oop=oop)
+    second.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        order_matters = not torch.equal(first(x.clone())["a"], second(x.clone())["a"])
+    codes = {h.code for h in quiet_audit(first, x).hazards("warning")}
+    assert ("cross-task-write" in codes) == order_matters
+    if order_matters:
+        (hazard,) = [h for h in quiet_audit(Heads(), x).hazards() if h.code == "cross-task-write"]
+        assert "task 'b' writes" in hazard.message and "task 'a' reads it" in hazard.message
+
+
+class LeafInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        self.w.mul_(2)  # CULPRIT
+        return x * self.w
+
+
+class UnbindInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        a, b = self.fc(x).unbind(0)
+        a.add_(1)  # CULPRIT
+        return a + b
+
+
+@pytest.mark.parametrize("cls, code", [(LeafInPlace, "leaf-inplace"), (UnbindInPlace, "view-inplace")])
+def test_tracing_failures_become_report_entries(cls, code):
+    with pytest.raises(RuntimeError):
+        cls()(torch.randn(2, 3))  # eager PyTorch refuses this too
+    report = quiet_audit(cls(), torch.randn(2, 3))
+    (hazard,) = report.hazards("error")
+    assert hazard.code == code
+    assert hazard.source is not None and hazard.source.line == marked_line(cls, "CULPRIT")
