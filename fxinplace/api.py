@@ -63,7 +63,9 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         if graph.trace is not None and graph.outputs:
             output_names = [_task_name(names.get(i), backend.options.tasks) for i in graph.outputs]
             if any(output_names):
-                report = analyze(graph.gm, graph.trace, graph.identity, backend.options, output_names)
+                report = analyze(
+                    graph.gm, graph.trace, graph.identity, backend.options, output_names, graph.saved_inputs
+                )
                 graph.report = report
         emit_tables(report, backend.options)
         graphs.append(report)

@@ -8,6 +8,7 @@ norm writes two buffers from one node) and returns them in graph order.
 from __future__ import annotations
 
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from .._sources import module_path_of, source_of
 from ..report import Hazard, Mutation
@@ -33,7 +34,13 @@ HAZARD_CODES = {
 _AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
 
-def find_hazards(gm: torch.fx.GraphModule, trace: MutationTrace, split: TaskSplit) -> list[Mutation]:
+def find_hazards(
+    gm: torch.fx.GraphModule,
+    trace: MutationTrace,
+    split: TaskSplit,
+    saved_inputs: dict[torch.fx.Node, str] | None = None,
+) -> list[Mutation]:
+    """`saved_inputs`: placeholders that an earlier graph saved for backward (graph breaks)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
@@ -58,6 +65,9 @@ def find_hazards(gm: torch.fx.GraphModule, trace: MutationTrace, split: TaskSpli
             shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
             hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after,
                                    saved_by_mutator.get(node, ()), hidden_by_mutator.get(node, ()))
+            saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage))
+            if saved_earlier is not None:
+                hazards.insert(0, _saved_in_earlier_graph(write, target, saved_earlier))
             facts.append(Mutation(
                 node=node.name,
                 op=describe_op(node),
@@ -74,6 +84,37 @@ def find_hazards(gm: torch.fx.GraphModule, trace: MutationTrace, split: TaskSpli
         node.meta["fxinplace"] = facts
         mutations.extend(facts)
     return mutations
+
+
+def saved_output_positions(gm: torch.fx.GraphModule, trace: MutationTrace) -> dict[int, str]:
+    """Graph outputs that autograd saved for backward, and who saved them.
+
+    After a graph break these arrive as inputs of the next graph, where a write to them
+    breaks this graph's backward: the backend checks that when the next graph compiles.
+    """
+    output_node = next(iter(reversed(gm.graph.nodes)))
+    outputs = [a for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
+    saved = {}
+    for position, out in enumerate(outputs):
+        made = trace.storages_made.get(out, set())
+        record = next((r for r in trace.saved if r.storage is not None and r.storage in made and r.mutated_by is None), None)
+        if record is not None:
+            saved[position] = f"`{describe_op(record.node)}` at {_at(record.node)}"
+    return saved
+
+
+def _saved_in_earlier_graph(write: Write, target, saved_by: str) -> Hazard:
+    node = write.node
+    op = f"`{describe_op(node)}` at {_at(node)}"
+    if write.autograd_visible:
+        return Hazard("saved-then-mutated", "error", (
+            f"{target} was saved for backward by {saved_by}, crossed a graph break, and is modified in place "
+            f"by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
+        ), source_of(node))
+    return Hazard("hidden-write-to-saved", "error", (
+        f"{target} was saved for backward by {saved_by}, crossed a graph break, and is overwritten by {op} "
+        f"through a path autograd does not see: gradients silently use the new values"
+    ), source_of(node))
 
 
 def _writer_tasks(write: Write, split: TaskSplit) -> set[str]:

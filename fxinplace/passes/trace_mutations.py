@@ -177,6 +177,10 @@ class _TracingInterpreter(torch.fx.Interpreter):
         trace.storages_made[n] = made
         for key in made:
             trace.storage_root.setdefault(key, n)
+        for arg in _autograd_function_saved_args(n, self.module):
+            self.current = n
+            self.pack(self.env[arg])
+            self.current = None
         if n.op != "placeholder":
             self._record_writes(n, args, kwargs, inputs, before, roots_before)
         return result
@@ -193,6 +197,8 @@ class _TracingInterpreter(torch.fx.Interpreter):
     def _record_writes(self, n, args, kwargs, inputs, before, roots_before) -> None:
         bumped = [(arg, t) for (arg, t), v in zip(inputs, before) if v is not None and _version(t) != v]
         written = _pick_written(n, bumped)
+        if not written and inputs and before[0] is None and _is_spelled_inplace(n):
+            written = [inputs[0]]  # inference tensors have no version counter: trust the spelling
         hidden = {id(a) for a in _hidden_write_args(n, args, kwargs)}
         for arg, t in inputs:
             if id(arg) in hidden and all(t is not w for _, w in written):
@@ -230,6 +236,23 @@ class _TracingInterpreter(torch.fx.Interpreter):
                 record.hidden_writes.append(n)
 
 
+def _autograd_function_saved_args(n: torch.fx.Node, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    # A custom autograd.Function becomes `autograd_function_apply(fwd_body, bwd_body, *args)`;
+    # at run time it keeps `ctx.save_for_backward` tensors in a closure, out of the hooks'
+    # sight. Its fwd body returns (outputs, saved values): saved values that are the body's
+    # own inputs are the caller's tensors, saved as eager PyTorch would save them.
+    if n.op != "call_function" or getattr(n.target, "__name__", "") != "autograd_function_apply":
+        return []
+    try:
+        fwd = getattr(gm, n.args[0].target)
+        placeholders = list(fwd.graph.find_nodes(op="placeholder"))
+        saved_values = next(iter(reversed(fwd.graph.nodes))).args[0][1]
+        saved = [saved_values[i] for i in n.kwargs.get("saved_for_backward_idx", ())]
+        return [n.args[2 + placeholders.index(v)] for v in saved if v in placeholders]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return []
+
+
 def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: StorageKey) -> torch.Tensor:
     # `t[idx] = v` writes only `t[idx]`: when the index is basic slicing that is a view of
     # `t`, and the region tells a write beside a saved view from a write over it.
@@ -264,6 +287,11 @@ def _pick_written(n: torch.fx.Node, bumped: list) -> list:
         if chosen:
             return chosen
     return bumped[:1]
+
+
+def _is_spelled_inplace(n: torch.fx.Node) -> bool:
+    name = str(n.target) if n.op == "call_method" else ""
+    return (name.endswith("_") and not name.endswith("__")) or n.target is operator.setitem or _is_inplace_function(n)
 
 
 def _is_inplace_function(n: torch.fx.Node) -> bool:
@@ -331,7 +359,11 @@ def _fake_inputs(gm: torch.fx.GraphModule, example_inputs: list, fake_mode) -> l
                 fakes.append(bases[key].as_strided(meta.shape, meta.stride(), meta.storage_offset()))
                 continue
             fake = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
-            fakes.append(fake.requires_grad_(meta.requires_grad) if meta.is_floating_point() or meta.is_complex() else fake)
+            if meta.requires_grad:
+                fake.requires_grad_()
+                if not meta.is_leaf:  # e.g. a tensor from the graph before a graph break
+                    fake = fake.clone()
+            fakes.append(fake)
     return fakes
 
 
