@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import torch
 import torch.fx
 
 from .options import AuditOptions, parse_options
-from .passes.find_hazards import find_hazards
+from .passes.find_hazards import find_hazards, saved_output_positions
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -47,6 +48,8 @@ class _AuditedGraph:
     trace: MutationTrace | None
     report: GraphReport
     outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
+    saved_outputs: dict[int, str] = field(default_factory=dict)  # output position -> who saved it
+    saved_inputs: dict[torch.fx.Node, str] = field(default_factory=dict)  # saved by an earlier graph
 
 
 class InplaceAudit:
@@ -64,6 +67,7 @@ class InplaceAudit:
         self.options = parse_options(options)
         self.graphs: list[_AuditedGraph] = []
         self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
+        self._saved_outputs: dict[int, tuple[weakref.ref, str]] = {}  # outputs autograd saved
         self.capture_outputs = False
 
     @property
@@ -93,15 +97,37 @@ class InplaceAudit:
         compiled = self._compile(gm, example_inputs, opts, mode, graph)
         if wrap is not None:
             compiled = wrap(compiled)
-        if not self.capture_outputs:
+        if not self.capture_outputs and not graph.saved_outputs:
             return compiled
+        first_call = [True]
 
-        def run_and_capture(*args):
+        def run(*args):
             out = compiled(*args)
-            graph.outputs = [id(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
+            if self.capture_outputs or first_call[0]:
+                flat = list(out) if isinstance(out, (list, tuple)) else [out]
+                graph.outputs = [id(t) for t in flat]
+                if first_call[0]:
+                    first_call[0] = False
+                    self._remember_saved_outputs(graph, flat)
             return out
 
-        return run_and_capture
+        return run
+
+    def _remember_saved_outputs(self, graph: _AuditedGraph, outputs: list) -> None:
+        # The next graph after a graph break gets these tensors as inputs: if it writes one,
+        # the backward of this graph fails. Checked when that graph compiles, on this first call.
+        for position, description in graph.saved_outputs.items():
+            if position < len(outputs) and isinstance(outputs[position], torch.Tensor):
+                tensor = outputs[position]
+                self._saved_outputs[id(tensor)] = (weakref.ref(tensor), f"{description} in graph {graph.identity[0]}")
+
+    def _saved_inputs(self, gm: torch.fx.GraphModule, example_inputs: list) -> dict[torch.fx.Node, str]:
+        found = {}
+        for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            entry = self._saved_outputs.get(id(real))
+            if entry is not None and entry[0]() is real:
+                found[node] = entry[1]
+        return found
 
     def _explicit_options(self) -> dict[str, Any]:
         defaults = AuditOptions().as_dict()
@@ -110,8 +136,10 @@ class InplaceAudit:
     def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
         identity = graph_identity(gm)
         try:
+            saved_inputs = self._saved_inputs(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
-            report = analyze(gm, trace, identity, opts)
+            report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
+            saved_outputs = saved_output_positions(gm, trace)
         except Exception as e:  # the user's training comes first
             if opts.strict:
                 raise AnalysisError(f"fxinplace: the audit failed on graph {identity[0]}: {e!r}") from e
@@ -123,7 +151,7 @@ class InplaceAudit:
             )
             log.debug("audit failure", exc_info=True)
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
-        return _AuditedGraph(gm, identity, trace, report)
+        return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs)
 
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
@@ -170,10 +198,11 @@ def analyze(
     identity: tuple[str, str, str],
     opts: AuditOptions,
     output_names: list[str | None] | None = None,
+    saved_inputs: dict[torch.fx.Node, str] | None = None,
 ) -> GraphReport:
     """Split tasks and classify hazards on an already traced graph (cheap: no tensor runs)."""
     split = split_tasks(gm, trace, output_names, opts.tasks)
-    mutations = find_hazards(gm, trace, split)
+    mutations = find_hazards(gm, trace, split, saved_inputs or {})
     return GraphReport(*identity, mutations=tuple(mutations), tasks=split.tasks, shared_parameters=split.shared_parameters)
 
 
