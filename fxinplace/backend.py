@@ -220,12 +220,34 @@ def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:
 
 
 def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
-    text = report.render()
-    if opts.print:
-        print(text, file=sys.stdout, flush=True)
-    if opts.file:
-        with open(opts.file, "a", encoding="utf-8") as f:
-            f.write(text + "\n\n")
+    """Print the graph's table and/or append it to `opts.file`; never fails the compile.
+
+    Under torch.distributed each table is headed by its rank and written in one call, so
+    ranks do not interleave lines; a `{rank}` in the file name gives each rank its own file.
+    """
+    try:
+        text = report.render()
+        rank = _rank()
+        if rank is not None:
+            text = f"[rank {rank}] {text}"
+        if opts.print:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        if opts.file:
+            path = opts.file.replace("{rank}", str(rank or 0))
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text + "\n\n")
+    except Exception as e:
+        if opts.strict:
+            raise AnalysisError(f"fxinplace: could not write the table: {e!r}") from e
+        warnings.warn(f"fxinplace: could not write the table ({type(e).__name__}: {e})", AnalysisWarning, stacklevel=2)
+
+
+def _rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
 
 
 def _resolve_compiler(compiler: str | Callable, mode: str | None) -> Callable:

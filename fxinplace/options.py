@@ -15,7 +15,7 @@ OPTION_HELP = {
     "compiler": 'compiler to hand the graph to after the audit: "inductor" (default), "eager", '
     '"aot_eager", any registered backend name, or a backend callable',
     "print": "print one mutation table per graph to stdout (default True)",
-    "file": "also append the tables to this file path (default None)",
+    "file": "also append the tables to this file path; `{rank}` in it is replaced by the distributed rank (default None)",
     "strict": "raise instead of warning when the analysis itself fails (default False)",
     "tasks": "name tasks yourself: {task name: module prefix, e.g. 'heads.seg'} "
     "(with fxinplace.audit, an output dict key works too)",

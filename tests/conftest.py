@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import fxinplace
 
@@ -86,7 +87,7 @@ class _WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self, user_file: str):
         super().__init__()
         self.user_file = user_file
-        self.writes: list[tuple[int, int | None]] = []  # (storage data_ptr, line)
+        self.writes: list[tuple[StorageWeakRef, int | None]] = []  # (storage, line)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -95,7 +96,7 @@ class _WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
                 value = args[i] if i < len(args) else kwargs.get(argument.name)
                 for t in torch.utils._pytree.tree_leaves(value):
                     if isinstance(t, torch.Tensor):
-                        self.writes.append((t.untyped_storage().data_ptr(), self._line()))
+                        self.writes.append((StorageWeakRef(t.untyped_storage()), self._line()))
         return func(*args, **kwargs)
 
     def _line(self) -> int | None:
@@ -114,11 +115,11 @@ def eager_writes(model: torch.nn.Module, inputs: dict[str, torch.Tensor], user_f
     """
     model = copy.deepcopy(model)
     inputs = {k: v.clone() for k, v in inputs.items()}
-    owners = {t.untyped_storage().data_ptr(): key for key, t in named_state(model, inputs)}
+    owners = {StorageWeakRef(t.untyped_storage()): key for key, t in named_state(model, inputs)}
     recorder = _WriteRecorder(user_file)
     with recorder:
         model(**inputs)
     found: dict[tuple[str, str | None], set[int | None]] = {}
-    for ptr, line in recorder.writes:
-        found.setdefault(owners.get(ptr, ("intermediate", None)), set()).add(line)
+    for storage, line in recorder.writes:
+        found.setdefault(owners.get(storage, ("intermediate", None)), set()).add(line)
     return found
