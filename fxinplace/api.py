@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 from ._sources import SourceLocation
 from .backend import InplaceAudit, analyze, emit_tables
+from .passes.functionalize import carry_rewrites
 from .report import GraphReport, Hazard, Report
 
 __all__ = ["audit"]
@@ -63,9 +65,14 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         if graph.trace is not None and graph.outputs:
             output_names = [_task_name(names.get(i), backend.options.tasks) for i in graph.outputs]
             if any(output_names):
-                report = analyze(
+                fresh = analyze(
                     graph.gm, graph.trace, graph.identity, backend.options, output_names, graph.saved_inputs
                 )
+                if report.functionalized:
+                    fresh = dataclasses.replace(
+                        fresh, functionalized=True, mutations=carry_rewrites(report.mutations, fresh.mutations)
+                    )
+                report = fresh
                 graph.report = report
         emit_tables(report, backend.options)
         graphs.append(report)

@@ -158,7 +158,7 @@ class InplaceAudit:
         from .passes.functionalize import functionalize
 
         try:
-            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations)
+            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, graph.saved_inputs)
         except Exception as e:  # the user's training comes first
             if opts.strict:
                 raise AnalysisError(f"fxinplace: functionalize failed on graph {graph.identity[0]}: {e!r}") from e

@@ -22,7 +22,8 @@ OPTION_HELP = {
     "raise_on": 'raise HazardError at compile time for any hazard at or above this severity: '
     '"error", "warning" or "info" (default None: never)',
     "functionalize": 'rewrite mutations out of place before compiling: False (default), True or "all" '
-    '(every mutation), "hazards" (only hazardous ones; safe in-place ops stay in place)',
+    '(every mutation), "hazards" (only graphs with an error-level hazard are rewritten; other graphs keep '
+    'their in-place ops)',
     "explain": "replace the compiler's in-place autograd error with fxinplace's explanation (default True)",
 }
 

@@ -1,41 +1,45 @@
 """Rewrite a Dynamo graph's in-place mutations out of place, keeping the writes the caller sees.
 
-Expects a Dynamo graph (placeholders carry `example_value` fakes) and returns an ATen graph
-with no mutation at all, plus a runtime wrapper that performs the caller-visible writes.
+Expects a Dynamo graph (placeholders carry `example_value` fakes). Returns an ATen graph with
+no mutation at all (or the input graph, when there is nothing to rewrite) and a wrapper for
+the compiled graph that performs the caller-visible writes, so the program computes what the
+original computed, with autograd seeing every value as it was when it was read.
 
-PyTorch does the rewrite: `torch.func.functionalize(remove="mutations")` traced by `make_fx`
-on fresh fakes in Dynamo's fake mode (symbolic shapes included) turns every in-place op into
+PyTorch does the rewrite: `torch.func.functionalize(remove="mutations")`, traced by `make_fx`
+on fresh fakes in Dynamo's fake mode (symbolic shapes included), turns every in-place op into
 its out-of-place twin, makes later readers (views included) read the new value, and ends the
-graph with one `copy_` per mutated input. Three things are done by hand:
+graph with one `copy_` per mutated input. It runs on an ATen graph traced first, where every
+write is explicit (see `_trace_functional`). The rest is done by hand:
 
-- Grad mode. A `make_fx` trace below autograd forgets `torch.no_grad()` regions; every ATen
-  node remembers the Dynamo node it came from (`from_node`), so the `_set_grad_enabled` calls
-  are put back around the nodes that came from no-grad regions.
+- Grad mode. A `make_fx` trace below autograd forgets `torch.no_grad()` regions. Every traced
+  node remembers the node it came from (`from_node`), so `_set_grad_enabled` calls are put
+  back around the nodes that came from no-grad regions.
 - Caller-visible writes. Each final `copy_` into an input (parameter, buffer, user input)
-  becomes an extra graph output; the wrapper copies it into the input after the compiled call,
-  exactly once, under `no_grad` unless the new value carries autograd history the caller
-  should see (as in eager, where writes to parameters happen under `no_grad` or via `.data`).
-  A `copy_` kept in the graph would make AOTAutograd trip on its own version check.
-- Saved inputs. Autograd saves the graph's inputs by reference, so writing back into an input
-  the backward still needs would break it (or silently feed it the new values): while grad is
-  on, the compiled graph gets a clone of each input it writes back; gradients flow to the
-  original through the clone.
+  becomes an extra graph output, and the wrapper copies it into the input after the compiled
+  call, exactly once: under `no_grad` unless the new value carries autograd history (a write
+  to a non-leaf input under grad mode, which eager records too). Kept in the graph, a `copy_`
+  into a parameter makes AOTAutograd trip on its own version check.
+- Saved inputs. Autograd saves graph inputs by reference (and AOTAutograd may recompute
+  from them in the backward), so a write-back into an input the backward reads would raise
+  or silently feed it the new values. While grad is on, the compiled graph gets a clone of
+  each input it writes back; gradients reach the original through the clone.
 
-`mode="hazards"` functionalizes a graph as a whole when one of its mutations has an
-error-level hazard and hands it over unchanged otherwise: partial functionalization would
-need re-inplacing on top of `torch.func.functionalize`, and Inductor re-inplaces what is safe
-anyway.
+`mode="hazards"` is all or nothing per graph: a graph is functionalized as a whole when one of
+its mutations has an error-level hazard, and handed over unchanged otherwise. Rewriting only
+some mutations would mean re-inplacing the others after `torch.func.functionalize`, and
+Inductor already re-inplaces what is safe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._sources import qualified_name_of
@@ -55,43 +59,70 @@ class FunctionalizedGraph:
 
 
 def functionalize(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: str = "all", mutations: Sequence[Mutation] = ()
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str = "all",
+    mutations: Sequence[Mutation] = (),
+    saved_inputs: Collection[torch.fx.Node] = (),
 ) -> FunctionalizedGraph:
     """Rewrite `gm` without in-place ops; see the module docstring.
 
     `mode` is "all" or "hazards"; `mutations` are the audit's findings for `gm` (they choose
     what "hazards" rewrites, and come back with `rewrite` and removed hazards marked).
+    `saved_inputs` are placeholders an earlier graph saved for backward (a graph break): their
+    write-back still reaches what that graph saved, so their hazards stay.
     """
     if mode not in ("all", "hazards"):
         raise ValueError(f'fxinplace: `functionalize` mode must be "all" or "hazards", got {mode!r}')
-    if mode == "hazards" and mutations and not any(m.severity == "error" for m in mutations):
-        kept = "kept in place: no error-level hazard in this graph"
-        return FunctionalizedGraph(gm, _identity, tuple(dataclasses.replace(m, rewrite=kept) for m in mutations))
-
+    if mode == "hazards" and not any(m.severity == "error" for m in mutations):
+        return _unchanged(gm, mutations, "kept in place: no error-level hazard in this graph")
     new_gm = _trace_functional(gm, example_inputs)
+    if new_gm is None:
+        return _unchanged(gm, mutations, "kept in place: no write at ATen level")
     written = _outputs_for_writes(new_gm)
-    _restore_grad_mode(new_gm, _grad_modes(gm))
     new_gm.graph.lint()
     new_gm.recompile()
 
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     names = {_target_of(placeholders[i]) for i, _ in written}
-    rewritten = tuple(_mark(m, names) for m in mutations)
+    saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
-    return FunctionalizedGraph(new_gm, _write_back([i for i, _ in written], n_outputs, _aliased(new_gm, written)), rewritten)
+    wrap = _write_back([i for i, _ in written], n_outputs, _aliased(new_gm, written))
+    return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
 
 
-def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+def _unchanged(gm: torch.fx.GraphModule, mutations: Sequence[Mutation], why: str) -> FunctionalizedGraph:
+    return FunctionalizedGraph(gm, _identity, tuple(dataclasses.replace(m, rewrite=why) for m in mutations))
+
+
+def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule | None:
+    """The functional ATen graph of `gm`, or None when `gm` writes nothing."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
         raise AssertionError("fxinplace: functionalize needs Dynamo's fake mode; none was found")
-    with fake_mode:
-        fakes = [_fresh_fake(p, real, fake_mode) for p, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs)]
-    run = torch.func.functionalize(torch.fx.Interpreter(gm).run, remove="mutations")
-    # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's own
-    # final `copy_` into a leaf parameter would otherwise be refused by autograd.
-    with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad():
-        return make_fx(run, pre_dispatch=False)(*fakes)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+
+    def trace(fn: Callable) -> torch.fx.GraphModule:
+        with fake_mode:
+            fakes = [_fresh_fake(p, real, fake_mode) for p, real in zip(placeholders, example_inputs)]
+        # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's
+        # own final `copy_` into a leaf parameter would otherwise be refused by autograd.
+        with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
+            return make_fx(fn, pre_dispatch=False)(*fakes)
+
+    # Two traces. The first decomposes to ATen ops with every write explicit: composite ops
+    # (`cross_entropy` with label smoothing, `instance_norm`) would otherwise write their own
+    # temporaries below `functionalize`'s reach, and the Python dispatcher turns
+    # `native_batch_norm`, whose schema hides its running-stat writes, into
+    # `_native_batch_norm_legit`, whose schema shows them (as AOTAutograd does). The second
+    # trace functionalizes that ATen graph.
+    aten = trace(torch.fx.Interpreter(gm).run)
+    if not any(_mutates(node) for node in aten.graph.nodes):
+        return None
+    _restore_grad_mode(aten, _grad_modes(gm))
+    functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"))
+    _restore_grad_mode(functional, _grad_modes(aten))
+    return functional
 
 
 def _fresh_fake(placeholder: torch.fx.Node, real: Any, fake_mode) -> Any:
@@ -126,7 +157,7 @@ def _mutates(node: torch.fx.Node) -> bool:
 
 
 def _grad_modes(gm: torch.fx.GraphModule) -> dict[str, bool]:
-    """Grad mode each Dynamo node ran under (the graph starts in the caller's mode)."""
+    """Grad mode each node runs under (the graph starts in the caller's mode)."""
     enabled = torch.is_grad_enabled()
     modes = {}
     for node in gm.graph.nodes:
@@ -137,8 +168,9 @@ def _grad_modes(gm: torch.fx.GraphModule) -> dict[str, bool]:
 
 
 def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[str, bool]) -> None:
-    # An ATen node without a Dynamo origin (a view functionalization regenerates) keeps the
-    # mode of the node before it; the graph ends in the mode it started in.
+    # `modes` are those of the traced graph; `from_node` names the node each new node came
+    # from. One without an origin (a view functionalization regenerates) keeps the mode of
+    # the node before it; the graph ends in the mode it started in.
     initial = current = torch.is_grad_enabled()
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
@@ -192,14 +224,17 @@ def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 
 
-def _mark(mutation: Mutation, written: set[tuple[str, str]]) -> Mutation:
+def _mark(mutation: Mutation, written: set[tuple[str, str]], saved_earlier: set[tuple[str, str]]) -> Mutation:
     target = mutation.target
     if target.kind == "intermediate":
         rewrite = "rewritten"
-    elif (target.kind, target.name) in written:
-        rewrite = f"written back to {target.kind}"
-    else:
+    elif (target.kind, target.name) not in written:
         raise AssertionError(f"fxinplace: functionalize found no write-back for {target} ({mutation.node})")
+    elif (target.kind, target.name) in saved_earlier:
+        # The write-back lands in the storage the earlier graph's backward reads, as in eager.
+        return dataclasses.replace(mutation, rewrite=f"written back to {target.kind} (an earlier graph saved it)")
+    else:
+        rewrite = f"written back to {target.kind}"
     hazards = tuple(_removed(h) if h.code in _REMOVED else h for h in mutation.hazards)
     if any(h.code in _REMOVED for h in mutation.hazards):
         rewrite += " (removes " + ", ".join(sorted({h.code for h in mutation.hazards if h.code in _REMOVED})) + ")"
@@ -209,3 +244,19 @@ def _mark(mutation: Mutation, written: set[tuple[str, str]]) -> Mutation:
 def _removed(hazard: Hazard) -> Hazard:
     # The write no longer happens to the saved tensor: what is left is a note, not an error.
     return dataclasses.replace(hazard, severity="info", message=f"removed by functionalize: {hazard.message}")
+
+
+def carry_rewrites(done: Sequence[Mutation], fresh: Sequence[Mutation]) -> tuple[Mutation, ...]:
+    """What functionalize did to `done`, applied to `fresh`: a re-analysis of the same graph.
+
+    `fxinplace.audit` re-runs the cheap passes once it knows the task names; the rewrite
+    itself happened at compile time and must not be lost.
+    """
+    carried = []
+    for old, new in zip(done, fresh, strict=True):
+        hazards = tuple(
+            _removed(h) if o.message.startswith("removed by functionalize:") else h
+            for o, h in zip(old.hazards, new.hazards, strict=True)
+        )
+        carried.append(dataclasses.replace(new, rewrite=old.rewrite, hazards=hazards))
+    return tuple(carried)
