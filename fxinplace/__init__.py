@@ -5,6 +5,7 @@
     loss = compiled(x)["seg"].sum()
     report = fxinplace.audit(model, x)                            # the same facts, as objects
     report.assert_no_hazards()                                    # for your own test suite
+    with fxinplace.guard(model, optimizers=opt): ...              # catches steps between backwards
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from .api import audit
 from .backend import AnalysisError, AnalysisWarning, InplaceAudit, inplace_audit
 from .report import GraphReport, Hazard, HazardError, Mutation, Report
+from .training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
 
 __all__ = [
     "audit",
@@ -24,4 +26,7 @@ __all__ = [
     "HazardError",
     "AnalysisError",
     "AnalysisWarning",
+    "guard",
+    "StaleSavedTensorError",
+    "StaleSavedTensorWarning",
 ]

@@ -8,12 +8,16 @@ needed for gradient computation has been modified by an inplace operation"), or,
 silently computes gradients from the new values. A compile backend sees one forward graph and
 cannot see this; this guard watches the loop at run time::
 
-    with fxinplace.guard(model, optimizers={"opt_g": opt_g, "opt_d": opt_d}) as g:
-        losses = g.losses({"gen": loss_g, "disc": loss_d})
+    g = guard({"gen": G, "disc": D}, optimizers={"opt_g": opt_g, "opt_d": opt_d})
+    with g:
+        fake = G(z)
+        loss_d = bce(D(real), ones) + bce(D(fake.detach()), zeros)
+        loss_g = bce(D(fake), ones)           # saves D's weights
+        g.losses({"disc": loss_d, "gen": loss_g})
         loss_d.backward()
-        opt_d.step()
-        loss_g.backward()   # StaleSavedTensorError: parameter `disc.2.weight` ...
-                            #   changed by `opt_d.step()` (Adam) at train.py:41 ...
+        opt_d.step()                          # changes them
+        loss_g.backward()   # StaleSavedTensorError: ... view of parameter `disc.2.weight` ...
+                            #   changed by: `opt_d.step()` (Adam) at train.py:41 ...
 
 How it works, in three parts that stay out of each other's way:
 
@@ -48,6 +52,7 @@ import itertools
 import linecache
 import logging
 import os
+import re
 import sys
 import warnings
 import weakref
@@ -57,7 +62,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from types import CodeType, FrameType, TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from tabulate import tabulate
@@ -76,6 +81,7 @@ __all__ = [
     "StaleSavedTensorWarning",
     "Write",
     "WriteKind",
+    "render_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,7 +150,7 @@ class StaleSavedTensorError(RuntimeError):
 
     def __init__(self, stale: StaleSavedTensor) -> None:
         self.stale = stale
-        super().__init__(explain(stale))
+        super().__init__(_explain(stale))
 
 
 class StaleSavedTensorWarning(UserWarning):
@@ -155,7 +161,7 @@ class StaleSavedTensorWarning(UserWarning):
 # Rendering
 
 
-def explain(stale: StaleSavedTensor) -> str:
+def _explain(stale: StaleSavedTensor) -> str:
     """The error message: what changed, who saved it and for what, who changed it, the fix."""
     s = stale
     if s.hidden:
@@ -220,7 +226,7 @@ def _fix(s: StaleSavedTensor) -> str:
     w = s.writes[0] if s.writes else None
     if w is None:
         fix = (
-            f"find what writes to {target} between the forward at {_where(s.saved_at)} and this "
+            f"Find what writes to {target} between the forward at {_where(s.saved_at)} and this "
             "backward, and move it after the backward."
         )
     elif w.kind is WriteKind.OPTIMIZER:
@@ -232,7 +238,7 @@ def _fix(s: StaleSavedTensor) -> str:
         )
     elif w.kind is WriteKind.DATA:
         fix = (
-            f"move the write to {target} after the last backward that needs the forward, and "
+            f"Move the write to {target} after the last backward that needs the forward, and "
             "write under `torch.no_grad()` without `.data`, so that PyTorch can check it."
         )
     else:
@@ -316,6 +322,14 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def _forward_op(node: str | None) -> str | None:
+    """The op a backward node differentiates: "AddmmBackward0" -> "addmm"."""
+    if not node or node.startswith("CompiledFunction"):
+        return None
+    name = re.sub(r"Backward\d*$", "", node)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() or None
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
     if name in ("__get__", "__set__"):
@@ -363,19 +377,16 @@ def _classify(func: Any) -> int:
 # Runtime records (mutable, cheap); turned into the facts above only when something is stale
 
 
-class _Saved:
-    __slots__ = ("tensor", "version", "seq", "op", "at", "task", "session", "reported")
+class _Saved(NamedTuple):
+    """What the pack hook keeps. It builds the plain tuple (cheaper, on the hot path); the
+    unpack hook reads it by index, the error path through this view."""
 
-    def __init__(self, tensor: torch.Tensor, version: int, seq: int, op: Any,
-                 at: tuple[CodeType, int] | None, task: str | None, session: _Session) -> None:
-        self.tensor = tensor
-        self.version = version
-        self.seq = seq
-        self.op = op
-        self.at = at
-        self.task = task
-        self.session = session
-        self.reported = False
+    tensor: torch.Tensor
+    version: int
+    seq: int
+    op: Any
+    at: tuple[CodeType, int] | None
+    task: str | None
 
 
 class _Written:
@@ -422,13 +433,12 @@ class _Mode(TorchFunctionMode):
         super().__init__()
         self.session = session
         self.op: Any = None
-        self.passthrough = False  # while an optimizer steps: its hooks account for it
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         if kwargs is None:
             kwargs = {}
-        if self.passthrough or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return func(*args, **kwargs)
         kind = _kinds.get(func)
         if kind is None:
@@ -461,7 +471,14 @@ class _Session:
         self.data_aliases: dict[int, weakref.ref] = {}  # storage of a `.data` alias -> its tensor
         self.backwards: list[_Backward] = []
         self.steps: list[tuple[Any, int, tuple[CodeType, int] | None, list, list[int]]] = []
+        # The mode is lifted off the stack while the given models run forward and while an
+        # optimizer steps: hundreds of ops per step that need no attention (the version
+        # counters say what a step moved; forward ops need no names), and a Python call each.
+        self.lift_depth = 0
+        self.mode_lifted = False
         self.failed: set[str] = set()
+        self.reported: set[int] = set()  # warn mode: once per saved tensor
+        self.tasks = owner._tasks
         self.exits = ExitStack()
 
     # entering and leaving ------------------------------------------------------------------
@@ -471,9 +488,10 @@ class _Session:
         try:
             stack.callback(register_optimizer_step_pre_hook(self.on_step_pre).remove)
             stack.callback(register_optimizer_step_post_hook(self.on_step_post).remove)
-            if self.owner.tasks_from_outputs:
-                for _, module in self.owner._modules:
-                    stack.callback(module.register_forward_hook(self.on_model_output).remove)
+            for _, module in self.owner._modules:
+                stack.callback(module.register_forward_pre_hook(self.on_model_call).remove)
+                stack.callback(
+                    module.register_forward_hook(self.on_model_output, always_call=True).remove)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
             stack.enter_context(self.mode)
         except BaseException:
@@ -482,29 +500,29 @@ class _Session:
 
     def stop(self) -> None:
         self.steps.clear()
+        self.lift_depth = 1  # a step or forward that raised never ran its post hook
+        self.unlift()
         self.exits.close()  # in reverse: the mode, the saved-tensor hooks, then the other hooks
 
     # saved tensors -------------------------------------------------------------------------
 
-    def pack(self, t: torch.Tensor) -> _Saved:
-        version = t._version
-        op = self.mode.op
-        at = None
-        task = self.owner._tasks[-1] if self.owner._tasks else None
+    def pack(self, t: torch.Tensor) -> tuple:
+        tasks = self.tasks
         try:
             at = _user_frame(sys._getframe(1))
         except Exception as e:  # the guard's bug must not stop the forward
+            at = None
             self.warn_once("pack", e)
         # A leaf is saved as is (autograd does the same); anything else detached, which keeps
         # storage and version counter but not the grad_fn, so an output saved by its own node
         # makes no reference cycle (see the saved_tensors_hooks docs).
-        kept = t if t.is_leaf else t.detach()
-        return _Saved(kept, version, next(_clock), op, at, task, self)
+        return (t if t.is_leaf else t.detach(), t._version, next(_clock), self.mode.op, at,
+                tasks[-1] if tasks else None)  # a `_Saved`
 
-    def unpack(self, saved: _Saved) -> torch.Tensor:
-        t = saved.tensor
-        if t._version != saved.version or (self.hidden_writes and self.hidden_write(saved)):
-            self.stale(saved)
+    def unpack(self, packed: tuple) -> torch.Tensor:
+        t = packed[0]
+        if t._version != packed[1] or (self.hidden_writes and self.hidden_write(_Saved(*packed))):
+            self.stale(_Saved(*packed))
         return t
 
     def hidden_write(self, saved: _Saved) -> bool:
@@ -534,18 +552,18 @@ class _Session:
         if self.owner.on_stale == "raise":
             self.owner.hazards.append(found)
             raise StaleSavedTensorError(found)
-        if not saved.reported:
-            saved.reported = True
+        if saved.seq not in self.reported:
+            self.reported.add(saved.seq)
             self.owner.hazards.append(found)
-            warnings.warn(StaleSavedTensorWarning(explain(found)), stacklevel=2)
+            warnings.warn(StaleSavedTensorWarning(_explain(found)), stacklevel=2)
 
     def describe(self, saved: _Saved) -> StaleSavedTensor:
         t = saved.tensor
         key = _storage_key(t)
         kind, name, is_view = self.owner._name_of(t, key)
-        op = _op_name(saved.op) if saved.op is not None else None
         node = torch._C._current_autograd_node()
         node_name = node.name() if node is not None else None
+        op = _op_name(saved.op) if saved.op is not None else _forward_op(node_name)
         shape = tuple(t.shape)
         if name is None:
             what = f"a {list(shape)} tensor" + (f" saved by `{op}`" if op else "")
@@ -577,6 +595,10 @@ class _Session:
     # torch functions (from the mode) -------------------------------------------------------
 
     def on_inplace(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        if self.steps and not self.data_aliases:
+            # An optimizer's own update (the mode stays on when another guard's mode was above
+            # it): the step hooks account for it.
+            return func(*args, **kwargs)
         targets: list[torch.Tensor] = []
         watched: list[tuple[torch.Tensor, int]] = []
         seq = next(_clock)
@@ -611,10 +633,10 @@ class _Session:
 
     def record_inplace(self, func: Any, seq: int, targets: list[torch.Tensor],
                        watched: list[tuple[torch.Tensor, int]]) -> None:
-        if not targets:
+        hidden = [o for o, v in watched if o._version == v]
+        if not targets or (self.steps and not hidden):
             return
         name = _op_name(func)
-        hidden = [o for o, v in watched if o._version == v]
         at = _user_frame(sys._getframe(2))
         storages = tuple(_storage_key(t) for t in targets)
         if hidden:
@@ -679,8 +701,23 @@ class _Session:
 
     # optimizers ----------------------------------------------------------------------------
 
+    def lift(self) -> None:
+        self.lift_depth += 1
+        if self.lift_depth == 1:
+            n = torch._C._len_torch_function_stack()
+            if n and torch._C._get_function_stack_at(n - 1) is self.mode:
+                torch._C._pop_torch_function_stack()
+                self.mode_lifted = True
+
+    def unlift(self) -> None:
+        if self.lift_depth > 0:
+            self.lift_depth -= 1
+        if self.lift_depth == 0 and self.mode_lifted:
+            torch._C._push_on_torch_function_stack(self.mode)
+            self.mode_lifted = False
+
     def on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.mode.passthrough = True
+        self.lift()
         try:
             params = [p for group in opt.param_groups for p in group["params"]]
             at = _user_frame(sys._getframe(1))
@@ -705,18 +742,31 @@ class _Session:
         except Exception as e:
             self.warn_once("optimizer step", e)
         finally:
-            self.mode.passthrough = bool(self.steps)
+            self.unlift()
 
     # task names from the model's output keys -----------------------------------------------
 
+    # The hooks on the given models are traced away under Dynamo (no graph break): the hooks of
+    # a compiled module (`torch.compile(m)`) run outside its graph; those of the module inside
+    # it do nothing. Name tasks with `guard.losses` / `guard.task` there.
+
+    def on_model_call(self, module: torch.nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.lift()
+
     def on_model_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        # Traced away under Dynamo (no graph break): give the guard the compiled module, whose
-        # hooks run outside the graph, or name tasks with `guard.losses` / `guard.task`.
-        if torch.compiler.is_compiling() or not isinstance(output, Mapping):
+        if torch.compiler.is_compiling():
             return
-        for key, value in output.items():
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                value.register_hook(functools.partial(_reached_head, weakref.ref(self), str(key)))
+        try:
+            if self.owner.tasks_from_outputs and isinstance(output, Mapping):
+                me = weakref.ref(self)
+                for key, value in output.items():
+                    if isinstance(value, torch.Tensor) and value.requires_grad:
+                        value.register_hook(functools.partial(_reached_head, me, str(key)))
+        except Exception as e:
+            self.warn_once("output hooks", e)
+        finally:
+            self.unlift()  # after the hooks: with the mode on, each call above would go through it
 
     def warn_once(self, where: str, e: Exception) -> None:
         if where not in self.failed:
