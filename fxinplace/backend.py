@@ -141,15 +141,7 @@ class InplaceAudit:
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             saved_outputs = saved_output_positions(gm, trace)
         except Exception as e:  # the user's training comes first
-            if opts.strict:
-                raise AnalysisError(f"fxinplace: the audit failed on graph {identity[0]}: {e!r}") from e
-            warnings.warn(
-                f"fxinplace: the audit failed on graph {identity[0]} `{identity[1]}` ({type(e).__name__}: {e}); "
-                f"compiling it without the audit. Pass options={{'strict': True}} to raise instead.",
-                AnalysisWarning,
-                stacklevel=2,
-            )
-            log.debug("audit failure", exc_info=True)
+            _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
         return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs)
 
@@ -160,15 +152,8 @@ class InplaceAudit:
         try:
             done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, graph.saved_inputs)
         except Exception as e:  # the user's training comes first
-            if opts.strict:
-                raise AnalysisError(f"fxinplace: functionalize failed on graph {graph.identity[0]}: {e!r}") from e
-            warnings.warn(
-                f"fxinplace: functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}` "
-                f"({type(e).__name__}: {e}); compiling it unchanged. Pass options={{'strict': True}} to raise instead.",
-                AnalysisWarning,
-                stacklevel=3,
-            )
-            log.debug("functionalize failure", exc_info=True)
+            what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
+            _fall_back(opts, e, what, "compiling it unchanged")
             kept = f"kept in place: functionalize failed ({type(e).__name__})"
             mutations = tuple(dataclasses.replace(m, rewrite=kept) for m in graph.report.mutations)
             graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
@@ -190,6 +175,19 @@ class InplaceAudit:
                 )
                 raise HazardError(graph.report, errors, cause) from e
             raise
+
+
+def _fall_back(opts: AuditOptions, error: Exception, what: str, instead: str) -> None:
+    """Raise `AnalysisError` in strict mode; otherwise warn, and the caller carries on without us."""
+    if opts.strict:
+        raise AnalysisError(f"fxinplace: {what}: {error!r}") from error
+    warnings.warn(
+        f"fxinplace: {what} ({type(error).__name__}: {error}); {instead}. "
+        f"Pass options={{'strict': True}} to raise instead.",
+        AnalysisWarning,
+        stacklevel=4,
+    )
+    log.debug("%s", what, exc_info=True)
 
 
 def analyze(
@@ -238,9 +236,7 @@ def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(text + "\n\n")
     except Exception as e:
-        if opts.strict:
-            raise AnalysisError(f"fxinplace: could not write the table: {e!r}") from e
-        warnings.warn(f"fxinplace: could not write the table ({type(e).__name__}: {e})", AnalysisWarning, stacklevel=2)
+        _fall_back(opts, e, "could not write the table", "training goes on")
 
 
 def _rank() -> int | None:
