@@ -200,11 +200,17 @@ def _write_back(indices: list[int], n_outputs: int, aliased: dict[int, int]) -> 
                 for i in indices:  # autograd may save these: keep them apart from the write-back
                     inputs[i] = args[i].clone()
             outputs = compiled(*inputs)
+            plain_old, plain_new = [], []
             for i, new in zip(indices, outputs[n_outputs:]):
                 old = args[i]
-                differentiable = new.requires_grad and not (old.is_leaf and old.requires_grad)
-                with torch.set_grad_enabled(differentiable):
-                    old.copy_(new)
+                if new.requires_grad and not (old.is_leaf and old.requires_grad):
+                    old.copy_(new)  # a write eager records in autograd too
+                else:
+                    plain_old.append(old)
+                    plain_new.append(new)
+            if plain_old:  # one fused copy for parameters, buffers and inputs
+                with torch.no_grad():
+                    torch._foreach_copy_(plain_old, plain_new)
             result = list(outputs[:n_outputs])
             for k, i in aliased.items():  # eager returns the written input itself
                 result[k] = args[i]
