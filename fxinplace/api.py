@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
-from ._sources import SourceLocation
+from ._sources import SourceLocation, source_of
 from .backend import InplaceAudit, analyze, emit_tables
 from .passes.functionalize import carry_rewrites
 from .report import GraphReport, Hazard, Report
 
 __all__ = ["audit"]
 
+_VIEW_INPLACE = (
+    "view-inplace",
+    "in-place op on a view that autograd forbids modifying (a view created in no_grad mode, or one of "
+    "several views returned by one op such as unbind/split/chunk): clone the view first, or write the op "
+    "out of place",
+)
 _TRACE_FAILURES = {
     # Autograd refuses these while Dynamo traces; we turn them into report entries.
     "a leaf Variable that requires grad is being used in an in-place operation": (
@@ -23,12 +29,8 @@ _TRACE_FAILURES = {
         "requires_grad=True) while grad mode is on: autograd forbids it. Wrap it in `torch.no_grad()` if it is "
         "a deliberate update, or write `x = x * 2` instead of `x.mul_(2)`",
     ),
-    "is a view and is being modified inplace": (
-        "view-inplace",
-        "in-place op on a view that autograd forbids modifying (a view created in no_grad mode, or one of "
-        "several views returned by one op such as unbind/split/chunk): clone the view first, or write the op "
-        "out of place",
-    ),
+    "is a view and is being modified inplace": _VIEW_INPLACE,
+    "A view was created in no_grad mode and is being modified inplace": _VIEW_INPLACE,
 }
 
 
@@ -49,7 +51,7 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     try:
         result = compiled(*args, **kwargs)
     except Exception as e:
-        failure = _trace_failure(e)
+        failure = _trace_failure(e, [g.gm for g in backend.graphs])
         if failure is None:
             raise
         report = Report((failure,))
@@ -95,11 +97,11 @@ def _task_name(key: str | None, tasks: dict[str, str]) -> str | None:
     return next((t for t, wanted in tasks.items() if key == wanted or key.startswith(wanted + ".")), key)
 
 
-def _trace_failure(e: BaseException) -> GraphReport | None:
+def _trace_failure(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -> GraphReport | None:
     text = str(e)
     for needle, (code, advice) in _TRACE_FAILURES.items():
         if needle in text:
-            source = _user_frame(e)
+            source = _user_frame(e, graphs)
             where = f" at {source}" if source else ""
             message = f"{advice}. PyTorch said: {needle}{where}"
             hazard = Hazard(code, "error", message, source)
@@ -107,7 +109,7 @@ def _trace_failure(e: BaseException) -> GraphReport | None:
     return None
 
 
-def _user_frame(e: BaseException) -> SourceLocation | None:
+def _user_frame(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -> SourceLocation | None:
     stack = getattr(e, "real_stack", None)
     frames = list(stack) if stack else []
     if not frames:
@@ -115,8 +117,25 @@ def _user_frame(e: BaseException) -> SourceLocation | None:
 
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch" not in f.filename]
     for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/fxinplace/" not in frame.filename:
+        if frame.filename.startswith("<eval_with_key>"):
+            # Dynamo traced the graph, but running it raised (the fakes did not refuse what the
+            # real tensors do): the line is in the graph's generated code, its node knows ours.
+            source = _graph_source(frame, graphs)
+            if source is not None:
+                return source
+        elif "/torch/" not in frame.filename and "/fxinplace/" not in frame.filename:
             return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
     return None
 
 
+def _graph_source(frame, graphs: Sequence[torch.fx.GraphModule]) -> SourceLocation | None:
+    for gm in graphs:
+        code = getattr(type(gm).forward, "__code__", None)
+        if code is None or code.co_filename != frame.filename:
+            continue
+        # `_lineno_map` counts lines from the `def` line, as Dynamo reads it.
+        index = (getattr(gm, "_lineno_map", None) or {}).get(frame.lineno - code.co_firstlineno)
+        nodes = list(gm.graph.nodes)
+        if index is not None and index < len(nodes):
+            return source_of(nodes[index])
+    return None

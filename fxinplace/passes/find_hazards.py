@@ -45,8 +45,8 @@ def find_hazards(
     saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     for record in trace.saved:
-        if not split.tasks_of(record.node):
-            continue  # no task's backward goes through the op that saved it
+        if not trace.backward_outputs.get(record.node):
+            continue  # no output's backward goes through the op that saved it
         if record.mutated_by is not None:
             saved_by_mutator.setdefault(record.mutated_by, []).append(record)
         for node in record.hidden_writes:
@@ -135,14 +135,14 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     for saving_node, records in _group(stale).items():
         hazards.append(Hazard("saved-then-mutated", "error", (
             f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
-            f"{_at(saving_node)} (needed by the backward of {_tasks(split.tasks_of(saving_node))}), then "
-            f"modified in place by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
+            f"{_at(saving_node)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
+            f"then modified in place by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
         ), where))
     for saving_node, records in _group(hidden).items():
         hazards.append(Hazard("hidden-write-to-saved", "error", (
             f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
-            f"{_at(saving_node)} (needed by the backward of {_tasks(split.tasks_of(saving_node))}), then "
-            f"overwritten by {op} through a path autograd does not see: backward raises nothing and "
+            f"{_at(saving_node)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
+            f"then overwritten by {op} through a path autograd does not see: backward raises nothing and "
             f"silently computes gradients from the new values"
         ), where))
     other_readers = [r for r in before + after if split.tasks_of(r) - writer_tasks]
@@ -174,6 +174,10 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     elif not hazards:
         hazards.append(Hazard("safe-inplace", "info", f"{op} writes {target}: no saved tensor or other task is affected", where))
     return hazards
+
+
+def _backward_tasks(node: torch.fx.Node, trace: MutationTrace, split: TaskSplit) -> set[str]:
+    return {split.names[i] for i in trace.backward_outputs.get(node, ()) if i < len(split.names)}
 
 
 def _group(records) -> dict[torch.fx.Node, list[SavedTensor]]:

@@ -67,6 +67,10 @@ class MutationTrace:
     grad_enabled: dict[torch.fx.Node, bool]
     # Dynamo drops `grapharg` from placeholders once compiled; keep their sources for naming.
     sources: dict[torch.fx.Node, Any] = field(default_factory=dict)
+    # Graph output positions whose backward runs through the autograd nodes a node made.
+    # A saved tensor matters only there: behind `.detach()`, `.data`, `no_grad` or an
+    # output that needs no grad, backward never unpacks it, so a later write is harmless.
+    backward_outputs: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
 
     def writes_by_node(self) -> dict[torch.fx.Node, list[Write]]:
         grouped: dict[torch.fx.Node, list[Write]] = {}
@@ -137,6 +141,8 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self.current: torch.fx.Node | None = None
         self.trace = MutationTrace([], [], {}, {}, {}, {})
         self._saved_by_storage: dict[StorageKey, list[SavedTensor]] = {}
+        self._grad_fns: dict[torch.fx.Node, list[Any]] = {}  # autograd nodes each node made
+        self._known_fns: set[Any] = set()  # autograd nodes that existed before the current node
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -164,6 +170,9 @@ class _TracingInterpreter(torch.fx.Interpreter):
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             inputs = list(_tensor_args(n, self.env))
+            # Reading a view whose base was written since regenerates its `grad_fn`: let that
+            # happen now, so the nodes the op itself makes are the only new ones after it.
+            _new_grad_fns(_grad_fns([t for _, t in inputs]), self._known_fns)
             before = [_version(t) for _, t in inputs]
             roots_before = self._root_versions(inputs)
             trace.grad_enabled[n] = torch.is_grad_enabled()
@@ -181,9 +190,29 @@ class _TracingInterpreter(torch.fx.Interpreter):
             self.current = n
             self.pack(self.env[arg])
             self.current = None
-        if n.op != "placeholder":
+        if n.op == "placeholder":
+            _new_grad_fns(_grad_fns(pytree.tree_leaves(result)), self._known_fns)
+        else:
+            first = len(trace.writes)
             self._record_writes(n, args, kwargs, inputs, before, roots_before)
+            written = [w.tensor for w in trace.writes[first:]]
+            made = _new_grad_fns(_grad_fns([*pytree.tree_leaves(result), *written], written), self._known_fns)
+            self._grad_fns[n] = [fn for fn in made if type(fn).__name__ != "AccumulateGrad"]
         return result
+
+    def record_backward_reach(self, outputs: list[Any]) -> None:
+        # All the autograd nodes an op made count, not only its result's `grad_fn`: writing
+        # into a view's base regenerates the view's `grad_fn` (`F.linear` on a 1-D input
+        # returns a view of an `addmm`, whose node holds what was saved), and a composite op
+        # saves in inner nodes. Leaves' `AccumulateGrad` belong to no op.
+        reach: list[set[Any]] = []
+        for value in outputs:
+            reach.append(set())
+            _new_grad_fns(_grad_fns([value]), reach[-1])
+        for n, fns in self._grad_fns.items():
+            positions = frozenset(i for i, seen in enumerate(reach) if any(fn in seen for fn in fns))
+            if positions:
+                self.trace.backward_outputs[n] = positions
 
     def _root_versions(self, inputs: list) -> dict[StorageKey, int | None]:
         versions = {}
@@ -225,15 +254,54 @@ class _TracingInterpreter(torch.fx.Interpreter):
 
     def _check_saved(self, n: torch.fx.Node, key: StorageKey, written: torch.Tensor) -> None:
         for record in self._saved_by_storage.get(key, ()):
-            if record.node is n:
-                continue
             now = _version(record.tensor) or 0
+            if record.node is n:
+                # An in-place op saves its inputs before it writes and its result after:
+                # `relu_`'s result is current, but `t.mul_(t.detach())` saved `other` and
+                # then bumped the counter `other` shares with `t`, which its own backward checks.
+                if record.mutated_by is None and now != record.version:
+                    record.mutated_by = n
+                record._last_version = now
+                continue
             if now != record._last_version:
                 record._last_version = now
                 if record.mutated_by is None and now != record.version:
                     record.mutated_by = n
             elif _overlaps(record.tensor, written):
                 record.hidden_writes.append(n)
+
+
+def _grad_fns(values: list[Any], written: list[torch.Tensor] = ()) -> list[Any]:
+    """The autograd nodes behind `values` and, for tensors written in place, their bases'.
+
+    A write through a view rebases the base's history (`CopySlices` wraps the op's own
+    backward node), so the written view's base node is the op's node too.
+    """
+    owners = [t for t in values if isinstance(t, torch.Tensor)]
+    owners += [t._base for t in written if t._base is not None]
+    fns = []
+    for t in owners:
+        try:
+            fn = t.grad_fn if t.requires_grad else None
+        except RuntimeError:  # a no_grad view whose base changed refuses even this
+            fn = None
+        if fn is not None:
+            fns.append(fn)
+    return fns
+
+
+def _new_grad_fns(roots: list[Any], known: set[Any]) -> list[Any]:
+    """The autograd nodes reachable from `roots` and not in `known`; adds them to `known`."""
+    found = []
+    stack = list(roots)
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in known:
+            continue
+        known.add(fn)
+        found.append(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
 
 
 def _autograd_function_saved_args(n: torch.fx.Node, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -349,8 +417,13 @@ def _fake_inputs(gm: torch.fx.GraphModule, example_inputs: list, fake_mode) -> l
             if not isinstance(meta, torch.Tensor):
                 fakes.append(meta if meta is not None else real)
                 continue
+            # Dynamo's fakes show the state at the END of tracing: a buffer that an in-place op
+            # with a grad-requiring operand turned into a non-leaf already reads as one. The real
+            # inputs have not run yet, so they tell how the graph starts.
+            source = real if isinstance(real, torch.Tensor) else meta
+            requires_grad, is_leaf = source.requires_grad, source.is_leaf
             key = storage_key(meta)
-            if key is not None and groups[key] > 1 and not meta.requires_grad:
+            if key is not None and groups[key] > 1 and not requires_grad:
                 # Inputs that alias each other stay aliased: views of one shared base.
                 if key not in bases:
                     bases[key] = torch.empty(
@@ -359,9 +432,9 @@ def _fake_inputs(gm: torch.fx.GraphModule, example_inputs: list, fake_mode) -> l
                 fakes.append(bases[key].as_strided(meta.shape, meta.stride(), meta.storage_offset()))
                 continue
             fake = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
-            if meta.requires_grad:
+            if requires_grad:
                 fake.requires_grad_()
-                if not meta.is_leaf:  # e.g. a tensor from the graph before a graph break
+                if not is_leaf:  # e.g. a tensor from the graph before a graph break
                     fake = fake.clone()
             fakes.append(fake)
     return fakes
@@ -382,4 +455,7 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     with fake_mode, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
+    output_node = next(iter(reversed(gm.graph.nodes)))
+    outputs = [interpreter.env.get(a) for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
+    interpreter.record_backward_reach(outputs)
     return interpreter.trace

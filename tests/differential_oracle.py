@@ -1,0 +1,437 @@
+"""Eager PyTorch as the oracle for generated programs, and the audit's report checked against it.
+
+For one program, eager PyTorch decides:
+
+- whether forward raises, and with which of the errors the audit must report
+  (`leaf-inplace`, `view-inplace`) at which line;
+- which parameters, buffers and caller inputs were written: by op schema (a dispatch mode
+  sees every ATen op that writes their storage) or by value;
+- whether backward raises the version-counter error (or its variant for saved views);
+- whether backward silently computed from a saved tensor that changed after it was saved.
+  A second run saves every tensor autograd saves as a clone taken at save time
+  (`saved_tensors_hooks`); at unpack time it compares the live tensor with that clone, and
+  its gradients are the reference: what backward computes when every saved value is the
+  one the forward used. Gradients that differ from the reference are silently wrong.
+
+`torch.autograd.graph.allow_mutation_on_saved_tensors()` would give the same reference,
+but it recognises a saved tensor by `data_ptr()`, so a write through a view at another
+offset (`h[2:].mul_(10)` after `h` was saved) slips past it and its "reference" is wrong
+too; cloning at save time has no such blind spot.
+
+The report must agree: the same written targets; an error-level hazard exactly when eager
+raises or backward read a changed saved tensor; none otherwise. `check_functionalized` holds
+`functionalize=True` to eager's values and gradients the same way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import multiprocessing
+import pathlib
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+import fxinplace
+from program_gen import Program, forward_error_code, generate
+
+__all__ = ["EagerVerdict", "Checked", "SeedResult", "eager_verdict", "check", "check_functionalized", "disagreements",
+           "outcome", "run_seeds", "fast_dynamo", "minimize"]
+
+# Backward errors that mean "a saved tensor was modified in place". The second is the same
+# check reached another way: unpacking a saved view of a multi-output view (`chunk`,
+# `unbind`) or of a view made under no_grad, whose base was written since, regenerates the
+# view's history, and that refuses before the version check.
+BACKWARD_ERRORS = (
+    "modified by an inplace operation",
+    "its base or another view of its base has been modified inplace",
+)
+
+
+@dataclass(frozen=True)
+class EagerVerdict:
+    forward_error: str | None = None  # the hazard code eager's forward error calls for
+    forward_line: int | None = None
+    written: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of state written
+    backward_error: bool = False  # the version-counter error
+    stale_saved: bool = False  # backward read a saved tensor whose value changed after saving
+    grads_differ: bool = False  # gradients differ from the save-time reference
+
+    @property
+    def broken(self) -> bool:
+        return self.backward_error or self.stale_saved
+
+
+class _StorageWrites(torch.utils._python_dispatch.TorchDispatchMode):
+    """The storages every ATen op's schema marks as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(argument.name)
+                for t in torch.utils._pytree.tree_leaves(value):
+                    if isinstance(t, torch.Tensor):
+                        self.storages.add(t.untyped_storage().data_ptr())
+        return func(*args, **kwargs)
+
+
+def _state(model: torch.nn.Module, args: tuple) -> Iterator[tuple[tuple[str, str], torch.Tensor]]:
+    for name, p in model.named_parameters():
+        yield ("parameter", name), p
+    for name, b in model.named_buffers():
+        yield ("buffer", name), b
+    for i, x in enumerate(args):
+        yield ("input", f"x{i}"), x
+
+
+def _loss(out: dict, seed: int) -> torch.Tensor | None:
+    # Random weights: a plain sum would hide some wrong gradients (softmax's sum is 1).
+    g = torch.Generator().manual_seed(seed * 7 + 3)
+    loss = None
+    for value in out.values():
+        weight = torch.randn(value.shape, generator=g)
+        if value.requires_grad:
+            term = (value * weight).sum()
+            loss = term if loss is None else loss + term
+    return loss
+
+
+def _grads(model: torch.nn.Module, leaves: dict) -> dict[str, torch.Tensor | None]:
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads.update({n: x.grad for n, x in leaves.items()})
+    return grads
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _error_line(e: BaseException, file: str) -> int | None:
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
+    return lines[-1] if lines else None
+
+
+def eager_verdict(program: Program, loaded) -> EagerVerdict:
+    """What eager PyTorch says `program` does (`loaded`: `program.load(...)`)."""
+    cls, make_inputs = loaded
+    file = cls.forward.__code__.co_filename
+
+    model = cls()
+    args, leaves = make_inputs()
+    before = {key: t.detach().clone() for key, t in _state(model, args)}
+    owners = {t.untyped_storage().data_ptr(): key for key, t in _state(model, args)}
+    recorder = _StorageWrites()
+    try:
+        with recorder:
+            out = model(*args)
+    except RuntimeError as e:
+        code = forward_error_code(e)
+        if code is None:
+            raise AssertionError(f"generated program {program.seed} fails in eager forward: {e}") from e
+        return EagerVerdict(forward_error=code, forward_line=_error_line(e, file))
+    written = {owners[p] for p in recorder.storages if p in owners}
+    written |= {key for key, t in _state(model, args) if not _same(before[key], t.detach())}
+
+    loss = _loss(out, program.seed)
+    if loss is None:
+        return EagerVerdict(written=frozenset(written))
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        if not any(needle in str(e) for needle in BACKWARD_ERRORS):
+            raise AssertionError(f"generated program {program.seed} fails in eager backward: {e}") from e
+        return EagerVerdict(written=frozenset(written), backward_error=True)
+    grads = _grads(model, leaves)
+
+    stale: list[bool] = []
+    reference = _reference_grads(program, loaded, stale)
+    differ = any(not _same(grads[n], reference[n]) for n in grads)
+    return EagerVerdict(written=frozenset(written), stale_saved=any(stale), grads_differ=differ)
+
+
+def _reference_grads(program: Program, loaded, stale: list[bool] | None = None) -> dict[str, torch.Tensor | None]:
+    """Eager gradients with every saved tensor frozen at save time; `stale` collects, per
+    unpack, whether the live tensor had changed since."""
+    cls, make_inputs = loaded
+
+    def pack(t):
+        return t, t.detach().clone()
+
+    def unpack(saved):
+        t, at_save = saved
+        if stale is not None:
+            stale.append(not _same(t.detach(), at_save))
+        return at_save
+
+    model = cls()
+    args, leaves = make_inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = model(*args)
+    loss = _loss(out, program.seed)
+    if loss is not None:
+        loss.backward()
+    return _grads(model, leaves)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One program checked: eager's verdict, the disagreements, and what the report held."""
+
+    verdict: EagerVerdict
+    findings: list[str]
+    target_kinds: frozenset[str] = frozenset()  # kinds of the targets the report says were written
+    codes: frozenset[str] = frozenset()  # hazard codes in the report
+
+
+def disagreements(program: Program, directory: pathlib.Path) -> list[str]:
+    """Where the audit's report of `program` and eager PyTorch disagree (empty: they agree)."""
+    return check(program, directory).findings
+
+
+def check(program: Program, directory: pathlib.Path) -> Checked:
+    loaded = program.load(directory)
+    verdict = eager_verdict(program, loaded)
+    found = []
+    if verdict.grads_differ and not verdict.stale_saved:
+        found.append("oracle: gradients differ from the reference, yet no saved tensor changed")
+
+    cls, make_inputs = loaded
+    args, _ = make_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fxinplace.AnalysisWarning)
+        try:
+            report = fxinplace.audit(cls(), *args, options={"print": False})
+        except Exception as e:  # noqa: BLE001 - any failure of the audit is a finding
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            return Checked(verdict, found + [f"audit-raised: {type(e).__name__}: {first_line}"])
+    found += [f"analysis-failed: {w.message}" for w in caught if issubclass(w.category, fxinplace.AnalysisWarning)]
+    found += [f"analysis-failed: {g.analysis_error}" for g in report.graphs if g.analysis_error]
+    errors = report.hazards("error")
+    kinds = frozenset(m.target.kind for m in report.mutations)
+    codes = frozenset(h.code for h in report.hazards())
+
+    if verdict.forward_error is not None:
+        error_codes = {h.code for h in errors}
+        lines = sorted(h.source.line for h in errors if h.source is not None)
+        if verdict.forward_error not in error_codes:
+            found.append(f"forward-error: eager raises ({verdict.forward_error}), audit errors {sorted(error_codes)}")
+        elif verdict.forward_line not in lines:
+            found.append(f"forward-error-line: eager raises at line {verdict.forward_line}, audit says {lines}")
+        return Checked(verdict, found, kinds, codes)
+
+    named = {(m.target.kind, m.target.name) for m in report.mutations if m.target.kind != "intermediate"}
+    if named != verdict.written:
+        found.append(f"mutated-targets: eager {sorted(verdict.written)}, audit {sorted(named)}")
+    if verdict.broken and not errors:
+        why = "backward raises" if verdict.backward_error else "backward reads a changed saved tensor"
+        found.append(f"missed-error: {why}, audit has no error")
+    if errors and not verdict.broken:
+        found.append(f"false-error: eager trains with the reference gradients, audit says "
+                     f"{sorted({(h.code, h.source.line if h.source else None) for h in errors})}")
+    return Checked(verdict, found, kinds, codes)
+
+
+def outcome(verdict: EagerVerdict) -> str:
+    """What eager PyTorch did, in one word, for the tallies."""
+    if verdict.forward_error:
+        return "forward-error"
+    if verdict.backward_error:
+        return "backward-error"
+    if verdict.stale_saved:
+        return "silently-wrong" if verdict.grads_differ else "stale-but-same-gradients"
+    return "trains"
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    outcome: str  # `outcome(verdict)`, or "oracle-failed"
+    findings: tuple[str, ...]
+    target_kinds: frozenset[str] = frozenset()
+    codes: frozenset[str] = frozenset()
+
+
+def check_seed(seed: int, directory: pathlib.Path, functionalize: bool = False) -> SeedResult:
+    """The program of `seed`, checked (the audit, or `functionalize=True`); a program the
+    oracle cannot judge is a finding too."""
+    program = generate(seed)
+    try:
+        if functionalize:
+            found = check_functionalized(program, directory)
+            return SeedResult(seed, "forward-error" if found is None else "compared", tuple(found or ()))
+        checked = check(program, directory)
+    except AssertionError as e:
+        return SeedResult(seed, "oracle-failed", (f"oracle: {e}",))
+    return SeedResult(seed, outcome(checked.verdict), tuple(checked.findings), checked.target_kinds, checked.codes)
+
+
+def run_seeds(seeds: Iterable[int], jobs: int = 1, functionalize: bool = False) -> Iterator[SeedResult]:
+    """`check_seed` over `seeds`, in this process (`jobs=1`) or in `jobs` worker processes."""
+    seeds = list(seeds)
+    if jobs <= 1:
+        with fast_dynamo(), tempfile.TemporaryDirectory() as directory:
+            for seed in seeds:
+                yield check_seed(seed, pathlib.Path(directory), functionalize)
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of a threaded torch
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init)
+    work = functools.partial(_worker_check, functionalize=functionalize)
+    try:
+        yield from pool.map(work, seeds, chunksize=max(1, min(25, len(seeds) // (jobs * 8))))
+    finally:  # a caller that stops early does not wait for the rest
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_worker: dict = {}
+
+
+def _worker_init() -> None:
+    _worker["fast"] = fast_dynamo()  # kept referenced: collecting it would undo the patch
+    _worker["fast"].__enter__()
+    _worker["directory"] = pathlib.Path(tempfile.mkdtemp(prefix="fxinplace-differential-"))
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _worker_check(seed: int, functionalize: bool = False) -> SeedResult:
+    return check_seed(seed, _worker["directory"], functionalize)
+
+
+@contextlib.contextmanager
+def fast_dynamo() -> Iterator[None]:
+    """Cheaper compiles for thousands of tiny programs; nothing the audit sees changes.
+
+    Dynamo times every new guard set once after a cache flush, only for a debug log line;
+    on these programs that flush is most of the compile (about 75 ms of 100 ms). Tensors
+    have a dozen elements, so one thread beats a pool.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                _patch(torch._dynamo.guards, "profile_guard_manager", lambda *args, **kwargs: 0.0)
+            )
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _patch(owner, name: str, value) -> Iterator[None]:
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def _kind(finding: str) -> str:
+    return finding.split(":", 1)[0]
+
+
+def minimize(program: Program, directory: pathlib.Path, check: Callable[[Program], list[str]] | None = None) -> Program:
+    """The smallest program (greedy: drop statements and heads) with the same kind of disagreement."""
+    check = check or (lambda p: disagreements(p, directory))
+    wanted = {_kind(f) for f in check(program)}
+    if not wanted:
+        return program
+
+    def still_fails(candidate: Program) -> bool:
+        try:
+            return bool(wanted & {_kind(f) for f in check(candidate)})
+        except (AssertionError, NameError, AttributeError, TypeError, UnboundLocalError, SyntaxError, IndexError):
+            return False  # not a valid program any more (a name it needs is gone, ...)
+
+    changed = True
+    while changed:
+        changed = False
+        for i in reversed(range(len(program.statements))):
+            candidate = replace(program, statements=program.statements[:i] + program.statements[i + 1:])
+            if still_fails(candidate):
+                program, changed = candidate, True
+        for i in reversed(range(len(program.outputs))):
+            if len(program.outputs) > 1:
+                candidate = replace(program, outputs=program.outputs[:i] + program.outputs[i + 1:])
+                if still_fails(candidate):
+                    program, changed = candidate, True
+    return program
+
+
+def check_functionalized(program: Program, directory: pathlib.Path, compiler: str = "aot_eager") -> list[str] | None:
+    """`functionalize=True` against eager: None when eager's forward raises (nothing to compare).
+
+    Forward values and the caller-visible state after the call must equal eager's. So must
+    the gradients where eager trains; where eager's backward fails, they must equal the
+    reference (saved values as they were when saved: the gradients of the out-of-place
+    program), unless the program writes under `no_grad` or through `.data` / `.detach()`.
+    Eager hides those writes from autograd, so "the out-of-place program" is ambiguous
+    there: `with no_grad: t = t.clamp(...)` cuts the graph where `t.clamp_()` does not.
+    """
+    loaded = program.load(directory)
+    verdict = eager_verdict(program, loaded)
+    if verdict.forward_error is not None:
+        return None
+    cls, make_inputs = loaded
+    model = cls()
+    args, _ = make_inputs()
+    expected = model(*args)
+    expected_state = {key: t.detach().clone() for key, t in _state(model, args)}
+
+    audit = fxinplace.InplaceAudit(compiler=compiler, print=False, functionalize=True, strict=True)
+    model = cls()
+    args, leaves = make_inputs()
+    found = []
+    try:
+        got = torch.compile(model, backend=audit)(*args)
+    except Exception as e:  # noqa: BLE001 - any failure is a finding
+        inner = getattr(e, "inner_exception", None) or e
+        return [f"functionalize-raised: {type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}"]
+    finally:
+        torch._dynamo.reset()
+    for task, value in expected.items():
+        if not _close(value, got[task]):
+            found.append(f"functionalize-forward: output {task!r} differs from eager's")
+        elif value.requires_grad != got[task].requires_grad:
+            found.append(f"functionalize-forward: output {task!r} requires_grad={got[task].requires_grad}, "
+                         f"eager's {value.requires_grad}")
+    for key, t in _state(model, args):
+        if not _close(expected_state[key], t.detach()):
+            found.append(f"functionalize-state: {key[0]} {key[1]} differs from eager's after the call")
+    hides = any(".data" in s or ".detach()" in s or "torch.no_grad()" in s for s in program.statements)
+    if verdict.broken and hides:
+        return found
+    loss = _loss(got, program.seed)
+    if loss is not None:
+        loss.backward()
+    grads = _grads(model, leaves)
+    reference = _reference_grads(program, loaded)
+    for name in reference:
+        # AOTAutograd gives an input it writes a zero gradient where eager gives none.
+        if not _close(_zeros_if_none(reference[name], grads[name]), grads[name]):
+            found.append(f"functionalize-grad: gradient of {name} differs from "
+                         f"{'the out-of-place reference' if verdict.broken else 'eager'}")
+    return found
+
+
+def _zeros_if_none(a: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return torch.zeros_like(like) if a is None and like is not None and not like.any() else a
+
+
+def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
