@@ -81,10 +81,10 @@ def quiet_audit(model, *args, **options) -> fxinplace.Report:
     return fxinplace.audit(model, *args, options={"print": False, **options})
 
 
-class _WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+class WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every tensor an ATen op's schema marks as written, with the user's line."""
 
-    def __init__(self, user_file: str):
+    def __init__(self, user_file: str | None):
         super().__init__()
         self.user_file = user_file
         self.writes: list[tuple[StorageWeakRef, int | None]] = []  # (storage, line)
@@ -100,6 +100,8 @@ class _WriteRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _line(self) -> int | None:
+        if self.user_file is None:
+            return None
         frame = inspect.currentframe()
         while frame is not None:
             if frame.f_code.co_filename == self.user_file:
@@ -116,7 +118,7 @@ def eager_writes(model: torch.nn.Module, inputs: dict[str, torch.Tensor], user_f
     model = copy.deepcopy(model)
     inputs = {k: v.clone() for k, v in inputs.items()}
     owners = {StorageWeakRef(t.untyped_storage()): key for key, t in named_state(model, inputs)}
-    recorder = _WriteRecorder(user_file)
+    recorder = WriteRecorder(user_file)
     with recorder:
         model(**inputs)
     found: dict[tuple[str, str | None], set[int | None]] = {}

@@ -37,8 +37,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import fxinplace
+from conftest import WriteRecorder
 from program_gen import Program, forward_error_code, generate
 
 __all__ = ["EagerVerdict", "Checked", "SeedResult", "eager_verdict", "check", "check_functionalized", "disagreements",
@@ -66,24 +68,6 @@ class EagerVerdict:
     @property
     def broken(self) -> bool:
         return self.backward_error or self.stale_saved
-
-
-class _StorageWrites(torch.utils._python_dispatch.TorchDispatchMode):
-    """The storages every ATen op's schema marks as written."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for i, argument in enumerate(func._schema.arguments):
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                value = args[i] if i < len(args) else kwargs.get(argument.name)
-                for t in torch.utils._pytree.tree_leaves(value):
-                    if isinstance(t, torch.Tensor):
-                        self.storages.add(t.untyped_storage().data_ptr())
-        return func(*args, **kwargs)
 
 
 def _state(model: torch.nn.Module, args: tuple) -> Iterator[tuple[tuple[str, str], torch.Tensor]]:
@@ -132,8 +116,8 @@ def eager_verdict(program: Program, loaded) -> EagerVerdict:
     model = cls()
     args, leaves = make_inputs()
     before = {key: t.detach().clone() for key, t in _state(model, args)}
-    owners = {t.untyped_storage().data_ptr(): key for key, t in _state(model, args)}
-    recorder = _StorageWrites()
+    owners = {StorageWeakRef(t.untyped_storage()): key for key, t in _state(model, args)}
+    recorder = WriteRecorder(user_file=None)
     try:
         with recorder:
             out = model(*args)
@@ -142,7 +126,7 @@ def eager_verdict(program: Program, loaded) -> EagerVerdict:
         if code is None:
             raise AssertionError(f"generated program {program.seed} fails in eager forward: {e}") from e
         return EagerVerdict(forward_error=code, forward_line=_error_line(e, file))
-    written = {owners[p] for p in recorder.storages if p in owners}
+    written = {owners[storage] for storage, _ in recorder.writes if storage in owners}
     written |= {key for key, t in _state(model, args) if not _same(before[key], t.detach())}
 
     loss = _loss(out, program.seed)
