@@ -29,7 +29,9 @@ How it works, in three parts that stay out of each other's way:
 - A `TorchFunctionMode` names the op being run (for the pack hook), records the line of every
   in-place op (names ending in ``_``, ``__setitem__`` / ``__iadd__``..., ``out=``,
   ``inplace=True``), the line and loss of every `backward` / `autograd.grad` call, and
-  `.data` reads and writes.
+  `.data` reads and writes. It steps off the stack while the given models run forward, while
+  an optimizer steps and while a given optimizer's `zero_grad` runs: their ops need no
+  attention, and each would cost a Python call.
 - Global optimizer step pre/post hooks attribute version bumps to ``opt.step()`` and the
   parameter it moved.
 
@@ -37,20 +39,22 @@ What is detected: any write that moves the version counter of a saved tensor (op
 in-place ops under `no_grad` or not, on the tensor or a view of it), whoever made it; and
 writes through `.data` made by Python code under the guard: ``p.data.clamp_()``,
 ``p.data[...] = v``, ``p.data.copy_(v)``, ``p.data = t`` (when ``p`` itself was saved).
-What is not: `.data` writes inside compiled code, inside ``optimizer.step()``, in C++
-extensions or through ``numpy()`` / DLPack aliases; saved tensors of regions that install
-their own saved-tensor hooks (`torch.utils.checkpoint`, activation offloading), which take
-precedence over the guard's. Who made a write is named when the guard saw it (eager Python
-code, optimizer steps); a write made by compiled kernels is still detected, but attributed
-to nobody.
+What is not: `.data` writes inside compiled code, inside the given models' forward,
+``optimizer.step()`` or ``zero_grad()``, in C++ extensions or through ``numpy()`` / DLPack
+aliases; saved tensors of regions that install their own saved-tensor hooks
+(`torch.utils.checkpoint`, activation offloading), which take precedence over the guard's.
+Who made a write is named when the guard saw it (eager Python code, optimizer steps); a write
+made by compiled kernels is still detected, but attributed to nobody.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import linecache
 import logging
+import operator
 import os
 import re
 import sys
@@ -58,7 +62,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from types import CodeType, FrameType, TracebackType
@@ -90,6 +94,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 # One clock for saves and writes: a write changes a saved tensor only if it came after the save.
 _clock = itertools.count()
+_next_seq = _clock.__next__
 
 # Bounded logs: a write only matters while a graph saved before it is alive, i.e. for a step or
 # two; the bounds keep a long run from growing them.
@@ -279,29 +284,45 @@ def _internal_prefixes() -> tuple[str, ...]:
     return tuple(os.path.join(d, "") for d in dirs)
 
 
-_INTERNAL = _internal_prefixes()
-_is_internal_code: dict[CodeType, bool] = {}
+_INTERNAL = (*_internal_prefixes(), "<eval_with_key>")
+# By file name, not by code object: a code object hashes its bytecode and constants (about a
+# microsecond for `Module._call_impl`), and `pack` walks several frames per saved tensor. A
+# file name is a string that keeps its hash.
+_is_internal_file: dict[str, bool] = {}
+_getframe = sys._getframe
+_RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def _user_frame(frame: FrameType | None) -> tuple[CodeType, int] | None:
-    """The innermost frame outside torch and fxinplace, as (code, line); cheap, no strings."""
+    """The innermost frame outside torch and fxinplace, as (code, offset of the instruction
+    it runs): no line-table walk; `_location` turns it into a line when needed."""
+    internal = _is_internal_file
     while frame is not None:
         code = frame.f_code
-        internal = _is_internal_code.get(code)
-        if internal is None:
-            name = code.co_filename
-            internal = name.startswith(_INTERNAL) or name.startswith("<eval_with_key>")
-            _is_internal_code[code] = internal
-        if not internal:
-            return code, frame.f_lineno
+        name = code.co_filename
+        flag = internal.get(name)
+        if flag is None:
+            if len(internal) > 4096:  # "<eval_with_key>.N": one name per FX graph module
+                internal.clear()
+            flag = internal[name] = name.startswith(_INTERNAL)
+        if not flag:
+            return code, frame.f_lasti
         frame = frame.f_back
     return None
+
+
+def _line_of(code: CodeType, lasti: int) -> int:
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
 
 
 def _location(at: tuple[CodeType, int] | None) -> SourceLocation | None:
     if at is None:
         return None
-    code, line = at
+    code, lasti = at
+    line = _line_of(code, lasti)
     return SourceLocation(code.co_filename, line, linecache.getline(code.co_filename, line).strip(),
                           code.co_name)
 
@@ -342,7 +363,7 @@ def _op_name(func: Any) -> str:
 # What each torch function is to the guard. Derived from names, the one convention torch keeps
 # for in-place ops at this level; exceptions by table.
 
-_PLAIN, _INPLACE, _BACKWARD, _DATA_GET, _DATA_SET = range(5)
+_PLAIN, _ACCESS, _INPLACE, _BACKWARD, _DATA_GET, _DATA_SET = range(6)
 
 # In-place by name but write metadata or flags, not values: autograd's check ignores them.
 _METADATA_INPLACE = frozenset({
@@ -354,6 +375,9 @@ _INPLACE_DUNDERS = frozenset({
     "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
     "__imatmul__",
 })
+# What the mode does with each function it has seen, by the function object. Attribute
+# accessors (`p.grad`, `p.grad = None`: `zero_grad` makes two per parameter) save nothing and
+# need no name: `_ACCESS` runs them with the least work.
 _kinds: dict[Any, int] = {}
 
 
@@ -363,6 +387,8 @@ def _classify(func: Any) -> int:
         kind = _BACKWARD
     elif getattr(func, "__self__", None) is torch._C.TensorBase.data:
         kind = _DATA_GET if name == "__get__" else _DATA_SET
+    elif name in ("__get__", "__set__"):
+        kind = _ACCESS
     elif name in _INPLACE_DUNDERS or (
         name.endswith("_") and not name.endswith("__") and name not in _METADATA_INPLACE
     ):
@@ -385,7 +411,7 @@ class _Saved(NamedTuple):
     version: int
     seq: int
     op: Any
-    at: tuple[CodeType, int] | None
+    at: tuple[CodeType, int] | None  # the user's frame: its code and instruction offset
     task: str | None
 
 
@@ -415,13 +441,24 @@ class _Written:
 
 
 class _Backward:
-    __slots__ = ("call", "at", "task", "heads")
+    __slots__ = ("call", "at", "task", "roots", "heads")
 
-    def __init__(self, call: str, at: tuple[CodeType, int] | None, task: str | None) -> None:
+    def __init__(self, call: str, at: tuple[CodeType, int] | None, task: str | None,
+                 roots: list[torch.Tensor]) -> None:
         self.call = call
         self.at = at
-        self.task = task
-        self.heads: list[str] = []
+        self.task = task  # the `guard.task` block's; the losses' names are read on a finding
+        self.roots = roots
+        self.heads: list[str] | None = None  # the model outputs it reaches, on a finding
+
+
+_version_of = operator.attrgetter("_version")
+_mode_stack_len = torch._C._len_torch_function_stack
+_mode_stack_at = torch._C._get_function_stack_at
+_pop_mode = torch._C._pop_torch_function_stack
+_push_mode = torch._C._push_on_torch_function_stack
+# Bound once for the hot path; Dynamo still sees `torch.compiler.is_compiling` and folds it.
+_is_compiling = torch.compiler.is_compiling
 
 
 class _Mode(TorchFunctionMode):
@@ -431,33 +468,57 @@ class _Mode(TorchFunctionMode):
 
     def __init__(self, session: _Session) -> None:
         super().__init__()
-        self.session = session
+        self.session: _Session | None = session  # None once the session stopped
         self.op: Any = None
+        # `pack`'s last walk from a torch frame. Held only while that frame's op or model
+        # call runs: dropped when an op through the mode returns and when the mode comes back
+        # (`forget`), so that the frame's locals (the op's inputs) are not kept.
+        self.last_frame: FrameType | None = None
+        self.last_at: tuple[CodeType, int] | None = None
+
+    def forget(self) -> None:
+        self.last_frame = self.last_at = None
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
-        if kwargs is None:
-            kwargs = {}
-        if torch.compiler.is_compiling():
-            return func(*args, **kwargs)
+        # The hot path: every torch call of the loop outside the given models and optimizers
+        # comes here. Plain ops and accessors in a few bytecodes; the rest in the session.
+        if _is_compiling():
+            return func(*args, **(kwargs or {}))
         kind = _kinds.get(func)
         if kind is None:
             kind = _classify(func)
-        if kind == _PLAIN and not (
-            kwargs and (kwargs.get("out") is not None or kwargs.get("inplace") is True)
-        ):
-            prev, self.op = self.op, func
-            try:
-                return func(*args, **kwargs)
-            finally:
-                self.op = prev
+        if kind == _ACCESS:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind == _PLAIN:
+            if kwargs:
+                if kwargs.get("out") is None and kwargs.get("inplace") is not True:
+                    prev, self.op = self.op, func
+                    try:
+                        return func(*args, **kwargs)
+                    finally:
+                        self.op = prev
+                        self.last_frame = None
+                kind = _INPLACE
+            else:
+                prev, self.op = self.op, func
+                try:
+                    return func(*args)
+                finally:
+                    self.op = prev
+                    self.last_frame = None
+        if kwargs is None:
+            kwargs = {}
+        session = self.session
+        if session is None:  # left on the stack after its guard exited (unbalanced exits)
+            return func(*args, **kwargs)
         if kind == _BACKWARD:
-            return self.session.on_backward(func, args, kwargs)
+            return session.on_backward(func, args, kwargs)
         if kind == _DATA_GET:
-            return self.session.on_data_get(func, args, kwargs)
+            return session.on_data_get(func, args, kwargs)
         if kind == _DATA_SET:
-            return self.session.on_data_set(func, args, kwargs)
-        return self.session.on_inplace(func, args, kwargs)
+            return session.on_data_set(func, args, kwargs)
+        return session.on_inplace(func, args, kwargs)
 
 
 class _Session:
@@ -471,52 +532,90 @@ class _Session:
         self.data_aliases: dict[int, weakref.ref] = {}  # storage of a `.data` alias -> its tensor
         self.backwards: list[_Backward] = []
         self.steps: list[tuple[Any, int, tuple[CodeType, int] | None, list, list[int]]] = []
-        # The mode is lifted off the stack while the given models run forward and while an
-        # optimizer steps: hundreds of ops per step that need no attention (the version
-        # counters say what a step moved; forward ops need no names), and a Python call each.
+        # The mode is lifted off the stack while the given models run forward, while an
+        # optimizer steps and while a given optimizer's `zero_grad` runs: hundreds of ops per
+        # step that need no attention (the version counters say what a step moved; forward ops
+        # need no names), and a Python call each.
         self.lift_depth = 0
         self.mode_lifted = False
         self.failed: set[str] = set()
         self.reported: set[int] = set()  # warn mode: once per saved tensor
         self.tasks = owner._tasks
-        self.exits = ExitStack()
+        self.undo: list[Callable[[], Any]] = []
 
     # entering and leaving ------------------------------------------------------------------
 
     def start(self) -> None:
-        stack = self.exits
+        # Per entry, so per step for a decorated step function: plain handles, no ExitStack.
+        undo = self.undo
         try:
-            stack.callback(register_optimizer_step_pre_hook(self.on_step_pre).remove)
-            stack.callback(register_optimizer_step_post_hook(self.on_step_post).remove)
+            undo.append(register_optimizer_step_pre_hook(self.on_step_pre).remove)
+            undo.append(register_optimizer_step_post_hook(self.on_step_post).remove)
             for _, module in self.owner._modules:
-                stack.callback(module.register_forward_pre_hook(self.on_model_call).remove)
-                stack.callback(
+                undo.append(module.register_forward_pre_hook(self.on_model_call).remove)
+                undo.append(
                     module.register_forward_hook(self.on_model_output, always_call=True).remove)
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack))
-            stack.enter_context(self.mode)
+            for _, opt in self.owner._optimizers:
+                try:
+                    undo.append(self.lift_zero_grad(opt))
+                except Exception as e:  # then `zero_grad` runs under the mode, as any code
+                    self.warn_once("zero_grad", e)
+            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            hooks.__enter__()
+            undo.append(functools.partial(hooks.__exit__, None, None, None))
+            self.mode.__enter__()
+            undo.append(functools.partial(self.mode.__exit__, None, None, None))
         except BaseException:
-            stack.close()
+            self.close()
             raise
 
     def stop(self) -> None:
         self.steps.clear()
+        self.mode.forget()
         self.lift_depth = 1  # a step or forward that raised never ran its post hook
         self.unlift()
-        self.exits.close()  # in reverse: the mode, the saved-tensor hooks, then the other hooks
+        self.close()  # in reverse: the mode, the saved-tensor hooks, then the other hooks
+        # Break the session <-> mode cycle, so that refcounting frees both now rather than
+        # the cyclic collector later (an entry per step otherwise leaves one per step).
+        self.mode.session = None
+
+    def close(self) -> None:
+        undo, self.undo = self.undo, []
+        error: BaseException | None = None
+        for step in reversed(undo):
+            try:
+                step()
+            except BaseException as e:  # undo the rest, then raise the first failure
+                error = error or e
+        if error is not None:
+            raise error
 
     # saved tensors -------------------------------------------------------------------------
 
     def pack(self, t: torch.Tensor) -> tuple:
-        tasks = self.tasks
+        # Once per tensor autograd saves. The walk to the user's frame (files are classified
+        # once) keeps (code, instruction); lines are read on a finding. An op that saves
+        # several tensors (`addmm`: both matrices) packs them from the same torch frame,
+        # whose callers cannot move while it runs (unless it is a generator's, which another
+        # caller can resume): the walk is done once for them.
+        mode = self.mode
         try:
-            at = _user_frame(sys._getframe(1))
+            frame = _getframe(1)
+            if frame is mode.last_frame:
+                at = mode.last_at
+            else:
+                at = _user_frame(frame)
+                code = frame.f_code
+                if at is not None and at[0] is not code and not code.co_flags & _RESUMABLE:
+                    mode.last_frame, mode.last_at = frame, at
         except Exception as e:  # the guard's bug must not stop the forward
             at = None
             self.warn_once("pack", e)
+        tasks = self.tasks
         # A leaf is saved as is (autograd does the same); anything else detached, which keeps
         # storage and version counter but not the grad_fn, so an output saved by its own node
         # makes no reference cycle (see the saved_tensors_hooks docs).
-        return (t if t.is_leaf else t.detach(), t._version, next(_clock), self.mode.op, at,
+        return (t if t.is_leaf else t.detach(), t._version, _next_seq(), mode.op, at,
                 tasks[-1] if tasks else None)  # a `_Saved`
 
     def unpack(self, packed: tuple) -> torch.Tensor:
@@ -578,7 +677,11 @@ class _Session:
         call = self.backwards[-1] if self.backwards else None
         needed_for = None
         if call is not None:
-            needed_for = call.task or (", ".join(dict.fromkeys(call.heads)) or None)
+            needed_for = call.task or self.owner._loss_task(call.roots)
+            if needed_for is None:
+                if call.heads is None:
+                    call.heads = _heads_reached(call.roots)
+                needed_for = ", ".join(call.heads) or None
         return StaleSavedTensor(
             tensor=what, name=name, shape=shape, op=op, node=node_name,
             saved_at=_location(saved.at), saved_for=saved.task,
@@ -601,7 +704,7 @@ class _Session:
             return func(*args, **kwargs)
         targets: list[torch.Tensor] = []
         watched: list[tuple[torch.Tensor, int]] = []
-        seq = next(_clock)
+        seq = _next_seq()
         try:
             out = kwargs.get("out")
             targets = _tensors(out) if out is not None else _tensors(args[0] if args else None)
@@ -614,6 +717,7 @@ class _Session:
             result = func(*args, **kwargs)
         finally:
             self.mode.op = prev
+            self.mode.forget()
         try:
             self.record_inplace(func, seq, targets, watched)
         except Exception as e:
@@ -637,7 +741,7 @@ class _Session:
         if not targets or (self.steps and not hidden):
             return
         name = _op_name(func)
-        at = _user_frame(sys._getframe(2))
+        at = _user_frame(_getframe(2))
         storages = tuple(_storage_key(t) for t in targets)
         if hidden:
             self.hidden_writes.append(_Written(
@@ -662,10 +766,10 @@ class _Session:
         return alias
 
     def on_data_set(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        seq = next(_clock)
+        seq = _next_seq()
         result = func(*args, **kwargs)
         try:
-            at = _user_frame(sys._getframe(2))
+            at = _user_frame(_getframe(2))
             self.hidden_writes.append(_Written(
                 seq, WriteKind.DATA, "data =", "`.data = ...`", at, None,
                 (weakref.ref(args[0]),), ()))
@@ -682,21 +786,21 @@ class _Session:
             else:
                 roots = args[0] if args else kwargs.get("tensors")
                 name = "backward"
-            task = self.owner._tasks[-1] if self.owner._tasks else None
-            if task is None:
-                named = [self.owner._loss_name(r) for r in _tensors(roots)]
-                task = ", ".join(n for n in named if n) or None
-            call = _Backward(name, _user_frame(sys._getframe(2)), task)
+            tasks = self.tasks
+            call = _Backward(name, _user_frame(_getframe(2)), tasks[-1] if tasks else None,
+                             _tensors(roots))
         except Exception as e:
             self.warn_once("backward", e)
         if call is None:
             return func(*args, **kwargs)
         self.backwards.append(call)
+        self.mode.forget()
         prev, self.mode.op = self.mode.op, None
         try:
             return func(*args, **kwargs)
         finally:
             self.mode.op = prev
+            self.mode.forget()
             self.backwards.pop()
 
     # optimizers ----------------------------------------------------------------------------
@@ -704,41 +808,75 @@ class _Session:
     def lift(self) -> None:
         self.lift_depth += 1
         if self.lift_depth == 1:
-            n = torch._C._len_torch_function_stack()
-            if n and torch._C._get_function_stack_at(n - 1) is self.mode:
-                torch._C._pop_torch_function_stack()
+            n = _mode_stack_len()
+            if n and _mode_stack_at(n - 1) is self.mode:
+                _pop_mode()
                 self.mode_lifted = True
 
     def unlift(self) -> None:
         if self.lift_depth > 0:
             self.lift_depth -= 1
-        if self.lift_depth == 0 and self.mode_lifted:
-            torch._C._push_on_torch_function_stack(self.mode)
-            self.mode_lifted = False
+        if self.lift_depth == 0:
+            self.mode.forget()
+            if self.mode_lifted:
+                _push_mode(self.mode)
+                self.mode_lifted = False
+
+    def lift_zero_grad(self, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        """Lift the mode while a given optimizer's `zero_grad` runs; return the undo.
+
+        `zero_grad` reads and sets `p.grad` for every parameter, two calls through the mode
+        each, that need no attention. There is no hook for it, so the instance attribute
+        wraps it for the session, as `LRScheduler` wraps `step`; `Optimizer.__getstate__`
+        keeps it out of pickles and deep copies.
+        """
+        had = "zero_grad" in vars(opt)
+        inner = opt.zero_grad
+
+        def zero_grad(*args: Any, **kwargs: Any) -> None:
+            if _is_compiling():
+                return inner(*args, **kwargs)
+            self.lift()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.unlift()
+
+        opt.zero_grad = zero_grad  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if vars(opt).get("zero_grad") is zero_grad:  # unless the user replaced it since
+                if had:
+                    opt.zero_grad = inner  # type: ignore[method-assign]
+                else:
+                    del opt.zero_grad
+        return undo
 
     def on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.lift()
         try:
             params = [p for group in opt.param_groups for p in group["params"]]
-            at = _user_frame(sys._getframe(1))
-            self.steps.append((opt, next(_clock), at, params, [p._version for p in params]))
+            at = _user_frame(_getframe(1))
+            self.steps.append((opt, _next_seq(), at, params, list(map(_version_of, params))))
         except Exception as e:
             self.warn_once("optimizer step", e)
 
     def on_step_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            for i in range(len(self.steps) - 1, -1, -1):
-                if self.steps[i][0] is opt:
-                    _, seq, at, params, versions = self.steps.pop(i)
+            steps = self.steps
+            for i in range(len(steps) - 1, -1, -1):
+                if steps[i][0] is opt:
+                    _, seq, at, params, versions = steps.pop(i)
                     break
             else:
                 return
-            moved = tuple(weakref.ref(p) for p, v in zip(params, versions) if p._version != v)
+            moved = [p for p, v, now in zip(params, versions, map(_version_of, params)) if v != now]
             if moved:
                 name = self.owner._optimizer_name(opt)
                 self.writes.append(_Written(
                     seq, WriteKind.OPTIMIZER, "step",
-                    f"`{name}.step()` ({type(opt).__name__})", at, name, moved, ()))
+                    f"`{name}.step()` ({type(opt).__name__})", at, name,
+                    tuple(map(weakref.ref, moved)), ()))
         except Exception as e:
             self.warn_once("optimizer step", e)
         finally:
@@ -751,22 +889,26 @@ class _Session:
     # it do nothing. Name tasks with `guard.losses` / `guard.task` there.
 
     def on_model_call(self, module: torch.nn.Module, args: Any) -> None:
-        if not torch.compiler.is_compiling():
+        if not _is_compiling():
             self.lift()
 
     def on_model_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return
         try:
             if self.owner.tasks_from_outputs and isinstance(output, Mapping):
-                me = weakref.ref(self)
-                for key, value in output.items():
-                    if isinstance(value, torch.Tensor) and value.requires_grad:
-                        value.register_hook(functools.partial(_reached_head, me, str(key)))
+                # Each output's key goes on the autograd node that made it, by output slot: no
+                # hook, nothing held; a finding reads the keys its backward reaches.
+                for position, (key, value) in enumerate(output.items()):
+                    if isinstance(value, torch.Tensor):
+                        node = value.grad_fn
+                        if node is not None:
+                            heads = node.metadata.setdefault(_HEADS, {})
+                            heads[value.output_nr] = (position, str(key))
         except Exception as e:
-            self.warn_once("output hooks", e)
+            self.warn_once("output names", e)
         finally:
-            self.unlift()  # after the hooks: with the mode on, each call above would go through it
+            self.unlift()  # after the names: with the mode on, each call above would go through it
 
     def warn_once(self, where: str, e: Exception) -> None:
         if where not in self.failed:
@@ -775,10 +917,25 @@ class _Session:
                         where, e, exc_info=True)
 
 
-def _reached_head(session_ref: weakref.ref, key: str, grad: torch.Tensor) -> None:
-    session = session_ref()
-    if session is not None and session.backwards:
-        session.backwards[-1].heads.append(key)
+_HEADS = "fxinplace.guard.heads"  # node.metadata key: {output slot: (position, output key)}
+
+
+def _heads_reached(roots: list[torch.Tensor]) -> list[str]:
+    """The model output keys whose nodes a backward from `roots` reaches, in output order."""
+    found: dict[str, int] = {}
+    seen: set[Any] = set()
+    todo = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
+    while todo:
+        node, slot = todo.pop()
+        heads = node.metadata.get(_HEADS)
+        if heads and slot in heads:
+            position, key = heads[slot]
+            found.setdefault(key, position)
+        if node in seen:
+            continue
+        seen.add(node)
+        todo.extend((n, i) for n, i in node.next_functions if n is not None)
+    return sorted(found, key=found.__getitem__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -896,6 +1053,10 @@ class guard:
         if entry is not None and entry[0]() is t:
             return entry[1]
         return None
+
+    def _loss_task(self, roots: list[torch.Tensor]) -> str | None:
+        named = [self._loss_name(r) for r in roots]
+        return ", ".join(n for n in named if n) or None
 
     def _optimizer_name(self, opt: torch.optim.Optimizer) -> str:
         for name, known in self._optimizers:
