@@ -84,7 +84,7 @@ class SoftmaxMask(nn.Module):
 
     def forward(self, x):
         p = torch.softmax(self.q(x) @ x.t(), dim=-1)
-        mask = torch.eye(p.shape[0], dtype=torch.bool)
+        mask = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
         if self.oop:
             p = p.masked_fill(mask, 0.0)
         else:

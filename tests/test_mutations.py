@@ -62,7 +62,7 @@ def _masked_fill(m, h, x):
 
 
 def _index_put(m, h, x):
-    h.index_put_((torch.tensor([0]),), torch.ones(6))
+    h.index_put_((torch.tensor([0], device=h.device),), torch.ones(6, device=h.device))
     return h.sum()
 
 
