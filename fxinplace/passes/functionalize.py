@@ -33,6 +33,7 @@ Inductor already re-inplaces what is safe.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Sequence
 
@@ -102,13 +103,13 @@ def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
         raise AssertionError("fxinplace: functionalize needs Dynamo's fake mode; none was found")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
 
-    def trace(fn: Callable) -> torch.fx.GraphModule:
+    def trace(fn: Callable, decompositions: dict | None = None) -> torch.fx.GraphModule:
         with fake_mode:
             fakes = [_fresh_fake(p, real, fake_mode) for p, real in zip(placeholders, example_inputs)]
         # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's
         # own final `copy_` into a leaf parameter would otherwise be refused by autograd.
         with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
-            return make_fx(fn, pre_dispatch=False)(*fakes)
+            return make_fx(fn, decompositions, pre_dispatch=False)(*fakes)
 
     # Two traces. The first decomposes to ATen ops with every write explicit: composite ops
     # (`cross_entropy` with label smoothing, `instance_norm`) would otherwise write their own
@@ -120,9 +121,145 @@ def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
     if not any(_mutates(node) for node in aten.graph.nodes):
         return None
     _restore_grad_mode(aten, _grad_modes(gm))
-    functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"))
+    _keep_history_across_hidden_writes(aten, gm)
+    functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"),
+                       {torch.ops.aten.copy.default: _copy_out_of_place})
     _restore_grad_mode(functional, _grad_modes(aten))
     return functional
+
+
+def _copy_out_of_place(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    # `functionalize` turns `dst.copy_(src)` into `aten.copy`, which has no derivative: the
+    # same value from ops that have one (Inductor's own decomposition, but always a new tensor).
+    if not isinstance(src, torch.Tensor):  # `t[i] = 1.0` may reach here with a Python number
+        return torch.full_like(dst, src)
+    value = src.to(dtype=dst.dtype, device=dst.device, non_blocking=non_blocking, copy=True)
+    return value if value.shape == dst.shape else value.expand(dst.shape).clone()
+
+
+def _keep_history_across_hidden_writes(aten: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
+    """Let later readers of a tensor written out of autograd's sight keep its history.
+
+    A write under `no_grad`, or through `.data` / `.detach()` (an `aten.detach` at ATen level),
+    changes a tensor's value and leaves its autograd history alone: a weight clipped before
+    use still gets its gradient. Out of place, the new value has no history at all. So after
+    such a write, when a reader under grad mode follows, the written tensor `t` is replaced,
+    under grad mode, by `t.detach() + (old - old.detach())`, `old` a clone of `t` taken just
+    before the write: the new value exactly (the difference is zero, kept zero where `old` is
+    not finite), with the gradient flowing on to the history `t` had.
+    """
+    if not torch.is_grad_enabled():
+        return  # the caller's mode: nothing in this graph records history
+    modes = _grad_modes(aten)
+    order = {node: i for i, node in enumerate(aten.graph.nodes)}
+    aten_ops = torch.ops.aten
+    for node in list(aten.graph.nodes):
+        if node.op != "call_function" or not _mutates(node):
+            continue
+        for written in _written_args(node):
+            chain = _view_chain(written)
+            root = chain[-1]
+            hidden = not modes[node.name] or any(n.target is aten_ops.detach.default for n in chain)
+            if not hidden or not _may_require_grad(root, gm) or not _read_with_grad_after(node, root, modes, order):
+                continue
+            _graft_history(aten.graph, node, root, modes[node.name])
+    aten.graph.lint()
+    aten.recompile()
+
+
+def _graft_history(graph: torch.fx.Graph, write: torch.fx.Node, root: torch.fx.Node, mode: bool) -> None:
+    """Around `write`: `old = root.clone()` before it, and after it
+    `root.copy_(root.detach() + (old - old.detach()))`, both under grad mode."""
+    aten, set_grad = torch.ops.aten, torch._C._set_grad_enabled
+    created = []
+
+    def call(target, *args):
+        created.append(graph.call_function(target, args))
+        return created[-1]
+
+    with graph.inserting_before(write):
+        call(set_grad, True)
+        old = call(aten.clone.default, root)
+        call(set_grad, mode)
+    with graph.inserting_before(write.next):  # keeps the order of the calls below
+        call(set_grad, True)
+        # Zero with `old`'s gradient; `where` keeps it zero where `old` is inf or NaN.
+        delta = call(aten.sub.Tensor, old, call(aten.detach.default, old))
+        delta = call(aten.where.ScalarOther, call(aten.isfinite.default, old), delta, 0.0)
+        call(aten.copy_.default, root, call(aten.add.Tensor, call(aten.detach.default, root), delta))
+        call(set_grad, mode)
+    for node in created:
+        # A node with empty meta passes no `from_node` on to what the next trace makes of
+        # it, and `_restore_grad_mode` could not place it.
+        node.meta["fxinplace"] = f"keeps history across the hidden write {write.name}"
+
+
+def _written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    schema = node.target._schema
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            written += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, torch.fx.Node)]
+    return written
+
+
+def _aliased_arg(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The argument `node`'s result aliases: a view's base, an in-place op's `self`, an `out=`."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:  # one result of a multi-output view (split, unbind)
+        return node.args[0].args[0] if _aliased_arg(node.args[0]) is not None else None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    sets = schema.returns[0].alias_info.before_set  # empty for `Tensor(a)[]`: the views of `self`
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and (arg.alias_info.before_set & sets or not sets):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            return value if isinstance(value, torch.fx.Node) else None
+    return None
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    return _aliased_arg(node) is not None and not _mutates(node)
+
+
+def _view_chain(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node`, the tensors it aliases (views, in-place results), last the storage's owner."""
+    chain = [node]
+    while (base := _aliased_arg(chain[-1])) is not None:
+        chain.append(base)
+    return chain
+
+
+def _read_with_grad_after(write: torch.fx.Node, root: torch.fx.Node, modes: dict[str, bool], order: dict) -> bool:
+    aliases, todo = {root}, [root]
+    while todo:
+        for user in todo.pop().users:
+            if _aliased_arg(user) is not None and user not in aliases:
+                aliases.add(user)
+                todo.append(user)
+    for alias in aliases:
+        for user in alias.users:
+            if order.get(user, -1) > order[write] and (user.op == "output" or modes.get(user.name, False)) and not _is_view(user):
+                return True
+    return False
+
+
+def _may_require_grad(root: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    # The ATen fakes carry no requires_grad; Dynamo's example values, reached through
+    # the placeholder's position or the node the ATen node came from, do.
+    if root.op == "placeholder":
+        index = list(root.graph.find_nodes(op="placeholder")).index(root)
+        origin = list(gm.graph.find_nodes(op="placeholder"))[index]
+    else:
+        names = [s.name for s in root.meta.get("from_node", ())]
+        origin = next((n for n in gm.graph.nodes if names and n.name == names[0]), None)
+    value = origin.meta.get("example_value") if origin is not None else None
+    if not isinstance(value, torch.Tensor):
+        return True
+    return value.requires_grad and (value.is_floating_point() or value.is_complex())
 
 
 def _fresh_fake(placeholder: torch.fx.Node, real: Any, fake_mode) -> Any:
@@ -169,18 +306,31 @@ def _grad_modes(gm: torch.fx.GraphModule) -> dict[str, bool]:
 
 def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[str, bool]) -> None:
     # `modes` are those of the traced graph; `from_node` names the node each new node came
-    # from. One without an origin (a view functionalization regenerates) keeps the mode of
-    # the node before it; the graph ends in the mode it started in.
-    initial = current = torch.is_grad_enabled()
-    for node in list(gm.graph.nodes):
-        if node.op == "placeholder":
-            continue
+    # from. One without an origin (a view functionalization regenerates for a reader or for
+    # an output) runs in the mode of its first user: a view made under `no_grad` would cut
+    # the history its reader needs. The graph ends in the mode it started in.
+    initial = torch.is_grad_enabled()
+    nodes = list(gm.graph.nodes)
+    wanted: dict[torch.fx.Node, bool] = {}
+    for node in nodes:
         sources = [s.name for s in node.meta.get("from_node", ()) if s.name in modes]
-        wanted = initial if node.op == "output" else modes[sources[0]] if sources else current
-        if wanted != current:
+        if node.op == "output":
+            wanted[node] = initial
+        elif sources and node.op != "placeholder":
+            wanted[node] = modes[sources[0]]
+    order = {node: i for i, node in enumerate(nodes)}
+    for node in reversed(nodes):
+        if node not in wanted and node.op != "placeholder":
+            users = sorted((u for u in node.users if u in wanted), key=order.__getitem__)
+            if users:
+                wanted[node] = wanted[users[0]]
+    current = initial
+    for node in nodes:
+        mode = wanted.get(node, current)
+        if node.op != "placeholder" and mode != current:
             with gm.graph.inserting_before(node):
-                gm.graph.call_function(torch._C._set_grad_enabled, (wanted,))
-            current = wanted
+                gm.graph.call_function(torch._C._set_grad_enabled, (mode,))
+            current = mode
 
 
 def _aliased(gm: torch.fx.GraphModule, written: list[tuple[int, torch.fx.Node]]) -> dict[int, int]:
