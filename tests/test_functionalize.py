@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
-from conftest import eager_backward_error
+from conftest import eager_backward_error, total_loss
 from fxinplace.passes.functionalize import functionalize
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
@@ -681,3 +681,44 @@ def test_audit_with_functionalize_keeps_the_rewrite_column():
     assert report.graphs[0].functionalized and report.graphs[0].tasks == ("s",)
     assert mutation.rewrite == "rewritten (removes saved-then-mutated)"
     assert report.hazards("error") == []
+
+
+def _argument_storages(into):
+    def compiler(gm, example_inputs):
+        def run(*args):
+            into.append({a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)})
+            return gm.forward(*args)
+
+        return run
+
+    return compiler
+
+
+@pytest.mark.parametrize(
+    "cls, read_by_backward",
+    [(BatchNormNet, set()), (Counters, {"steps", "ema"})],
+    ids=["running-stats-unread", "steps-read-by-mul"],
+)
+def test_written_inputs_are_cloned_only_when_the_backward_can_read_them(cls, read_by_backward):
+    # Training batch norm's backward never reads the running statistics, and nothing with a
+    # gradient reads `num_batches_tracked`. `h.sum(1) * steps` saves `steps` for backward;
+    # `h - ema` saves nothing, but AOTAutograd's partitioner may recompute from `ema`, so any
+    # value that reaches a computation with a gradient counts as read.
+    model, twin = _models(cls)
+    x = _x6(0) if cls is Counters else _image(0)
+    versions = {name: (b._version, dict(twin.named_buffers())[name]._version) for name, b in model.named_buffers()}
+    total_loss(twin(*_clone([x])[0])).backward()
+    seen = []
+    backend = fxinplace.InplaceAudit(compiler=_argument_storages(seen), print=False, functionalize=True)
+    total_loss(torch.compile(model, backend=backend)(*_clone([x])[0])).backward()
+    _assert_same_state(model, twin)
+    for name, buffer in model.named_buffers():
+        passed_itself = buffer.untyped_storage().data_ptr() in seen[0]
+        assert passed_itself == (name not in read_by_backward), name
+        # The write-back moves a version counter where eager's writes do (once, however many
+        # writes eager made), and batch norm's running statistics exactly as eager's kernel.
+        ours, eager = versions[name]
+        moved, eager_moved = buffer._version - ours, dict(twin.named_buffers())[name]._version - eager
+        assert (moved > 0) == (eager_moved > 0), name
+        if "running" in name:
+            assert moved == eager_moved, name

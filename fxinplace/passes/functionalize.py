@@ -88,7 +88,11 @@ def functionalize(
     names = {_target_of(placeholders[i]) for i, _ in written}
     saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
-    wrap = _write_back([i for i, _ in written], n_outputs, _aliased(new_gm, written))
+    indices = [i for i, _ in written]
+    read = _read_by_backward(new_gm, [_may_require_grad(p, gm) for p in placeholders])
+    clone = {i for i in indices if read[i]}
+    keep_version = {i for i in indices if not read[i] and _written_by_batch_norm(new_gm, i)}
+    wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
     return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
 
 
@@ -339,7 +343,59 @@ def _aliased(gm: torch.fx.GraphModule, written: list[tuple[int, torch.fx.Node]])
     return {k: i for k, out in enumerate(outputs) for i, value in written if out is value}
 
 
-def _write_back(indices: list[int], n_outputs: int, aliased: dict[int, int]) -> Callable[[Callable], Callable]:
+# Arguments whose value the op's backward never reads: training batch norm normalizes with
+# the batch statistics it saves, and only updates the running ones.
+_UNREAD_BY_BACKWARD = {torch.ops.aten._native_batch_norm_legit_functional.default: (3, 4)}
+
+
+def _unread_by_backward(user: torch.fx.Node, arg: torch.fx.Node) -> bool:
+    positions = _UNREAD_BY_BACKWARD.get(user.target, ())
+    training = len(user.args) > 5 and user.args[5] is True
+    return training and any(i < len(user.args) and user.args[i] is arg for i in positions) and \
+        sum(a is arg for a in user.args) == 1
+
+
+def _read_by_backward(gm: torch.fx.GraphModule, placeholder_grads: list[bool]) -> list[bool]:
+    """Per placeholder: may the backward read its value (through anything computed from it)?
+
+    Only then does a written-back input need the clone `_write_back` gives it: a value that
+    reaches no computation with a gradient can be neither saved nor recomputed by the
+    backward (AOTAutograd's partitioner recomputes from saved inputs, so reach counts, not
+    just direct use).
+    """
+    modes = _grad_modes(gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    requires_grad = dict(zip(placeholders, placeholder_grads))
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            requires_grad[node] = modes[node.name] and any(requires_grad.get(a, True) for a in node.all_input_nodes)
+    read = []
+    for placeholder in placeholders:
+        seen, todo, found = set(), [placeholder], False
+        while todo and not found:
+            node = todo.pop()
+            for user in node.users:
+                if user.op == "output" or user in seen or _unread_by_backward(user, node):
+                    continue
+                if requires_grad.get(user, True):
+                    found = True
+                    break
+                seen.add(user)
+                todo.append(user)
+        read.append(found)
+    return read
+
+
+def _written_by_batch_norm(gm: torch.fx.GraphModule, index: int) -> bool:
+    placeholder = list(gm.graph.find_nodes(op="placeholder"))[index]
+    return any(user.target in _UNREAD_BY_BACKWARD for user in placeholder.users)
+
+
+def _write_back(
+    indices: list[int], n_outputs: int, aliased: dict[int, int], clone: Collection[int] = (), keep_version: Collection[int] = ()
+) -> Callable[[Callable], Callable]:
+    # `clone`: inputs the backward may read (see `_read_by_backward`); `keep_version`: inputs
+    # eager writes without a version bump (batch norm's running statistics).
     def wrap(compiled: Callable) -> Callable:
         if not indices:
             return compiled
@@ -347,7 +403,7 @@ def _write_back(indices: list[int], n_outputs: int, aliased: dict[int, int]) -> 
         def run(*args):
             inputs = list(args)
             if torch.is_grad_enabled():
-                for i in indices:  # autograd may save these: keep them apart from the write-back
+                for i in clone:  # autograd may save these: keep them apart from the write-back
                     inputs[i] = args[i].clone()
             outputs = compiled(*inputs)
             plain_old, plain_new = [], []
@@ -359,7 +415,8 @@ def _write_back(indices: list[int], n_outputs: int, aliased: dict[int, int]) -> 
                     plain_old.append(old)
                     plain_new.append(new)
             if plain_old:  # one fused copy for parameters, buffers and inputs
-                with torch.no_grad():
+                hidden = tuple(args[i] for i in keep_version)
+                with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(hidden):
                     torch._foreach_copy_(plain_old, plain_new)
             result = list(outputs[:n_outputs])
             for k, i in aliased.items():  # eager returns the written input itself
