@@ -208,6 +208,22 @@ FUNCTIONALIZE_REGRESSIONS = {
         12, ("t2 = F.linear(x1, self.b0, self.w1)", "t2[self.sub.b > 0] = 1.0", "b8 = t2.view(-1)", "c9, c10, c11 = t2.unbind(0)",
              "with torch.no_grad():\n    x0.zero_()"),
         (("b", "b8"), ("c", "c11"))),
+    # A buffer written through `.detach()` with a value that requires grad: in eager the
+    # buffer still requires no grad; its new value out of place did.
+    "buffer written through .detach() from a value with history": Program(
+        1026, ("self.sub.b.detach().mul_(x0)", "b8 = self.sub.b.sum(0)", "b9 = torch.relu(b8)"), (("b", "b9"),)),
+    # A whole tensor overwritten (`copy_`, `t[0:] = v`) keeps requiring grad in eager.
+    "copy_ of a value without history into a tensor with one": Program(
+        1041, ("t1 = self.w1 * 2.0", "t1.copy_(self.b1)", "t2 = t1 * self.b1", "c7 = t2.expand(3, 4)"),
+        (("c", "c7"),)),
+    "whole-tensor slice assignment": Program(
+        1043, ("t1 = self.sub.w * self.w1", "t1[0:] = self.b1", "b6 = t1.t()"), (("b", "b6"),)),
+    # A view taken under no_grad passes no gradient; regenerated for a reader after its base
+    # was written, it ran in the reader's grad mode and did.
+    "view taken under no_grad of a written parameter": Program(
+        1728, ("with torch.no_grad():\n    self.sub.w[:, 0:2].clamp_(-0.5, 0.5)\n    t1 = self.sub.w[:, 0:1]",
+               "a3 = torch.tanh(t1) * self.w0[:, 0:1]", "b5 = self.sub.w * 2.0"),
+        (("a", "a3"), ("b", "b5"))),
 }
 
 

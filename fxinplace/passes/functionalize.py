@@ -125,7 +125,7 @@ def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
     if not any(_mutates(node) for node in aten.graph.nodes):
         return None
     _restore_grad_mode(aten, _grad_modes(gm))
-    _keep_history_across_hidden_writes(aten, gm)
+    _keep_eager_histories(aten, gm)
     functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"),
                        {torch.ops.aten.copy.default: _copy_out_of_place})
     _restore_grad_mode(functional, _grad_modes(aten))
@@ -141,61 +141,132 @@ def _copy_out_of_place(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool 
     return value if value.shape == dst.shape else value.expand(dst.shape).clone()
 
 
-def _keep_history_across_hidden_writes(aten: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
-    """Let later readers of a tensor written out of autograd's sight keep its history.
+# In-place ops whose new value does not depend on the old one: out of place, the result
+# loses the old tensor's history, which eager keeps (with a zero gradient).
+_OVERWRITES = frozenset({
+    torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor, torch.ops.aten.zero_.default,
+})
 
-    A write under `no_grad`, or through `.data` / `.detach()` (an `aten.detach` at ATen level),
-    changes a tensor's value and leaves its autograd history alone: a weight clipped before
-    use still gets its gradient. Out of place, the new value has no history at all. So after
-    such a write, when a reader under grad mode follows, the written tensor `t` is replaced,
-    under grad mode, by `t.detach() + (old - old.detach())`, `old` a clone of `t` taken just
-    before the write: the new value exactly (the difference is zero, kept zero where `old` is
-    not finite), with the gradient flowing on to the history `t` had.
+
+def _keep_eager_histories(aten: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
+    """Give each written tensor, for its later readers, the autograd history eager gives it.
+
+    Eager updates a tensor's history in place; out of place the new value has the history of
+    the op that computed it, which differs in three cases (each handled only when something
+    reads the tensor under grad mode afterwards):
+
+    - A write hidden from autograd (under `no_grad`, or through `.data` / `.detach()`, an
+      `aten.detach` at ATen level) changes the value and leaves the history alone: a weight
+      clipped before use still gets its gradient. The tensor `t` becomes, under grad mode,
+      `t.detach() + (old - old.detach())`, `old` a clone taken before the write: the new value
+      exactly (the difference is zero, kept zero where `old` is not finite) with `t`'s history.
+    - The same write into a tensor that does not require grad, from a value that does
+      (`buf.detach().mul_(x)`): in eager `buf` still requires no grad; `t` becomes `t.detach()`.
+    - An overwrite (`copy_`, `fill_`, `zero_`) of a whole tensor that requires grad keeps
+      requiring grad in eager (a zero gradient to the old history): `t` becomes
+      `where(False, old, t)`, the new value with that zero gradient.
+
+    And a view taken under `no_grad` of a tensor written somewhere in the graph is detached
+    for its grad-mode readers (see `_cut_no_grad_view`).
     """
     if not torch.is_grad_enabled():
         return  # the caller's mode: nothing in this graph records history
     modes = _grad_modes(aten)
     order = {node: i for i, node in enumerate(aten.graph.nodes)}
-    aten_ops = torch.ops.aten
+    written_roots = {_view_chain(w)[-1] for n in aten.graph.nodes if n.op == "call_function" and _mutates(n)
+                     for w in _written_args(n)}
+    for node in list(aten.graph.nodes):
+        if _is_view(node) and not modes[node.name] and _view_chain(node)[-1] in written_roots:
+            _cut_no_grad_view(aten.graph, node, modes, gm)
     for node in list(aten.graph.nodes):
         if node.op != "call_function" or not _mutates(node):
             continue
         for written in _written_args(node):
             chain = _view_chain(written)
             root = chain[-1]
-            hidden = not modes[node.name] or any(n.target is aten_ops.detach.default for n in chain)
-            if not hidden or not _may_require_grad(root, gm) or not _read_with_grad_after(node, root, modes, order):
+            through_detach = any(n.target is torch.ops.aten.detach.default for n in chain)
+            hidden = not modes[node.name] or through_detach
+            overwrite = not hidden and node.target in _OVERWRITES and _covers(written, root)
+            if not (hidden or overwrite) or not _read_with_grad_after(node, root, modes, order):
                 continue
-            _graft_history(aten.graph, node, root, modes[node.name])
+            requires_grad = _may_require_grad(root, gm)
+            if hidden and requires_grad:
+                _rebuild_after(aten.graph, node, root, modes[node.name], _graft)
+            elif hidden and through_detach and modes[node.name]:
+                _rebuild_after(aten.graph, node, root, modes[node.name], _detached)
+            elif overwrite and requires_grad:
+                _rebuild_after(aten.graph, node, root, modes[node.name], _zero_gradient)
     aten.graph.lint()
     aten.recompile()
 
 
-def _graft_history(graph: torch.fx.Graph, write: torch.fx.Node, root: torch.fx.Node, mode: bool) -> None:
-    """Around `write`: `old = root.clone()` before it, and after it
-    `root.copy_(root.detach() + (old - old.detach()))`, both under grad mode."""
+def _cut_no_grad_view(graph: torch.fx.Graph, view: torch.fx.Node, modes: dict[str, bool], gm: torch.fx.GraphModule) -> None:
+    # A view taken under `no_grad` passes no gradient to its base, also when read under grad
+    # mode later. Functionalization regenerates a view of a written base for each reader, in
+    # the reader's mode: its grad-mode readers get `view.detach()` instead.
+    readers = [u for u in view.users if u.op == "output" or (
+        modes.get(u.name, False) and not (_mutates(u) and view in _written_args(u)))]
+    if not readers or not _may_require_grad(_view_chain(view)[-1], gm):
+        return
+    with graph.inserting_after(view):
+        detached = graph.call_function(torch.ops.aten.detach.default, (view,))
+    detached.meta["fxinplace"] = f"no gradient through {view.name}, a view taken under no_grad"
+    for reader in readers:
+        reader.replace_input_with(view, detached)
+
+
+def _covers(view: torch.fx.Node, root: torch.fx.Node) -> bool:
+    # A view with as many elements as its base is all of it (`t[0:]`, `t.t()`, `t.view(-1)`).
+    if view is root:
+        return True
+    a, b = view.meta.get("val"), root.meta.get("val")
+    try:
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and bool(a.numel() == b.numel())
+    except Exception:  # noqa: BLE001 - a symbolic size that cannot be decided: treat as partial
+        return False
+
+
+def _graft(call: Callable, root: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
+    aten = torch.ops.aten
+    delta = call(aten.sub.Tensor, old, call(aten.detach.default, old))  # zero, with `old`'s gradient
+    delta = call(aten.where.ScalarOther, call(aten.isfinite.default, old), delta, 0.0)
+    return call(aten.add.Tensor, call(aten.detach.default, root), delta)
+
+
+def _detached(call: Callable, root: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
+    return call(torch.ops.aten.detach.default, root)
+
+
+def _zero_gradient(call: Callable, root: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
+    val = root.meta.get("val")
+    device = val.device if isinstance(val, torch.Tensor) else None
+    false = call(torch.ops.aten.scalar_tensor.default, False, dtype=torch.bool, device=device)
+    return call(torch.ops.aten.where.self, false, old, root)
+
+
+def _rebuild_after(graph: torch.fx.Graph, write: torch.fx.Node, root: torch.fx.Node, mode: bool, value: Callable) -> None:
+    """Around `write`, under grad mode: `old = root.clone()` before it, `root.copy_(value(...))` after."""
     aten, set_grad = torch.ops.aten, torch._C._set_grad_enabled
     created = []
 
-    def call(target, *args):
-        created.append(graph.call_function(target, args))
+    def call(target, *args, **kwargs):
+        created.append(graph.call_function(target, args, kwargs))
         return created[-1]
 
-    with graph.inserting_before(write):
-        call(set_grad, True)
-        old = call(aten.clone.default, root)
-        call(set_grad, mode)
+    old = None
+    if value is not _detached:
+        with graph.inserting_before(write):
+            call(set_grad, True)
+            old = call(aten.clone.default, root)
+            call(set_grad, mode)
     with graph.inserting_before(write.next):  # keeps the order of the calls below
         call(set_grad, True)
-        # Zero with `old`'s gradient; `where` keeps it zero where `old` is inf or NaN.
-        delta = call(aten.sub.Tensor, old, call(aten.detach.default, old))
-        delta = call(aten.where.ScalarOther, call(aten.isfinite.default, old), delta, 0.0)
-        call(aten.copy_.default, root, call(aten.add.Tensor, call(aten.detach.default, root), delta))
+        call(aten.copy_.default, root, value(call, root, old))
         call(set_grad, mode)
     for node in created:
         # A node with empty meta passes no `from_node` on to what the next trace makes of
         # it, and `_restore_grad_mode` could not place it.
-        node.meta["fxinplace"] = f"keeps history across the hidden write {write.name}"
+        node.meta["fxinplace"] = f"keeps eager's autograd history across {write.name}"
 
 
 def _written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
