@@ -32,6 +32,7 @@ import multiprocessing
 import pathlib
 import tempfile
 import traceback
+import weakref
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
@@ -373,8 +374,8 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
     cls, make_inputs = loaded
     model = cls()
     args, eager_leaves = make_inputs()
-    overlaps = OverlapRecorder()
-    with overlaps:
+    overlaps, aliases = OverlapRecorder(), DetachedAliasWrites()
+    with overlaps, aliases:
         expected = model(*args)
     if overlaps.found:
         return None  # eager's own result depends on its kernel's loop order: nothing to compare
@@ -403,7 +404,7 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
             found.append(f"functionalize-state: {key[0]} {key[1]} differs from eager's after the call")
     hides = any(".data" in s or ".detach()" in s or "torch.no_grad()" in s for s in program.statements)
     if verdict.broken and hides:
-        return found
+        return _known_limit(found, aliases)
     loss = _loss(got, program.seed)
     if loss is not None:
         loss.backward()
@@ -420,7 +421,42 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
         if not _close(_zeros_if_none(theirs, ours), _zeros_if_none(ours, theirs)):
             found.append(f"functionalize-grad: gradient of {name} differs from "
                          f"{'the out-of-place reference' if verdict.broken else 'eager'}")
+    return _known_limit(found, aliases)
+
+
+def _known_limit(found: list[str], aliases: "DetachedAliasWrites") -> list[str]:
+    # docs/functionalize.md, Limits: a value with history written through a `.data` /
+    # `.detach()` alias gives the alias a history of its own in eager, not out of place.
+    if found and aliases.found:
+        return [f"known-limit: {finding}" for finding in found]
     return found
+
+
+class DetachedAliasWrites(torch.overrides.TorchFunctionMode):
+    """Notes a write under grad mode that gives a `.data` / `.detach()` alias (or a view of
+    one) a history of its own: the one known limit of `functionalize` (FUNCTIONALIZE_LIMITS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aliases: dict[int, weakref.ref] = {}  # by id: tensors compare elementwise
+        self.found = False
+
+    def _is_alias(self, t: torch.Tensor | None) -> bool:
+        return t is not None and (ref := self.aliases.get(id(t))) is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        before = target is not None and target.requires_grad
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.detach, torch.Tensor.data.__get__) and isinstance(out, torch.Tensor):
+            self.aliases[id(out)] = weakref.ref(out)
+        elif isinstance(out, torch.Tensor) and self._is_alias(target) and out._base is target:
+            self.aliases[id(out)] = weakref.ref(out)  # a view of an alias
+        if (target is not None and not before and target.requires_grad and torch.is_grad_enabled()
+                and (self._is_alias(target) or self._is_alias(target._base))):
+            self.found = True
+        return out
 
 
 class OverlapRecorder(torch.utils._python_dispatch.TorchDispatchMode):
