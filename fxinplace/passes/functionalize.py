@@ -1,9 +1,11 @@
 """Rewrite a Dynamo graph's in-place mutations out of place, keeping the writes the caller sees.
 
-Expects a Dynamo graph (placeholders carry `example_value` fakes). Returns an ATen graph with
-no mutation at all (or the input graph, when there is nothing to rewrite) and a wrapper for
-the compiled graph that performs the caller-visible writes, so the program computes what the
-original computed, with autograd seeing every value as it was when it was read.
+Expects a Dynamo graph (placeholders carry `example_value` fakes). Returns an ATen graph
+whose only writes are to inputs nothing with a gradient reads (batch norm's running
+statistics, counters; or the input graph, when there is nothing to rewrite) and a wrapper
+for the compiled graph that performs the other caller-visible writes, so the program
+computes what the original computed, with autograd seeing every value as it was when it was
+read, and every tensor keeping the autograd history eager gives it.
 
 PyTorch does the rewrite: `torch.func.functionalize(remove="mutations")`, traced by `make_fx`
 on fresh fakes in Dynamo's fake mode (symbolic shapes included), turns every in-place op into
@@ -13,16 +15,22 @@ write is explicit (see `_trace_functional`). The rest is done by hand:
 
 - Grad mode. A `make_fx` trace below autograd forgets `torch.no_grad()` regions. Every traced
   node remembers the node it came from (`from_node`), so `_set_grad_enabled` calls are put
-  back around the nodes that came from no-grad regions.
+  back around the nodes that came from no-grad regions (`_restore_grad_mode`).
+- Histories. Eager changes a tensor's autograd history in place; out of place some new
+  values would get another one: writes hidden from autograd, whole-tensor overwrites, views
+  taken under `no_grad` (`_keep_eager_histories`).
 - Caller-visible writes. Each final `copy_` into an input (parameter, buffer, user input)
   becomes an extra graph output, and the wrapper copies it into the input after the compiled
   call, exactly once: under `no_grad` unless the new value carries autograd history (a write
   to a non-leaf input under grad mode, which eager records too). Kept in the graph, a `copy_`
-  into a parameter makes AOTAutograd trip on its own version check.
+  into a parameter makes AOTAutograd trip on its own version check. A write into an input
+  without grad that nothing with a gradient reads stays in the graph, for the compiler to
+  fuse (batch norm's running statistics go back to its in-place form, as in eager).
 - Saved inputs. Autograd saves graph inputs by reference (and AOTAutograd may recompute
   from them in the backward), so a write-back into an input the backward reads would raise
   or silently feed it the new values. While grad is on, the compiled graph gets a clone of
-  each input it writes back; gradients reach the original through the clone.
+  each written-back input the backward can reach (`_read_by_backward`); gradients reach the
+  original through the clone.
 
 `mode="hazards"` is all or nothing per graph: a graph is functionalized as a whole when one of
 its mutations has an error-level hazard, and handed over unchanged otherwise. Rewriting only
@@ -80,16 +88,21 @@ def functionalize(
     new_gm = _trace_functional(gm, example_inputs)
     if new_gm is None:
         return _unchanged(gm, mutations, "kept in place: no write at ATen level")
-    written = _outputs_for_writes(new_gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    grads = [_may_require_grad(p, gm) for p in placeholders]
+    read = _read_by_backward(new_gm, grads)
+    # A write to a tensor without grad that the backward cannot read (batch norm's running
+    # statistics, counters) stays in the graph: the compiler handles it as it handles any
+    # buffer update (Inductor writes it from its kernels).
+    written, kept = _outputs_for_writes(new_gm, keep=lambda i: not grads[i] and not read[i])
+    _reinplace_running_stats(new_gm)
     new_gm.graph.lint()
     new_gm.recompile()
 
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    names = {_target_of(placeholders[i]) for i, _ in written}
+    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept}
     saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
-    read = _read_by_backward(new_gm, [_may_require_grad(p, gm) for p in placeholders])
     clone = {i for i in indices if read[i]}
     keep_version = {i for i in indices if not read[i] and _written_by_batch_norm(new_gm, i)}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
@@ -348,19 +361,63 @@ def _fresh_fake(placeholder: torch.fx.Node, real: Any, fake_mode) -> Any:
     return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
 
 
-def _outputs_for_writes(gm: torch.fx.GraphModule) -> list[tuple[int, torch.fx.Node]]:
-    """Turn each final `copy_(input, value)` into an extra output; return (input index, value)."""
+def _outputs_for_writes(
+    gm: torch.fx.GraphModule, keep: Callable[[int], bool] = lambda i: False
+) -> tuple[list[tuple[int, torch.fx.Node]], list[int]]:
+    """Turn each final `copy_(input, value)` into an extra output, unless `keep(index)`.
+
+    Returns (input index, value) per write taken out, and the indices of the writes kept.
+    """
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     output = gm.graph.output_node()
-    written = []
+    written, kept = [], []
     for node in list(gm.graph.nodes):
-        if node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder":
-            written.append((placeholders.index(node.args[0]), node.args[1]))
+        if _is_write_back(node):
+            index = placeholders.index(node.args[0])
+            if keep(index):
+                kept.append(index)
+                continue
+            written.append((index, node.args[1]))
             gm.graph.erase_node(node)
         elif node.op == "call_function" and _mutates(node):
             raise AssertionError(f"fxinplace: functionalize left a mutation in the graph: {node.format_node()}")
     output.args = (tuple(output.args[0]) + tuple(value for _, value in written),)
-    return written
+    return written, kept
+
+
+def _reinplace_running_stats(gm: torch.fx.GraphModule) -> None:
+    """Batch norm's running-statistics update back in place, when that is all that reads them.
+
+    Functional batch norm takes the running statistics as inputs, which autograd saves, so a
+    `copy_` of its new statistics into them, kept in the graph, trips autograd's version
+    check. Eager (and `torch.compile` without fxinplace) updates them in place inside the
+    op, before anything is saved: `_native_batch_norm_legit` does that.
+    """
+    functional = torch.ops.aten._native_batch_norm_legit_functional.default
+    for node in list(gm.graph.find_nodes(op="call_function", target=functional)):
+        stats = node.args[3:5]
+        outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+        copies = []
+        for k, stat in ((3, stats[0]), (4, stats[1])):
+            new = outputs.get(k)
+            users = list(new.users) if new is not None else []
+            if not (stat.op == "placeholder" and len(users) == 1 and _is_write_back(users[0])
+                    and users[0].args[0] is stat and set(stat.users) == {node, users[0]}):
+                break
+            copies.append((new, users[0]))
+        else:
+            with gm.graph.inserting_before(node):
+                inplace = gm.graph.call_function(torch.ops.aten._native_batch_norm_legit.default, node.args, node.kwargs)
+            inplace.meta = dict(node.meta)
+            for new, copy in copies:
+                gm.graph.erase_node(copy)
+                gm.graph.erase_node(new)
+            node.replace_all_uses_with(inplace)
+            gm.graph.erase_node(node)
+
+
+def _is_write_back(node: torch.fx.Node) -> bool:
+    return node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder"
 
 
 def _mutates(node: torch.fx.Node) -> bool:
@@ -446,7 +503,7 @@ def _read_by_backward(gm: torch.fx.GraphModule, placeholder_grads: list[bool]) -
         while todo and not found:
             node = todo.pop()
             for user in node.users:
-                if user.op == "output" or user in seen or _unread_by_backward(user, node):
+                if user.op == "output" or _is_write_back(user) or user in seen or _unread_by_backward(user, node):
                     continue
                 if requires_grad.get(user, True):
                     found = True
