@@ -224,7 +224,7 @@ def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
     ranks do not interleave lines; a `{rank}` in the file name gives each rank its own file.
     """
     try:
-        text = report.render()
+        text = report.render(compact=opts.table == "compact")
         rank = _rank()
         if rank is not None:
             text = f"[rank {rank}] {text}"

@@ -10,6 +10,7 @@ from .report import SEVERITIES
 __all__ = ["AuditOptions", "parse_options", "OPTION_HELP"]
 
 FUNCTIONALIZE_CHOICES = (False, True, "all", "hazards")
+TABLE_CHOICES = ("full", "compact")
 
 OPTION_HELP = {
     "compiler": 'compiler to hand the graph to after the audit: "inductor" (default), "eager", '
@@ -25,6 +26,7 @@ OPTION_HELP = {
     '(every mutation), "hazards" (only graphs with an error-level hazard are rewritten; other graphs keep '
     'their in-place ops)',
     "explain": "replace the compiler's in-place autograd error with fxinplace's explanation (default True)",
+    "table": '"full" (default) or "compact": the compact table leaves out the code, module and view-chain columns',
 }
 
 
@@ -38,6 +40,7 @@ class AuditOptions:
     raise_on: str | None = None
     functionalize: bool | str = False
     explain: bool = True
+    table: str = "full"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +79,9 @@ def _check(key: str, value: Any) -> None:
     if key in ("print", "strict", "explain"):
         if not isinstance(value, bool):
             raise bad("True or False")
+    elif key == "table":
+        if value not in TABLE_CHOICES:
+            raise bad('"full" or "compact"')
     elif key == "file":
         if value is not None and not isinstance(value, str):
             raise bad("a file path (str) or None")

@@ -98,7 +98,8 @@ class GraphReport:
             "functionalized": self.functionalized,
         }
 
-    def render(self) -> str:
+    def render(self, compact: bool = False) -> str:
+        """The table; `compact` leaves out the view chain, code and module columns."""
         head = f"fxinplace: graph {self.compile_id} `{self.function}` (graph ended: {self.reason})"
         if self.analysis_error:
             return f"{head}: analysis failed ({self.analysis_error}); compiled without it"
@@ -133,6 +134,9 @@ class GraphReport:
                 if self.functionalized:
                     row.append(m.rewrite or "-")
                 rows.append(row)
+            if compact:
+                keep = [i for i, h in enumerate(headers) if h not in ("via", "code", "module")]
+                headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
             lines.append(tabulate(rows, headers=headers, tablefmt="simple"))
         notable = [h for h in self.all_hazards() if h.severity != "info"]
         for h in notable:
@@ -169,8 +173,8 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def render(self) -> str:
-        return "\n\n".join(g.render() for g in self.graphs)
+    def render(self, compact: bool = False) -> str:
+        return "\n\n".join(g.render(compact) for g in self.graphs)
 
     def __str__(self) -> str:
         return self.render()

@@ -50,9 +50,11 @@ def _compile(model, **options):
         ({"compiler": "no_such_backend"}, pytest.raises(ValueError, match=r"names no registered backend.*inductor")),
         ({"compiler": "inplace_audit"}, pytest.raises(ValueError, match=r"another backend than inplace_audit")),
         ({"file": 3}, pytest.raises(ValueError, match=r"`file` must be a file path")),
+        ({"table": "compact"}, does_not_raise()),
+        ({"table": "short"}, pytest.raises(ValueError, match=r'`table` must be "full" or "compact", got \'short\'')),
     ],
     ids=["eager", "aot_eager strict", "tasks raise_on functionalize", "unknown key", "bad bool", "bad severity",
-         "bad functionalize", "bad tasks", "unknown compiler", "itself", "bad file"],
+         "bad functionalize", "bad tasks", "unknown compiler", "itself", "bad file", "compact table", "bad table"],
 )
 def test_options_are_validated(options, expectation):
     with expectation:
@@ -158,6 +160,19 @@ def test_table_rendering_is_exact():
         ---  ----  --------------  -----  -------------------------  ---------  --------  -------  ------------
           0  add_  intermediate y  -      tests/test_backend.py:{line}  y.add_(1)  -         output   safe-inplace""")
     assert report.render() == expected
+    compact = textwrap.dedent(f"""\
+        fxinplace: graph 0/0 `forward` (graph ended: return_value)
+        tasks: output
+          #  op    writes          where                      tasks    hazard
+        ---  ----  --------------  -------------------------  -------  ------------
+          0  add_  intermediate y  tests/test_backend.py:{line}  output   safe-inplace""")
+    assert report.render(compact=True) == compact
+
+
+def test_compact_table_option_reaches_the_printed_table(capsys):
+    torch.compile(TwoHeads(), backend="inplace_audit", options={"compiler": "eager", "table": "compact"})(torch.randn(2, 4))
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("#"))
+    assert header.split() == ["#", "op", "writes", "where", "tasks", "hazard"]
 
 
 def test_entry_point_works_in_a_fresh_process_without_importing_fxinplace(tmp_path):
