@@ -722,3 +722,50 @@ def test_written_inputs_are_cloned_only_when_the_backward_can_read_them(cls, rea
         assert (moved > 0) == (eager_moved > 0), name
         if "running" in name:
             assert moved == eager_moved, name
+
+
+class StraightThrough(torch.autograd.Function):
+    """Round in forward, a scaled identity in backward: a backward autograd cannot derive."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3.0
+
+
+class CustomBackward(nn.Module):
+    def __init__(self, checkpointed=False):
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.fc(t)), x, use_reentrant=False)
+        else:
+            h = StraightThrough.apply(self.fc(x))
+        h.mul_(2.0)
+        return {"a": self.head(h), "b": h.sum(1)}
+
+
+@pytest.mark.parametrize("checkpointed, rewritten", [(False, False), (True, True)], ids=["autograd.Function", "checkpoint"])
+def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
+    # A trace below autograd would inline the custom Function's forward and let autograd
+    # differentiate it (gradient 0 through `round`), silently. Such a graph is handed over
+    # unchanged; checkpoint's subgraph has autograd's own backward and is rewritten.
+    torch.manual_seed(0)
+    model = CustomBackward(checkpointed)
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    total_loss(twin(x)).backward()
+    backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
+    total_loss(torch.compile(model, backend=backend)(x)).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    (mutation,) = backend.report.mutations
+    assert mutation.rewrite.startswith("rewritten") == rewritten, mutation.rewrite
+    if not rewritten:
+        assert "autograd_function_apply" in mutation.rewrite

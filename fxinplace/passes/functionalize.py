@@ -85,6 +85,10 @@ def functionalize(
         raise ValueError(f'fxinplace: `functionalize` mode must be "all" or "hazards", got {mode!r}')
     if mode == "hazards" and not any(m.severity == "error" for m in mutations):
         return _unchanged(gm, mutations, "kept in place: no error-level hazard in this graph")
+    opaque = _opaque_subgraphs(gm)
+    if opaque:
+        return _unchanged(gm, mutations, f"kept in place: `{opaque[0]}` in this graph has a backward of its own, "
+                                         "which the rewrite would lose")
     new_gm = _trace_functional(gm, example_inputs)
     if new_gm is None:
         return _unchanged(gm, mutations, "kept in place: no write at ATen level")
@@ -107,6 +111,17 @@ def functionalize(
     keep_version = {i for i in indices if not read[i] and _written_by_batch_norm(new_gm, i)}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
     return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
+
+
+# Higher-order ops whose subgraph the ATen trace may inline: their backward is autograd's
+# own. Any other (a custom `autograd.Function`'s `autograd_function_apply`, flex attention,
+# ...) carries a backward that a trace below autograd would drop, silently changing gradients.
+_INLINABLE_HOPS = frozenset({"tag_activation_checkpoint", "wrap"})
+
+
+def _opaque_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
+    return [node.target.name() for node in gm.graph.nodes
+            if isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() not in _INLINABLE_HOPS]
 
 
 def _unchanged(gm: torch.fx.GraphModule, mutations: Sequence[Mutation], why: str) -> FunctionalizedGraph:
