@@ -261,8 +261,21 @@ class BreakThenScale(nn.Module):
         return self.fc2(h), h
 
 
+class RunningStatReader(nn.Module):
+    """Reads batch norm's running mean before the norm updates it (a drift monitor)."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        drift = self.bn.running_mean.abs().sum().reshape(1)
+        return self.head(torch.relu(self.bn(self.fc(x)))), drift
+
+
 EAGER_SAFE = {
     "batch-norm-training": (BatchNormNet, _image),
+    "running-stats-read-before-update": (RunningStatReader, _x6),
     "composite-ops-writing-temporaries": (CompositeWrites, _image),
     "graph-break-then-input-mul_": (BreakThenScale, _x6),
     "input-iadd": (InputShift, _x6),

@@ -93,22 +93,25 @@ def functionalize(
     if new_gm is None:
         return _unchanged(gm, mutations, "kept in place: no write at ATen level")
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    grads = [_may_require_grad(p, gm) for p in placeholders]
+    grads = [_example_requires_grad(p.meta.get("example_value")) for p in placeholders]
     read = _read_by_backward(new_gm, grads)
-    # A write to a tensor without grad that the backward cannot read (batch norm's running
-    # statistics, counters) stays in the graph: the compiler handles it as it handles any
-    # buffer update (Inductor writes it from its kernels).
-    written, kept = _outputs_for_writes(new_gm, keep=lambda i: not grads[i] and not read[i])
-    _reinplace_running_stats(new_gm)
+    reinplaced = _reinplace_running_stats(new_gm)
+    # A write to a tensor without grad that nothing with a gradient reads (counters) stays in
+    # the graph: the compiler handles it as any buffer update (Inductor writes it from its
+    # kernels). Not one that functional batch norm reads: autograd saves it there, and the
+    # write, kept in the graph, would trip autograd's version check.
+    saved_by_batch_norm = _read_by_functional_batch_norm(new_gm)
+    written, kept = _outputs_for_writes(
+        new_gm, keep=lambda i: not grads[i] and not read[i] and i not in saved_by_batch_norm)
     new_gm.graph.lint()
     new_gm.recompile()
 
-    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept}
+    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept + reinplaced}
     saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
     clone = {i for i in indices if read[i]}
-    keep_version = {i for i in indices if not read[i] and _written_by_batch_norm(new_gm, i)}
+    keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
     return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
 
@@ -312,7 +315,7 @@ def _aliased_arg(node: torch.fx.Node) -> torch.fx.Node | None:
     if node.op != "call_function":
         return None
     if node.target is operator.getitem:  # one result of a multi-output view (split, unbind)
-        return node.args[0].args[0] if _aliased_arg(node.args[0]) is not None else None
+        return _aliased_arg(node.args[0])
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.returns or schema.returns[0].alias_info is None:
         return None
@@ -359,7 +362,11 @@ def _may_require_grad(root: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     else:
         names = [s.name for s in root.meta.get("from_node", ())]
         origin = next((n for n in gm.graph.nodes if names and n.name == names[0]), None)
-    value = origin.meta.get("example_value") if origin is not None else None
+    return _example_requires_grad(origin.meta.get("example_value") if origin is not None else None)
+
+
+def _example_requires_grad(value: Any) -> bool:
+    """Does Dynamo's example value require grad? True when unknown (the safe answer)."""
     if not isinstance(value, torch.Tensor):
         return True
     return value.requires_grad and (value.is_floating_point() or value.is_complex())
@@ -377,7 +384,7 @@ def _fresh_fake(placeholder: torch.fx.Node, real: Any, fake_mode) -> Any:
 
 
 def _outputs_for_writes(
-    gm: torch.fx.GraphModule, keep: Callable[[int], bool] = lambda i: False
+    gm: torch.fx.GraphModule, keep: Callable[[int], bool]
 ) -> tuple[list[tuple[int, torch.fx.Node]], list[int]]:
     """Turn each final `copy_(input, value)` into an extra output, unless `keep(index)`.
 
@@ -394,14 +401,15 @@ def _outputs_for_writes(
                 continue
             written.append((index, node.args[1]))
             gm.graph.erase_node(node)
-        elif node.op == "call_function" and _mutates(node):
+        elif node.op == "call_function" and _mutates(node) and node.target is not torch.ops.aten._native_batch_norm_legit.default:
             raise AssertionError(f"fxinplace: functionalize left a mutation in the graph: {node.format_node()}")
     output.args = (tuple(output.args[0]) + tuple(value for _, value in written),)
     return written, kept
 
 
-def _reinplace_running_stats(gm: torch.fx.GraphModule) -> None:
-    """Batch norm's running-statistics update back in place, when that is all that reads them.
+def _reinplace_running_stats(gm: torch.fx.GraphModule) -> list[int]:
+    """Batch norm's running-statistics update back in place, when that is all that reads them;
+    returns the indices of the placeholders now written in the graph.
 
     Functional batch norm takes the running statistics as inputs, which autograd saves, so a
     `copy_` of its new statistics into them, kept in the graph, trips autograd's version
@@ -409,6 +417,8 @@ def _reinplace_running_stats(gm: torch.fx.GraphModule) -> None:
     op, before anything is saved: `_native_batch_norm_legit` does that.
     """
     functional = torch.ops.aten._native_batch_norm_legit_functional.default
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    done = []
     for node in list(gm.graph.find_nodes(op="call_function", target=functional)):
         stats = node.args[3:5]
         outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
@@ -429,6 +439,8 @@ def _reinplace_running_stats(gm: torch.fx.GraphModule) -> None:
                 gm.graph.erase_node(new)
             node.replace_all_uses_with(inplace)
             gm.graph.erase_node(node)
+            done += [placeholders.index(stat) for stat in stats]
+    return done
 
 
 def _is_write_back(node: torch.fx.Node) -> bool:
@@ -529,9 +541,10 @@ def _read_by_backward(gm: torch.fx.GraphModule, placeholder_grads: list[bool]) -
     return read
 
 
-def _written_by_batch_norm(gm: torch.fx.GraphModule, index: int) -> bool:
-    placeholder = list(gm.graph.find_nodes(op="placeholder"))[index]
-    return any(user.target in _UNREAD_BY_BACKWARD for user in placeholder.users)
+def _read_by_functional_batch_norm(gm: torch.fx.GraphModule) -> set[int]:
+    """Indices of the placeholders a functional batch norm takes (and autograd saves)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return {i for i, p in enumerate(placeholders) if any(user.target in _UNREAD_BY_BACKWARD for user in p.users)}
 
 
 def _write_back(
