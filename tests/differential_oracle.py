@@ -29,7 +29,9 @@ import concurrent.futures
 import contextlib
 import functools
 import multiprocessing
+import multiprocessing.util
 import pathlib
+import shutil
 import tempfile
 import traceback
 import weakref
@@ -287,6 +289,9 @@ def _worker_init() -> None:
     _worker["fast"] = fast_dynamo()  # kept referenced: collecting it would undo the patch
     _worker["fast"].__enter__()
     _worker["directory"] = pathlib.Path(tempfile.mkdtemp(prefix="fxinplace-differential-"))
+    # A worker ends through multiprocessing's exit, which runs its own finalizers, not atexit's.
+    multiprocessing.util.Finalize(None, shutil.rmtree, args=(_worker["directory"],),
+                                  kwargs={"ignore_errors": True}, exitpriority=10)
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
@@ -410,17 +415,20 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
         loss.backward()
     grads = _grads(model, leaves)
     reference = _reference_grads(program, loaded)
-    plain = None if verdict.broken else _compiled_grads(program, loaded, compiler)
+    plain = None  # the compiler's own gradients, computed at the first mismatch
     for name in reference:
-        if plain is not None and _close(plain[name], grads[name]):
-            continue  # the compiler alone computes these gradients so: not the rewrite's doing
         # None and zeros count as equal, both ways: AOTAutograd gives an input it writes a zero
         # gradient where eager gives none, and a tensor whose every later use was overwritten
         # (`t.copy_(src)`) passes eager a zero gradient, the functional program none.
         ours, theirs = grads[name], reference[name]
-        if not _close(_zeros_if_none(theirs, ours), _zeros_if_none(ours, theirs)):
-            found.append(f"functionalize-grad: gradient of {name} differs from "
-                         f"{'the out-of-place reference' if verdict.broken else 'eager'}")
+        if _close(_zeros_if_none(theirs, ours), _zeros_if_none(ours, theirs)):
+            continue
+        if plain is None and not verdict.broken:
+            plain = _compiled_grads(program, loaded, compiler) or {}
+        if plain and _close(plain[name], ours):
+            continue  # the compiler alone computes this gradient so: not the rewrite's doing
+        found.append(f"functionalize-grad: gradient of {name} differs from "
+                     f"{'the out-of-place reference' if verdict.broken else 'eager'}")
     return _known_limit(found, aliases)
 
 

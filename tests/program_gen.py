@@ -19,6 +19,7 @@ The source goes to a real file, so Dynamo's stack traces point at real lines.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import linecache
 import operator
@@ -98,9 +99,12 @@ class Program:
             + _FOOTER.format(seed=self.seed)
         )
 
-    def load(self, directory: pathlib.Path, name: str | None = None):
+    def load(self, directory: pathlib.Path):
         """Write the source to `directory` and import it: (Program class, make_inputs)."""
-        path = pathlib.Path(directory) / f"{name or f'program_{self.seed}'}.py"
+        # The source's hash in the name: programs of one seed (the minimizer's candidates)
+        # must not share a file, or a cached bytecode of one would run for another.
+        digest = hashlib.sha1(self.source.encode()).hexdigest()[:12]
+        path = pathlib.Path(directory) / f"program_{self.seed}_{digest}.py"
         path.write_text(self.source)
         linecache.checkcache(str(path))
         spec = importlib.util.spec_from_file_location(path.stem, path)

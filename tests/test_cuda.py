@@ -17,6 +17,7 @@ from torch import nn
 import fxinplace
 from conftest import eager_backward_error, eager_effects, eager_writes, marked_line, quiet_audit, total_loss
 from test_hazards import HAZARDOUS, SharedLatent, Decoder, _pytorch_says_hazardous
+import test_mutations
 from test_mutations import CASES, _model
 
 pytestmark = [
@@ -32,7 +33,7 @@ def _cuda(args):
 @pytest.mark.parametrize("body, kw", CASES.values(), ids=CASES.keys())
 def test_mutations_match_eager_on_cuda(body, kw):
     model, x = _model(body, **kw).cuda(), torch.randn(3, 4, device="cuda")
-    written = eager_writes(model, {"x": x}, __import__("test_mutations").__file__)
+    written = eager_writes(model, {"x": x}, test_mutations.__file__)
     effects = eager_effects(model, {"x": x})
     report = quiet_audit(model, x.clone())
 
@@ -41,6 +42,10 @@ def test_mutations_match_eager_on_cuda(body, kw):
     for key, lines in written.items():
         ours = [m for m in report.mutations if (m.target.kind, m.target.name if key[1] else None) == key]
         assert {m.source.line for m in ours} == lines, f"lines of {key}"
+    for m in report.mutations:
+        if m.target.kind != "intermediate":
+            # autograd sees a write exactly when the version counter of the target moved.
+            assert m.autograd_visible == ((m.target.kind, m.target.name) in effects.version_moved)
 
 
 @pytest.mark.parametrize("cls, make_args", HAZARDOUS.values(), ids=HAZARDOUS.keys())

@@ -725,6 +725,8 @@ def test_written_inputs_are_cloned_only_when_the_backward_can_read_them(cls, rea
     backend = fxinplace.InplaceAudit(compiler=_argument_storages(seen), print=False, functionalize=True)
     total_loss(torch.compile(model, backend=backend)(*_clone([x])[0])).backward()
     _assert_same_state(model, twin)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)  # what the clones protect
     for name, buffer in model.named_buffers():
         passed_itself = buffer.untyped_storage().data_ptr() in seen[0]
         assert passed_itself == (name not in read_by_backward), name

@@ -70,7 +70,9 @@ class TransformerMultiTask(nn.Module):
         self.tok, self.cls = nn.Linear(16, 20), nn.Linear(16, 3)
 
     def forward(self, ids):
-        h = self.enc(self.emb(ids) + self.pos)
+        h = self.emb(ids)
+        h += self.pos  # safe: the embedding's backward needs the ids, not its output
+        h = self.enc(h)
         return {"tok": self.tok(h), "cls": self.cls(h[:, 0])}
 
 
@@ -140,7 +142,10 @@ def _assert_same(history, expected, model, twin):
         for key in outs_e:
             torch.testing.assert_close(outs[key], outs_e[key], atol=1e-5, rtol=1e-4, msg=f"output {key}")
         for name in grads_e:
-            torch.testing.assert_close(grads[name], grads_e[name], atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+            # Float tolerance at the gradient's own scale (the transformer's reach ~2e3, and
+            # summing in another order moves them by ~1e-4).
+            atol = 1e-5 * max(1.0, grads_e[name].abs().max().item()) if grads_e[name] is not None else 1e-5
+            torch.testing.assert_close(grads[name], grads_e[name], atol=atol, rtol=1e-4, msg=f"gradient of {name}")
     for (name, t), (_, e) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         torch.testing.assert_close(t, e, atol=1e-5, rtol=1e-4, msg=f"state {name}")
 
@@ -155,7 +160,8 @@ def test_real_architectures_match_eager_under_functionalize(cls, make):
 
     backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
     _assert_same(_train(model, torch.compile(model, backend=backend), inputs), expected, model, twin)
-    assert backend.report.graphs  # Dynamo handed the model over: the rewrite really ran
+    rewrites = [m.rewrite for m in backend.report.mutations]
+    assert rewrites and not any(r.startswith("kept in place") for r in rewrites), rewrites  # the rewrite ran
     assert backend.report.hazards("error") == []  # eager trains these: no false alarm
 
 
