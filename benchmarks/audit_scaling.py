@@ -103,29 +103,23 @@ def scaling_rows(points: list[ScalingPoint], device: torch.device) -> list[Row]:
             f"<= {SHARE_TARGET} x dynamo", status(share, SHARE_TARGET, at_most=True), share,
         ))
     if len(points) >= 2:
-        nodes = [p.nodes for p in points]
-        slope = loglog_slope(nodes, [p.total.median for p in points])
-        parts = (
-            f"fake run {loglog_slope(nodes, [p.fake_run.median for p in points]):.2f}, "
-            f"analysis {loglog_slope(nodes, [p.analysis.median for p in points]):.2f}"
-        )
-        rows.append(Row(
-            "3 scaling", "log-log slope of audit CPU time vs nodes, all sizes", f"{min(nodes)}–{max(nodes)} nodes",
-            device.type, f"dynamo slope {loglog_slope(nodes, [p.dynamo for p in points]):.2f}", parts,
-            f"slope {slope:.2f}", f"<= {SLOPE_TARGET}", status(slope, SLOPE_TARGET, at_most=True), slope,
-        ))
+        rows.append(_slope_row(points, "log-log slope of audit CPU time vs nodes, all sizes", device))
     if len(points) >= 3:
         # Fixed costs flatten the fit over small graphs; the two largest show the asymptote.
-        big = sorted(points, key=lambda p: p.nodes)[-2:]
-        nodes = [p.nodes for p in big]
-        slope = loglog_slope(nodes, [p.total.median for p in big])
-        parts = (
-            f"fake run {loglog_slope(nodes, [p.fake_run.median for p in big]):.2f}, "
-            f"analysis {loglog_slope(nodes, [p.analysis.median for p in big]):.2f}"
-        )
-        rows.append(Row(
-            "3 scaling", "same, two largest sizes only", f"{nodes[0]}–{nodes[1]} nodes", device.type,
-            f"dynamo slope {loglog_slope(nodes, [p.dynamo for p in big]):.2f}", parts,
-            f"slope {slope:.2f}", f"<= {SLOPE_TARGET}", status(slope, SLOPE_TARGET, at_most=True), slope,
-        ))
+        rows.append(_slope_row(sorted(points, key=lambda p: p.nodes)[-2:], "same, two largest sizes only", device))
     return rows
+
+
+def _slope_row(points: list[ScalingPoint], measure: str, device: torch.device) -> Row:
+    nodes = [p.nodes for p in points]
+
+    def fit(values: list[float]) -> float:
+        return loglog_slope(nodes, values)
+
+    slope = fit([p.total.median for p in points])
+    parts = f"fake run {fit([p.fake_run.median for p in points]):.2f}, analysis {fit([p.analysis.median for p in points]):.2f}"
+    return Row(
+        "3 scaling", measure, f"{min(nodes)}–{max(nodes)} nodes", device.type,
+        f"dynamo slope {fit([p.dynamo for p in points]):.2f}", parts,
+        f"slope {slope:.2f}", f"<= {SLOPE_TARGET}", status(slope, SLOPE_TARGET, at_most=True), slope,
+    )
