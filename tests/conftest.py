@@ -69,6 +69,17 @@ def total_loss(out) -> torch.Tensor:
     return sum(t.float().sum() for t in leaves)
 
 
+def assert_grads_close(ours: dict, theirs: dict) -> None:
+    """Gradients agree at their own scale: float summation order differs between code paths."""
+    assert ours.keys() == theirs.keys()
+    for name, grad in theirs.items():
+        if grad is None or ours[name] is None:
+            assert grad is None and ours[name] is None, f"gradient of {name}: {ours[name]} vs {grad}"
+            continue
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=f"gradient of {name}")
+
+
 def marked_line(obj, marker: str) -> int:
     """The line number of the source line of `obj` that carries `# <marker>`."""
     lines, start = inspect.getsourcelines(obj)

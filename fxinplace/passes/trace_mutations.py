@@ -52,6 +52,9 @@ class SavedTensor:
     storage: StorageKey | None
     mutated_by: torch.fx.Node | None = None  # first write that moved its version
     hidden_writes: list[torch.fx.Node] = field(default_factory=list)
+    # False when backward checks the tensor's version but never reads its values (see
+    # `_SAVED_UNREAD`): a write autograd does not see cannot change the gradients then.
+    values_read: bool = True
     _last_version: int = 0
 
 
@@ -126,12 +129,33 @@ def _tensor_args(node: torch.fx.Node, env: dict) -> Iterator[tuple[torch.fx.Node
                     yield leaf, v
 
 
-def _hidden_write_args(node: torch.fx.Node, args: tuple, kwargs: dict) -> list[Any]:
-    rule = _HIDDEN_WRITES.get(node.target) if node.op == "call_function" else None
+# Arguments autograd saves but whose values the backward never reads, for the given call.
+# Training-mode batch norm saves `running_mean`/`running_var` (its backward formula takes
+# them, so their versions are checked), yet computes the gradient from the batch statistics
+# it saved itself; eval mode does read them. So a module applied twice in one forward, whose
+# second call updates the running statistics the first call saved, trains correctly.
+_SAVED_UNREAD: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
+    torch.nn.functional.batch_norm: _batch_norm_writes,
+    torch.batch_norm: _batch_norm_writes,
+}
+
+
+def _argument_values(node: torch.fx.Node, rules: dict, args: tuple, kwargs: dict) -> list[Any]:
+    """What `rules[node.target]` selects, as (argument node, runtime value) pairs."""
+    rule = rules.get(node.target) if node.op == "call_function" else None
     if rule is None:
         return []
-    positions = rule(args, kwargs)
-    return [(node.args[p] if isinstance(p, int) and p < len(node.args) else node.kwargs.get(p)) for p in positions]
+    picked = []
+    for p in rule(args, kwargs):
+        if isinstance(p, int):
+            picked.append((node.args[p] if p < len(node.args) else None, args[p] if p < len(args) else None))
+        else:
+            picked.append((node.kwargs.get(p), kwargs.get(p)))
+    return picked
+
+
+def _hidden_write_args(node: torch.fx.Node, args: tuple, kwargs: dict) -> list[Any]:
+    return [arg for arg, _ in _argument_values(node, _HIDDEN_WRITES, args, kwargs)]
 
 
 class _TracingInterpreter(torch.fx.Interpreter):
@@ -143,12 +167,14 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self._saved_by_storage: dict[StorageKey, list[SavedTensor]] = {}
         self._grad_fns: dict[torch.fx.Node, list[Any]] = {}  # autograd nodes each node made
         self._known_fns: set[Any] = set()  # autograd nodes that existed before the current node
+        self._unread: list[Any] = []  # the current node's saved-but-unread argument values
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.current is not None:
             version = _version(tensor)
-            record = SavedTensor(self.current, tensor, version or 0, storage_key(tensor), _last_version=version or 0)
+            record = SavedTensor(self.current, tensor, version or 0, storage_key(tensor), _last_version=version or 0,
+                                 values_read=not any(tensor is u for u in self._unread))
             self.trace.saved.append(record)
             if record.storage is not None:
                 self._saved_by_storage.setdefault(record.storage, []).append(record)
@@ -177,10 +203,12 @@ class _TracingInterpreter(torch.fx.Interpreter):
             roots_before = self._root_versions(inputs)
             trace.grad_enabled[n] = torch.is_grad_enabled()
             self.current = n
+            self._unread = [v for _, v in _argument_values(n, _SAVED_UNREAD, args, kwargs)]
             try:
                 result = getattr(self, n.op)(n.target, args, kwargs)
             finally:
                 self.current = None
+                self._unread = []
         trace.storages_read[n] = {k for _, t in inputs if (k := storage_key(t)) is not None}
         made = {k for v in pytree.tree_leaves(result) if (k := storage_key(v)) is not None}
         trace.storages_made[n] = made
@@ -267,7 +295,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
                 record._last_version = now
                 if record.mutated_by is None and now != record.version:
                     record.mutated_by = n
-            elif _overlaps(record.tensor, written):
+            elif record.values_read and _overlaps(record.tensor, written):
                 record.hidden_writes.append(n)
 
 

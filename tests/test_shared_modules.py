@@ -1,0 +1,239 @@
+"""Modules applied more than once in one forward: task-shared attention, shared experts, Siamese twins.
+
+Training-mode batch norm updates its running statistics without a version bump, and its
+autograd node keeps the running statistics of the call that saved them. Whether a later call
+overwriting them is a hazard is PyTorch's to say: eager must train, and the gradients must
+equal those of a twin whose every call has running statistics of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_grads_close, eager_backward_error, quiet_audit, total_loss
+
+
+class PerCallStats(nn.Module):
+    """Batch norm with the module's parameters, but fresh running statistics on every call."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        bn = self.bn
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        return F.batch_norm(x, mean, var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
+
+
+def per_call_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose batch norms no longer share running statistics between calls."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, child_name, PerCallStats(child))
+    return twin
+
+
+class TwiceBN(nn.Module):
+    """The minimal shape: one BatchNorm, two task outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"a": self.bn(h), "b": self.bn(h * 2)}
+
+
+class TaskAttention(nn.Module):
+    """MTAN-style: one attention module shared by the tasks, applied once per task."""
+
+    def __init__(self, tasks=("seg", "depth", "normal")):
+        super().__init__()
+        self.tasks = tasks
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.attend = nn.Sequential(
+            nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
+            nn.Sigmoid(),
+        )
+        self.task_embed = nn.Parameter(torch.randn(len(tasks), 8, 1, 1))
+        self.heads = nn.ModuleDict({t: nn.Conv2d(8, 2, 1) for t in tasks})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        out = {}
+        for i, task in enumerate(self.tasks):
+            mask = self.attend(h * self.task_embed[i])
+            out[task] = self.heads[task](h * mask)
+        return out
+
+
+class SharedExperts(nn.Module):
+    """PLE/MMoE-style: shared experts run once per task on the task's own gated input."""
+
+    def __init__(self, n_experts=3, tasks=("ctr", "cvr")):
+        super().__init__()
+        self.tasks = tasks
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True)) for _ in range(n_experts)
+        )
+        self.gates = nn.ModuleDict({t: nn.Linear(6, n_experts) for t in tasks})
+        self.towers = nn.ModuleDict({t: nn.Linear(8, 1) for t in tasks})
+        self.task_scale = nn.ParameterDict({t: nn.Parameter(torch.rand(6) + 0.5) for t in tasks})
+
+    def forward(self, x):
+        out = {}
+        for task in self.tasks:
+            xt = x * self.task_scale[task]
+            experts = torch.stack([e(xt) for e in self.experts], dim=1)
+            gate = self.gates[task](xt).softmax(-1).unsqueeze(-1)
+            out[task] = self.towers[task]((gate * experts).sum(1))
+        return out
+
+
+class SiameseEncoder(nn.Module):
+    """SimSiam-style: one encoder with batch norm applied to two views, a predictor, stop-gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.projector = nn.Sequential(nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
+                                       nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False))
+        self.predictor = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(inplace=True), nn.Linear(4, 8))
+
+    def forward(self, x1, x2):
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
+        return {"loss": loss}
+
+
+class FunctionalTwice(nn.Module):
+    """`F.batch_norm` called twice on the same running-statistics buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        a = F.batch_norm(h, self.mean, self.var, training=True)
+        b = F.batch_norm(h.exp(), self.mean, self.var, training=True)
+        return {"a": a, "b": b}
+
+
+SHARED = {
+    "one batch norm, two tasks": (TwiceBN, lambda: (torch.randn(8, 4),), 2),
+    "task attention (MTAN)": (TaskAttention, lambda: (torch.randn(2, 3, 6, 6),), 3),
+    "shared experts (PLE/MMoE)": (SharedExperts, lambda: (torch.randn(8, 6),), 2),
+    "siamese encoder (SimSiam)": (SiameseEncoder, lambda: (torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)), 2),
+    "functional batch norm twice": (FunctionalTwice, lambda: (torch.randn(8, 4),), 2),
+}
+
+
+def _grads(model, args):
+    model = copy.deepcopy(model)
+    total_loss(model(*[a.clone() for a in args])).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cls, make_args, calls", SHARED.values(), ids=SHARED.keys())
+def test_batch_norm_applied_per_task_trains_and_gets_no_error(cls, make_args, calls):
+    torch.manual_seed(0)
+    model, args = cls().train(), make_args()
+    # PyTorch's verdict: eager trains, with the gradients of per-call running statistics.
+    assert eager_backward_error(model, *args) is None
+    twin = per_call_twin(model)
+    ours = _grads(model, args)
+    theirs = dict(zip(ours, _grads(twin, args).values()))  # same parameters, same order, nested names
+    assert_grads_close(ours, theirs)
+
+    report = quiet_audit(copy.deepcopy(model), *[a.clone() for a in args])
+    assert report.hazards("error") == []
+    # The running statistics are still written once per call, and listed.
+    running = [m for m in report.mutations if m.target.name.endswith(("running_mean", "mean"))]
+    assert len(running) >= calls
+    assert {m.target.kind for m in running} == {"buffer"}
+
+
+class EvalThenDataWrite(nn.Module):
+    """Eval-mode batch norm reads the running statistics in backward: a `.data` write after it is silent."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.bn.running_var.fill_(2.0)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        if not self.oop:
+            self.bn.running_var.data.mul_(4.0)  # CULPRIT
+        return {"a": y}
+
+
+class TrainThenVisibleWrite(nn.Module):
+    """Training-mode batch norm still checks the running statistics' versions: a visible write raises."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        if not self.oop:
+            with torch.no_grad():
+                self.bn.running_mean.mul_(0.5)  # CULPRIT
+        return {"a": y}
+
+
+def test_eval_mode_batch_norm_reads_running_statistics():
+    torch.manual_seed(0)
+    model, x = EvalThenDataWrite().eval(), torch.randn(8, 4)
+    twin = EvalThenDataWrite(oop=True).eval()
+    twin.load_state_dict(model.state_dict())
+    assert eager_backward_error(model, x) is None
+    ours, theirs = _grads(model, (x,)), _grads(twin, (x,))
+    assert not torch.allclose(ours["fc.weight"], theirs["fc.weight"]), "PyTorch: gradients silently change"
+    errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
+    assert [h.code for h in errors] == ["hidden-write-to-saved"]
+
+
+def test_training_mode_batch_norm_still_checks_versions():
+    torch.manual_seed(0)
+    model, x = TrainThenVisibleWrite().train(), torch.randn(8, 4)
+    assert "modified by an inplace operation" in (eager_backward_error(model, x) or "")
+    assert eager_backward_error(TrainThenVisibleWrite(oop=True).train(), x) is None
+    errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
+    assert [h.code for h in errors] == ["saved-then-mutated"]
+
+
+@pytest.mark.parametrize("cls, make_args, calls", SHARED.values(), ids=SHARED.keys())
+def test_functionalize_trains_shared_batch_norm_like_eager(cls, make_args, calls):
+    torch.manual_seed(0)
+    model, args = cls().train(), make_args()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="inplace_audit",
+                             options={"compiler": "aot_eager", "functionalize": True, "print": False})
+    expected = _grads(model, args)
+    eager = copy.deepcopy(model)
+    eager(*[a.clone() for a in args])
+    total_loss(compiled(*[a.clone() for a in args])).backward()
+    assert_grads_close({n: p.grad for n, p in compiled_model.named_parameters()}, expected)
+    for (name, got), (_, want) in zip(compiled_model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"buffer {name}")
