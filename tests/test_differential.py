@@ -114,6 +114,15 @@ REGRESSIONS = {
                 (("a", "a4"),)),
         "forward-error",
     ),
+    # After a graph break the next graph receives `t1`, a view of the caller's `x1`, as an
+    # input of its own: the write was reported as one to input `t1` (a known limit until the
+    # backend followed storages across graphs).
+    "caller input written after a graph break": (
+        Program(175, ("t1 = x1[1]", "t2 = x1 * 1.0", "torch.mul(x1[:, 0:2], 2.0, out=t2[:, 0:2])", "t1.add_(1.0)",
+                      "a = x0 * 2.0"),
+                (("a", "a"),)),
+        "trains",
+    ),
 }
 
 
@@ -144,12 +153,6 @@ KNOWN_LIMITS = {
     "out= into a non-contiguous tensor": Program(
         49, ("t1 = self.w0[:, 0]", "with torch.no_grad():\n    torch.mul(t1, t1, out=t1)", "b = self.w1 * 2.0"),
         (("b", "b"),)),
-    # After a graph break the next graph receives `t1`, a view of the caller's `x1`, as an
-    # input of its own: the write is reported as one to input `t1`.
-    "caller input written after a graph break": Program(
-        175, ("t1 = x1[1]", "t2 = x1 * 1.0", "torch.mul(x1[:, 0:2], 2.0, out=t2[:, 0:2])", "t1.add_(1.0)",
-              "a = x0 * 2.0"),
-        (("a", "a"),)),
 }
 
 

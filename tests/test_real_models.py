@@ -223,7 +223,7 @@ STAGES = [
     "fxinplace.backend.trace_mutations",
     "fxinplace.backend.split_tasks",
     "fxinplace.backend.find_hazards",
-    "fxinplace.backend.saved_output_positions",
+    "fxinplace.backend.saves_for_later_graphs",
     "fxinplace.report.GraphReport.render",
 ]
 
