@@ -270,6 +270,6 @@ def test_writes_to_caller_inputs_really_change_the_callers_tensor():
     model, x = _model(_input_write), torch.randn(3, 4)
     before = x.clone()
     report = quiet_audit(model, x)
-    assert torch.equal(x, before * 2)  # the audit runs the model for real, once
+    assert torch.equal(x, before * 2)  # the audit runs the model for real, once (doubling is exact)
     (mutation,) = report.mutations
     assert (mutation.target.kind, mutation.target.name) == ("input", "x")
