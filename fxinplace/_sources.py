@@ -66,7 +66,10 @@ def is_internal_file(filename: str) -> bool:
     if flag is None:
         if len(known_internal_files) > 4096:  # "<eval_with_key>.N": one name per FX graph module
             known_internal_files.clear()
-        flag = filename.startswith("<eval_with_key>") or os.path.realpath(filename).startswith(_internal_dirs())
+        if filename.startswith("<"):  # "<string>", "<stdin>": no file
+            flag = filename.startswith("<eval_with_key>")
+        else:
+            flag = os.path.realpath(filename).startswith(_internal_dirs())
         known_internal_files[filename] = flag
     return flag
 
