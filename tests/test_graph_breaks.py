@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
-from conftest import assert_grads_close, eager_backward_error, marked_line, quiet_audit, total_loss
+from conftest import assert_close_at_scale, eager_backward_error, marked_line, quiet_audit, total_loss
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -191,6 +191,6 @@ def test_functionalize_keeps_memory_bank_values_like_eager():
     backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
     compiled_model = copy.deepcopy(model)
     got = torch.compile(compiled_model, backend=backend)(x.clone())["logits"]
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(compiled_model.bank, eager.bank)
+    assert_close_at_scale(got, want)
+    assert_close_at_scale(compiled_model.bank, eager.bank)
     assert int(compiled_model.ptr) == int(eager.ptr)
