@@ -38,10 +38,10 @@ def find_hazards(
     gm: torch.fx.GraphModule,
     trace: MutationTrace,
     split: TaskSplit,
-    saved_inputs: dict[torch.fx.Node, list[tuple[str, SavedTensor]]] | None = None,
+    saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> list[Mutation]:
-    """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), with
-    (description, save) for each save."""
+    """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), each
+    save with its `description` and `record` (a `SavedTensor` of that graph)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
@@ -69,7 +69,9 @@ def find_hazards(
             saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
             # Autograd's counter is per storage, so a visible write anywhere invalidates the
             # save; a hidden one changes the gradients only where it overlaps the saved region.
-            invalidated = [d for d, r in saved_earlier if write.autograd_visible or overlaps(r.tensor, write.region if write.region is not None else write.tensor)]
+            region = write.region if write.region is not None else write.tensor
+            invalidated = [s.description for s in saved_earlier
+                           if write.autograd_visible or overlaps(s.record.tensor, region)]
             if invalidated:
                 hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
             facts.append(Mutation(

@@ -15,6 +15,7 @@ operation" error, observed rather than guessed.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -499,7 +500,12 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     for node in gm.graph.find_nodes(op="placeholder"):
         interpreter.trace.sources[node] = getattr(node.meta.get("grapharg"), "source", None)
     fakes = _fake_inputs(gm, example_inputs, fake_mode)
-    with fake_mode, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
+    # `.item()` on a fake makes an unbacked symbol that a tracer would bind to its graph
+    # node; ours is no tracer, and a symbol left pending breaks the next `make_fx` of the
+    # graph (functionalize, AOTAutograd) with `PendingUnbackedSymbolNotFound`.
+    shape_env = getattr(fake_mode, "shape_env", None)
+    unbacked = shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None else contextlib.nullcontext()
+    with fake_mode, unbacked, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
     output_node = next(iter(reversed(gm.graph.nodes)))
