@@ -443,3 +443,45 @@ def test_tracing_failures_become_report_entries(cls, code):
     (hazard,) = report.hazards("error")
     assert hazard.code == code
     assert hazard.source is not None and hazard.source.line == marked_line(cls, "CULPRIT")
+
+
+class OutIntoSaved(nn.Module):
+    """`op(..., out=...)` overwrites a buffer that `h @ m` saved for backward."""
+
+    def __init__(self, write, oop=False):
+        super().__init__()
+        self.write, self.oop = write, oop
+        self.trunk = nn.Linear(4, 4)
+        self.register_buffer("m", torch.randn(4, 4))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        y = h @ (self.m.clone() if self.oop else self.m)
+        self.write(self.m, x.detach())
+        return y
+
+
+OUT_WRITES = {
+    "max(out=)": lambda m, x: torch.max(x[:1].expand(4, 4), 1, out=(m[0], torch.empty(4, dtype=torch.long))),
+    "split_with_sizes_copy(out=)": lambda m, x: torch.split_with_sizes_copy(x.flatten()[:8], [4, 4], out=[m[0], m[1]]),
+    "unbind_copy(out=)": lambda m, x: torch.unbind_copy(x[:2, :4], out=[m[2], m[3]]),
+    "kron(out=)": lambda m, x: torch.kron(x[:2, :2], x[1:3, 2:4], out=m),
+}
+
+
+@pytest.mark.parametrize("write", OUT_WRITES.values(), ids=OUT_WRITES.keys())
+def test_out_writes_into_a_saved_tensor_are_classed_as_eager_behaves(write):
+    torch.manual_seed(0)
+    model, x = OutIntoSaved(write), torch.randn(3, 4)
+    twin = OutIntoSaved(write, oop=True)
+    twin.load_state_dict(model.state_dict())
+    assert _pytorch_says_hazardous(model, twin, (x,))
+    raises = eager_backward_error(model, x) is not None
+
+    report = quiet_audit(copy.deepcopy(model), x.clone())
+    errors = [h for h in report.hazards("error") if h.source.line == write.__code__.co_firstlineno]
+    # Eager raises exactly when the out write bumped the version counter autograd checks;
+    # otherwise backward silently reads the new values.
+    assert {h.code for h in errors} == {"saved-then-mutated" if raises else "hidden-write-to-saved"}
+    (mutation,) = [m for m in report.mutations if m.target.name == "m"]
+    assert mutation.autograd_visible == raises

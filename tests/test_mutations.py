@@ -273,3 +273,100 @@ def test_writes_to_caller_inputs_really_change_the_callers_tensor():
     assert torch.equal(x, before * 2)  # the audit runs the model for real, once
     (mutation,) = report.mutations
     assert (mutation.target.kind, mutation.target.name) == ("input", "x")
+
+
+# -- out=: every out tensor is written, whatever the counters show ---------------------------
+
+
+def _spd(x):
+    return x @ x.t() + 4 * torch.eye(x.shape[0])
+
+
+_F, _L, _I = torch.float32, torch.long, torch.int32
+# op name -> (call with `out`, the out tensors' (shape, dtype)); x is a 4x4 input.
+OUT_OPS = {
+    "max": (lambda x, out: torch.max(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "min": (lambda x, out: torch.min(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "sort": (lambda x, out: torch.sort(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "topk": (lambda x, out: torch.topk(x, 2, out=out), [((4, 2), _F), ((4, 2), _L)]),
+    "kthvalue": (lambda x, out: torch.kthvalue(x, 2, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "median": (lambda x, out: torch.median(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "mode": (lambda x, out: torch.mode(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "cummax": (lambda x, out: torch.cummax(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "cummin": (lambda x, out: torch.cummin(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "aminmax": (lambda x, out: torch.aminmax(x, dim=1, out=out), [((4,), _F), ((4,), _F)]),
+    "frexp": (lambda x, out: torch.frexp(x, out=out), [((4, 4), _F), ((4, 4), _I)]),
+    "linalg.qr": (lambda x, out: torch.linalg.qr(x, out=out), [((4, 4), _F), ((4, 4), _F)]),
+    "svd": (lambda x, out: torch.svd(x, out=out), [((4, 4), _F), ((4,), _F), ((4, 4), _F)]),
+    "linalg.svd": (lambda x, out: torch.linalg.svd(x, out=out), [((4, 4), _F), ((4,), _F), ((4, 4), _F)]),
+    "linalg.lu": (lambda x, out: torch.linalg.lu(x, out=out), [((4, 4), _F)] * 3),
+    "linalg.lu_factor": (lambda x, out: torch.linalg.lu_factor(x, out=out), [((4, 4), _F), ((4,), _I)]),
+    "linalg.eigh": (lambda x, out: torch.linalg.eigh(_spd(x), out=out), [((4,), _F), ((4, 4), _F)]),
+    "linalg.slogdet": (lambda x, out: torch.linalg.slogdet(x, out=out), [((), _F), ((), _F)]),
+    "linalg.inv_ex": (lambda x, out: torch.linalg.inv_ex(_spd(x), out=out), [((4, 4), _F), ((), _I)]),
+    "linalg.cholesky_ex": (lambda x, out: torch.linalg.cholesky_ex(_spd(x), out=out), [((4, 4), _F), ((), _I)]),
+    "geqrf": (lambda x, out: torch.geqrf(x, out=out), [((4, 4), _F), ((4,), _F)]),
+    "linalg.matrix_rank": (lambda x, out: torch.linalg.matrix_rank(x, out=out[0]), [((), _L)]),
+    "split_with_sizes_copy": (lambda x, out: torch.split_with_sizes_copy(x[0], [1, 3], out=list(out)),
+                              [((1,), _F), ((3,), _F)]),
+    "split_copy": (lambda x, out: torch.split_copy(x[0], 2, out=list(out)), [((2,), _F), ((2,), _F)]),
+    "unbind_copy": (lambda x, out: torch.unbind_copy(x, out=list(out)), [((4,), _F)] * 4),
+    "kron": (lambda x, out: torch.kron(x[:2, :2], x[2:, 2:], out=out[0]), [((4, 4), _F)]),
+    "add": (lambda x, out: torch.add(x, 1, out=out[0]), [((4, 4), _F)]),
+    "cat": (lambda x, out: torch.cat([x, x], out=out[0]), [((8, 4), _F)]),
+    "linalg.norm": (lambda x, out: torch.linalg.norm(x, out=out[0]), [((), _F)]),
+}
+
+
+class OutCase(nn.Module):
+    """`op(x, out=...)` into buffers `o0`, `o1`, ... (or, `into_data`, the first one's `.data`)."""
+
+    def __init__(self, op, outs, into_view=False, into_data=False):
+        super().__init__()
+        self.op, self.into_view, self.into_data = op, into_view, into_data
+        self.fc = nn.Linear(4, 4)
+        for i, (shape, dtype) in enumerate(outs):
+            if into_data and i == 0:
+                self.o0 = nn.Parameter(torch.full(shape, -7, dtype=dtype))  # a value no op here returns
+            else:
+                self.register_buffer(f"o{i}", torch.full((2, *shape) if into_view else shape, -7, dtype=dtype))
+        self.n = len(outs)
+
+    def forward(self, x):
+        outs = [getattr(self, f"o{i}") for i in range(self.n)]
+        if self.into_view:
+            outs = [o[1] for o in outs]
+        if self.into_data:
+            outs[0] = outs[0].data
+        self.op(x, tuple(outs))
+        return self.fc(x).sum()
+
+
+def _out_variants():
+    variants = []
+    for name, (op, outs) in OUT_OPS.items():
+        variants.append(pytest.param(op, outs, {}, id=name))
+        if name in ("max", "sort", "split_with_sizes_copy", "unbind_copy", "kron", "linalg.matrix_rank"):
+            variants.append(pytest.param(op, outs, {"into_view": True}, id=f"{name}-into-a-view"))
+        if name in ("sort", "split_with_sizes_copy", "kron"):
+            variants.append(pytest.param(op, outs, {"into_data": True}, id=f"{name}-into-.data"))
+    return variants
+
+
+@pytest.mark.parametrize("op, outs, kw", _out_variants())
+def test_every_out_tensor_is_reported_with_what_eager_does(op, outs, kw):
+    torch.manual_seed(0)
+    model, x = OutCase(op, outs, **kw), torch.randn(4, 4)
+    effects = eager_effects(model, {"x": x})
+    expected = {("parameter" if kw.get("into_data") and i == 0 else "buffer", f"o{i}") for i in range(len(outs))}
+    # Eager PyTorch changes the values of every out tensor. (A dispatch mode is no oracle here:
+    # under one, `linalg.matrix_rank(out=)` leaves its out tensor unwritten.)
+    assert effects.changed == expected
+
+    report = quiet_audit(model, x.clone())
+    rows = {(m.target.kind, m.target.name): m for m in report.mutations}
+    assert set(rows) == expected, report.render()
+    assert len(report.mutations) == len(expected)
+    for key, m in rows.items():
+        assert m.autograd_visible == (key in effects.version_moved), key
+        assert m.op.endswith("(out=)") and m.source.line == op.__code__.co_firstlineno, key

@@ -6,7 +6,8 @@ version counters of each node's tensor arguments: any op that writes a tensor bu
 counter, whatever it is called. Two kinds of writes leave the counter alone and are
 caught otherwise: writes through `.data` (the alias has its own counter, so the root's
 counter does not move: that is what makes them invisible to autograd) and the writes that
-PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`).
+PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`). Every
+tensor passed in `out=` is written, whether or not a counter shows it (`_match_eager_out_versions`).
 
 The same run installs `saved_tensors_hooks`, so it sees exactly which tensors autograd
 saves, for which node, at which version: the facts behind the "modified by an inplace
@@ -99,6 +100,12 @@ _HIDDEN_WRITES: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
     torch.nn.functional.instance_norm: _instance_norm_writes,
     torch.instance_norm: _instance_norm_writes,
 }
+
+
+# `out=` ops whose eager kernel writes the out tensor through an alias with a counter of its
+# own (`kron` writes a `_unsafe_view` of it), so eager bumps no version: the write is hidden
+# from autograd. Measured on torch 2.13: every other out= op tried bumps each out tensor.
+_OUT_UNVERSIONED_IN_EAGER = frozenset({torch.kron, torch.ops.aten.kron.out})
 
 
 def storage_key(value: Any) -> StorageKey | None:
@@ -224,15 +231,19 @@ class _TracingInterpreter(torch.fx.Interpreter):
         return versions
 
     def _record_writes(self, n, args, kwargs, inputs, before, roots_before) -> None:
+        out = _out_args(n)
+        _match_eager_out_versions(n, out, inputs, before)
         bumped = [(arg, t) for (arg, t), v in zip(inputs, before) if v is not None and _version(t) != v]
         written = _pick_written(n, bumped)
         if not written and inputs and before[0] is None and _is_spelled_inplace(n):
             written = [inputs[0]]  # inference tensors have no version counter: trust the spelling
-        hidden = {id(a) for a in _hidden_write_args(n, args, kwargs)}
+        # Every tensor passed in `out=` is written (its `.out` overload's schema says `Tensor(a!)`).
+        hidden = {id(a) for a in [*_hidden_write_args(n, args, kwargs), *out]}
         for arg, t in inputs:
             if id(arg) in hidden and all(t is not w for _, w in written):
                 written.append((arg, t))
         seen: set[int] = set()
+        recorded: set[StorageKey] = set()
         for arg, t in written:
             if id(t) in seen:
                 continue
@@ -247,6 +258,13 @@ class _TracingInterpreter(torch.fx.Interpreter):
             visible = by_version and (
                 not isinstance(root, torch.Tensor) or root is t or _version(root) != roots_before.get(key)
             )
+            if key in recorded:
+                # Another view of a storage this op already wrote (`out=[m[0], m[1]]`): one row
+                # per target. A write autograd does not see still counts region by region.
+                if not visible:
+                    self._check_saved(n, key, _written_region(n, args, t, key))
+                continue
+            recorded.add(key)
             self.trace.writes.append(
                 Write(n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema")
             )
@@ -334,16 +352,37 @@ def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: Storage
     return t
 
 
+def _out_args(n: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes passed in `out=`: one tensor, or a tuple or list of them (`max`, `svd`, `split_copy`)."""
+    if n.op != "call_function":
+        return []
+    return [leaf for leaf in pytree.tree_leaves(n.kwargs.get("out")) if isinstance(leaf, torch.fx.Node)]
+
+
+def _match_eager_out_versions(n: torch.fx.Node, out: list[torch.fx.Node], inputs: list, before: list) -> None:
+    # Eager bumps the counter of every out tensor (the `.out` overload's ADInplaceOrView kernel,
+    # or the writes inside it), but the fake run misses some: `split_with_sizes_copy`,
+    # `split_copy`, `unbind_copy` (a list `out=`) and `linalg.matrix_rank` bump nothing on fake
+    # tensors (measured on torch 2.13). Bump them here, so that the fake counters, and what the
+    # saved-tensor checks conclude from them, are eager's. `kron` bumps nothing in eager either.
+    if not out or n.target in _OUT_UNVERSIONED_IN_EAGER:
+        return
+    stale = [t for (arg, t), v in zip(inputs, before) if arg in out and v is not None and _version(t) == v]
+    if stale:
+        torch.autograd.graph.increment_version(stale)
+
+
 def _pick_written(n: torch.fx.Node, bumped: list) -> list:
     # Views of the written tensor share its counter, so several arguments can show a bump
-    # (`a.add_(a[0])`): the schema's written argument is the one we report.
+    # (`a.add_(a[0])`): the schema's written argument is the one we report. With `out=`,
+    # every out tensor is written (`max(x, 1, out=(values, indices))` writes both).
+    out = _out_args(n)
+    if out:
+        chosen = [(a, t) for a, t in bumped if any(a is o for o in out)]
+        if chosen:
+            return chosen
     if len(bumped) <= 1:
         return list(bumped)
-    out = n.kwargs.get("out")
-    if isinstance(out, torch.fx.Node):
-        chosen = [(a, t) for a, t in bumped if a is out]
-        if chosen:
-            return chosen[:1]
     first = n.args[0] if n.args else None
     if n.op == "call_method" or n.target in (operator.setitem,) or _is_inplace_function(n):
         chosen = [(a, t) for a, t in bumped if a is first]
