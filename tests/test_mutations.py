@@ -111,6 +111,11 @@ def _data_write(m, h, x):
     return (h * m.w).sum()
 
 
+def _data_rebind(m, h, x):
+    m.w.data = F.normalize(m.w.data, dim=0)
+    return (h * m.w).sum()
+
+
 def _view_of_view(m, h, x):
     h.t()[0].add_(1)
     return h.sum()
@@ -187,6 +192,7 @@ CASES = {
     "mask assignment": (_mask_assign, {}),
     "out= into a buffer": (_out_into_buffer, {}),
     ".data write": (_data_write, {}),
+    ".data = v": (_data_rebind, {}),
     "view of a view": (_view_of_view, {}),
     "custom op with mutable arg": (_custom_op, {}),
     "batch norm running stats": (_batch_norm, {"with_bn": True}),

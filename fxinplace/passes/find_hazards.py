@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .._sources import module_path_of, source_of
 from ..report import Hazard, Mutation
-from .resolve_aliases import describe_op, resolve_target, target_of_root
+from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
 from .trace_mutations import MutationTrace, SavedTensor, Write
 
@@ -161,10 +161,7 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     if not write.grad_enabled:
         how += " under no_grad"
     if target.kind == "parameter":
-        hazards.append(Hazard("parameter-write", "warning", (
-            f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
-            f"step see the new value"
-        ), where))
+        hazards.append(_parameter_write(write, target, trace, op, how, where))
     elif target.kind == "input":
         hazards.append(Hazard("input-write", "warning", (
             f"{op} writes the caller's input `{target.name}` in place{how}: the caller sees the change"
@@ -174,6 +171,25 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     elif not hazards:
         hazards.append(Hazard("safe-inplace", "info", f"{op} writes {target}: no saved tensor or other task is affected", where))
     return hazards
+
+
+def _parameter_write(write: Write, target, trace: MutationTrace, op: str, how: str, where) -> Hazard:
+    if not trace.requires_grad.get(root_of(write, trace), True):
+        # No gradient, so no optimizer step, reaches it: a momentum or EMA copy (MoCo, BYOL).
+        return Hazard("parameter-write", "info", (
+            f"{op} updates parameter `{target.name}`{how}, which requires no grad: a deliberate update "
+            f"(a momentum or EMA copy), no gradient or optimizer state involved"
+        ), where)
+    if write.how == "rebind":
+        return Hazard("parameter-write", "warning", (
+            f"{op} rebinds parameter `{target.name}` to a new tensor outside autograd: its gradient skips what "
+            f"computed the new value, and the optimizer's state for it (momentum, Adam's moments) was built "
+            f"for the old value"
+        ), where)
+    return Hazard("parameter-write", "warning", (
+        f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
+        f"step see the new value"
+    ), where)
 
 
 def _backward_tasks(node: torch.fx.Node, trace: MutationTrace, split: TaskSplit) -> set[str]:

@@ -17,7 +17,7 @@ import torch.fx
 from .._sources import qualified_name_of
 from .trace_mutations import MutationTrace, Write
 
-__all__ = ["resolve_target", "target_of_root", "Target", "describe_op"]
+__all__ = ["resolve_target", "root_of", "target_of_root", "Target", "describe_op"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ def describe_op(node: torch.fx.Node) -> str:
             name = str(node.target)
         elif name == "_get_data_attr":
             name = ".data"
+        elif node.target is torch.Tensor.set_ and any(
+            getattr(u.target, "__name__", None) == "_lower_version_count_by_1" for u in node.users
+        ):
+            return ".data = v"  # Dynamo's spelling of `t.data = v`: `set_`, then a version fix-up
     else:
         return f"{node.op} {node.target}"
     flags = [f"{k}={v}" for k, v in node.kwargs.items() if k == "inplace" and v is True]
@@ -63,10 +67,15 @@ def describe_op(node: torch.fx.Node) -> str:
 
 def resolve_target(write: Write, trace: MutationTrace) -> tuple[Target, tuple[str, ...]]:
     """The storage owner `write` really writes, and the view chain that leads to it."""
-    root = trace.storage_root.get(write.storage)
+    root = root_of(write, trace)
     if root is None:
         return Target("intermediate", write.arg.name, describe_op(write.arg)), ()
     return target_of_root(root, trace), _view_chain(write, root, trace)
+
+
+def root_of(write: Write, trace: MutationTrace) -> torch.fx.Node | None:
+    """The node that owns the storage `write` writes (a parameter a `.data =` moved onto it, first)."""
+    return write.owner or trace.storage_root.get(write.storage)
 
 
 def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:

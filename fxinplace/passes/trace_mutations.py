@@ -8,6 +8,8 @@ caught otherwise: writes through `.data` (the alias has its own counter, so the 
 counter does not move: that is what makes them invisible to autograd) and the writes that
 PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`). Every
 tensor passed in `out=` is written, whether or not a counter shows it (`_match_eager_out_versions`).
+`p.data = v` (Dynamo: `set_` and a version fix-up) rebinds `p` to another storage: it is a write
+of `p`, hidden from autograd (`_record_rebind`).
 
 The same run installs `saved_tensors_hooks`, so it sees exactly which tensors autograd
 saves, for which node, at which version: the facts behind the "modified by an inplace
@@ -40,7 +42,10 @@ class Write:
     storage: StorageKey
     autograd_visible: bool  # did the write bump the version counter autograd checks?
     grad_enabled: bool
-    how: str  # "version" (counter moved) or "schema" (a write the schema hides)
+    how: str  # "version" (counter moved), "schema" (a write the schema hides), "rebind" (`set_`, `.data =`)
+    # The placeholder whose tensor a `.data =` rebound onto this storage earlier: it owns what
+    # is written now (`p.data = t; p.data.mul_(2)` writes `p`, not `t`'s producer).
+    owner: torch.fx.Node | None = None
 
 
 @dataclass
@@ -68,6 +73,9 @@ class MutationTrace:
     grad_enabled: dict[torch.fx.Node, bool]
     # Dynamo drops `grapharg` from placeholders once compiled; keep their sources for naming.
     sources: dict[torch.fx.Node, Any] = field(default_factory=dict)
+    # Whether each placeholder's tensor requires grad as the graph starts (a parameter with
+    # `requires_grad=False`, a momentum copy, trains nothing).
+    requires_grad: dict[torch.fx.Node, bool] = field(default_factory=dict)
     # Graph output positions whose backward runs through the autograd nodes a node made.
     # A saved tensor matters only there: behind `.detach()`, `.data`, `no_grad` or an
     # output that needs no grad, backward never unpacks it, so a later write is harmless.
@@ -150,6 +158,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self._saved_by_storage: dict[StorageKey, list[SavedTensor]] = {}
         self._grad_fns: dict[torch.fx.Node, list[Any]] = {}  # autograd nodes each node made
         self._known_fns: set[Any] = set()  # autograd nodes that existed before the current node
+        self._rebound: dict[StorageKey, torch.fx.Node] = {}  # storage -> placeholder a `.data =` moved onto it
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -182,6 +191,8 @@ class _TracingInterpreter(torch.fx.Interpreter):
             _new_grad_fns(_grad_fns([t for _, t in inputs]), self._known_fns)
             before = [_version(t) for _, t in inputs]
             roots_before = self._root_versions(inputs)
+            rebound = self.env.get(n.args[0]) if _is_rebind(n) else None
+            rebound_from = (storage_key(rebound), _version(rebound)) if isinstance(rebound, torch.Tensor) else None
             trace.grad_enabled[n] = torch.is_grad_enabled()
             self.current = n
             try:
@@ -201,11 +212,47 @@ class _TracingInterpreter(torch.fx.Interpreter):
             _new_grad_fns(_grad_fns(pytree.tree_leaves(result)), self._known_fns)
         else:
             first = len(trace.writes)
-            self._record_writes(n, args, kwargs, inputs, before, roots_before)
+            if rebound_from is not None and rebound_from[0] is not None:
+                self._record_rebind(n, rebound, *rebound_from)
+            else:
+                self._record_writes(n, args, kwargs, inputs, before, roots_before)
             written = [w.tensor for w in trace.writes[first:]]
             made = _new_grad_fns(_grad_fns([*pytree.tree_leaves(result), *written], written), self._known_fns)
             self._grad_fns[n] = [fn for fn in made if type(fn).__name__ != "AccumulateGrad"]
         return result
+
+    def call_function(self, target, args, kwargs):
+        if _is_version_fixup(target):
+            return args[0]  # `.data =`'s version fix-up: `_record_rebind` already left the counter as eager does
+        return super().call_function(target, args, kwargs)
+
+    def _record_rebind(self, n: torch.fx.Node, t: torch.Tensor, key: StorageKey, version: int | None) -> None:
+        # `t.set_(v)` (and `t.data = v`, which Dynamo spells `set_` plus a version fix-up) makes
+        # `t` point at `v`'s storage: a write of `t`, whose old storage is what names it. Eager
+        # `.data =` leaves the version counter alone (hidden from autograd); `set_` bumps it.
+        if _is_data_assignment(n) and version is not None:
+            torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+        visible = version is not None and _version(t) != version
+        grad_enabled = self.trace.grad_enabled[n]
+        after = n.next
+        if _is_data_assignment(n) and after.op == "call_function" and after.target is torch._C._set_grad_enabled:
+            grad_enabled = bool(after.args[0])  # Dynamo wraps the `set_` in no_grad; the user's mode comes back
+        self.trace.writes.append(Write(n, n.args[0], t, key, visible, grad_enabled, "rebind", self._rebound.get(key)))
+        owner = self._rebound.get(key) or self.trace.storage_root.get(key)
+        new_key = storage_key(t)
+        if new_key is not None and owner is not None and owner.op == "placeholder":
+            self._rebound[new_key] = owner
+        if visible:
+            self._check_saved(n, key, t)  # the counter moved: every saved view of `t` is stale
+        # A saved view of `t` keeps the old storage, and backward its old values (measured in
+        # eager: `linear` saves `w.t()`, its input gradient uses the old `w`). Saved as itself
+        # (`x * w` saves `w`), `t` is the very tensor rebound: backward reads the new storage.
+        for record in list(self._saved_by_storage.get(key, ())):
+            if record.tensor is t and record.node is not n:
+                if not visible:
+                    record.hidden_writes.append(n)
+                if new_key is not None:
+                    self._saved_by_storage.setdefault(new_key, []).append(record)
 
     def record_backward_reach(self, outputs: list[Any]) -> None:
         # All the autograd nodes an op made count, not only its result's `grad_fn`: writing
@@ -265,9 +312,10 @@ class _TracingInterpreter(torch.fx.Interpreter):
                     self._check_saved(n, key, _written_region(n, args, t, key))
                 continue
             recorded.add(key)
-            self.trace.writes.append(
-                Write(n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema")
-            )
+            self.trace.writes.append(Write(
+                n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema",
+                self._rebound.get(key),
+            ))
             self._check_saved(n, key, _written_region(n, args, t, key))
 
     def _check_saved(self, n: torch.fx.Node, key: StorageKey, written: torch.Tensor) -> None:
@@ -396,6 +444,22 @@ def _pick_written(n: torch.fx.Node, bumped: list) -> list:
     return bumped[:1]
 
 
+def _is_rebind(n: torch.fx.Node) -> bool:
+    """`t.set_(v)`, or `t.data = v` (Dynamo spells it `set_`), with a tensor `v`."""
+    is_set = (n.op == "call_function" and n.target is torch.Tensor.set_) or (n.op == "call_method" and n.target == "set_")
+    return is_set and len(n.args) == 2 and isinstance(n.args[0], torch.fx.Node) and isinstance(n.args[1], torch.fx.Node)
+
+
+def _is_version_fixup(target: Any) -> bool:
+    # Dynamo follows the `set_` of `t.data = v` with `_lower_version_count_by_1(t)`, undoing
+    # `set_`'s bump: eager `.data =` bumps nothing.
+    return getattr(target, "__name__", None) == "_lower_version_count_by_1"
+
+
+def _is_data_assignment(n: torch.fx.Node) -> bool:
+    return any(u.op == "call_function" and _is_version_fixup(u.target) for u in n.users)
+
+
 def _is_spelled_inplace(n: torch.fx.Node) -> bool:
     name = str(n.target) if n.op == "call_method" else ""
     return (name.endswith("_") and not name.endswith("__")) or n.target is operator.setitem or _is_inplace_function(n)
@@ -491,6 +555,9 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     for node in gm.graph.find_nodes(op="placeholder"):
         interpreter.trace.sources[node] = getattr(node.meta.get("grapharg"), "source", None)
     fakes = _fake_inputs(gm, example_inputs, fake_mode)
+    for node, fake in zip(gm.graph.find_nodes(op="placeholder"), fakes):
+        if isinstance(fake, torch.Tensor):
+            interpreter.trace.requires_grad[node] = fake.requires_grad
     with fake_mode, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
