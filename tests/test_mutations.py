@@ -376,3 +376,30 @@ def test_every_out_tensor_is_reported_with_what_eager_does(op, outs, kw):
     for key, m in rows.items():
         assert m.autograd_visible == (key in effects.version_moved), key
         assert m.op.endswith("(out=)") and m.source.line == op.__code__.co_firstlineno, key
+
+
+class RebindThenWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        t = self.w.data * 2
+        self.w.data = t
+        t.add_(1)  # `t` and `w` share a storage now
+        return x * self.w
+
+
+def test_a_write_after_a_data_rebind_writes_the_parameter():
+    model, x = RebindThenWrite(), torch.randn(3, 4)
+    effects = eager_effects(model, {"x": x})
+    eager = RebindThenWrite()
+    eager(x)
+    assert torch.equal(eager.w.detach(), torch.full((4,), 3.0))  # the `add_` reached `w`
+    report = quiet_audit(model, x)
+    assert [(m.op, m.target.kind, m.target.name) for m in report.mutations] == [
+        (".data = v", "parameter", "w"), ("add_", "parameter", "w"),
+    ]
+    # `w` keeps its own version counter through both writes.
+    assert ("parameter", "w") not in effects.version_moved
+    assert not any(m.autograd_visible for m in report.mutations)

@@ -221,6 +221,9 @@ class _TracingInterpreter(torch.fx.Interpreter):
             self._grad_fns[n] = [fn for fn in made if type(fn).__name__ != "AccumulateGrad"]
         return result
 
+    def _owner(self, key: StorageKey) -> torch.fx.Node | None:
+        return self._rebound.get(key) or self.trace.storage_root.get(key)
+
     def call_function(self, target, args, kwargs):
         if _is_version_fixup(target):
             return args[0]  # `.data =`'s version fix-up: `_record_rebind` already left the counter as eager does
@@ -272,7 +275,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
         versions = {}
         for _, t in inputs:
             key = storage_key(t)
-            root = self.env.get(self.trace.storage_root.get(key)) if key is not None else None
+            root = self.env.get(self._owner(key)) if key is not None else None
             if isinstance(root, torch.Tensor):
                 versions[key] = _version(root)
         return versions
@@ -301,7 +304,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
             by_version = any(t is b for _, b in bumped)
             # `.data` returns an alias with a counter of its own: writing through it leaves
             # the root's counter, the one autograd checks, where it was.
-            root = self.env.get(self.trace.storage_root.get(key))
+            root = self.env.get(self._owner(key))
             visible = by_version and (
                 not isinstance(root, torch.Tensor) or root is t or _version(root) != roots_before.get(key)
             )
