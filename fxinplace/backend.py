@@ -20,8 +20,10 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from ._sources import root_modules
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saved_output_positions
+from .passes.resolve_aliases import name_placeholders
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -69,6 +71,7 @@ class InplaceAudit:
         self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
         self._saved_outputs: dict[int, tuple[weakref.ref, str]] = {}  # outputs autograd saved
         self.capture_outputs = False
+        self.model: torch.nn.Module | None = None  # `fxinplace.audit`'s model: it names parameters, buffers
 
     @property
     def report(self) -> Report:
@@ -138,12 +141,23 @@ class InplaceAudit:
         try:
             saved_inputs = self._saved_inputs(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
+            self._name_state(gm, example_inputs, trace)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             saved_outputs = saved_output_positions(gm, trace)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
         return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs)
+
+    def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
+        # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
+        # from the model `fxinplace.audit` was given, else from the module Dynamo's sources
+        # start from. Without either, Dynamo's names stay.
+        try:
+            modules = [self.model] if self.model is not None else []
+            name_placeholders(gm, example_inputs, modules + root_modules(trace.sources.values()))
+        except Exception:  # names are a nicety: the audit goes on with Dynamo's
+            log.debug("inplace_audit: could not name parameters from the model", exc_info=True)
 
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""

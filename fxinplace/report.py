@@ -54,6 +54,8 @@ class Mutation:
         target = {"kind": self.target.kind, "name": self.target.name}
         if self.target.produced_by:
             target["produced_by"] = self.target.produced_by
+        if self.target.aliases:
+            target["aliases"] = list(self.target.aliases)
         return {
             "node": self.node,
             "op": self.op,
@@ -123,7 +125,7 @@ class GraphReport:
                 row = [
                     i,
                     m.op + (f" [{', '.join(flags)}]" if flags else ""),
-                    f"{m.target.kind} {m.target.name}",
+                    f"{m.target.kind} {m.target.name}" + (f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""),
                     " > ".join(m.view_chain) or "-",
                     str(m.source) if m.source else "?",
                     m.source.code if m.source else "",

@@ -50,6 +50,22 @@ class SharedScale(nn.Module):
         return seg, depth
 
 
+class AliasedScale(SharedScale):
+    """`SharedScale` whose scale is registered twice and written under its second name."""
+
+    def __init__(self, inplace=True):
+        super().__init__(inplace)
+        self.gain = self.scale  # `named_parameters()` calls it `scale`; Dynamo reaches it as `gain`
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        gain = self.gain if self.inplace else self.gain.clone()
+        seg, depth = self.seg(h) * gain, self.depth(h) * gain
+        with torch.no_grad():
+            self.gain.mul_(0.9)
+        return seg, depth
+
+
 class ReluThenSlice(nn.Module):
     """`h[:, 0] = 0` on the output of `ReLU(inplace=True)`, which ReLU saved for backward."""
 
@@ -179,6 +195,7 @@ def _tokens(step):
 
 HAZARDOUS = {
     "shared-scale-mul_": (SharedScale, _x6),
+    "shared-scale-under-a-second-name": (AliasedScale, _x6),
     "relu-inplace-then-slice": (ReluThenSlice, _x6),
     "fpn-lateral-iadd": (FPNLateral, _image),
     "softmax-masked_fill_": (MaskedAttention, _tokens),
@@ -844,3 +861,12 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
     assert mutation.rewrite.startswith("rewritten") == rewritten, mutation.rewrite
     if not rewritten:
         assert "autograd_function_apply" in mutation.rewrite
+
+
+def test_a_parameter_written_under_its_second_name_is_written_back_under_its_first():
+    model, _ = _models(AliasedScale)
+    backend = _backend(functionalize=True)
+    torch.compile(model, backend=backend)(torch.randn(4, 6))
+    (mutation,) = backend.report.mutations
+    assert (mutation.target.name, mutation.target.aliases) == ("scale", ("gain",))
+    assert mutation.rewrite == "written back to parameter (removes saved-then-mutated)"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxinplace
 from conftest import eager_effects, eager_writes, quiet_audit
 
 
@@ -403,3 +404,110 @@ def test_a_write_after_a_data_rebind_writes_the_parameter():
     # `w` keeps its own version counter through both writes.
     assert ("parameter", "w") not in effects.version_moved
     assert not any(m.autograd_visible for m in report.mutations)
+
+
+# -- a parameter or buffer registered under several names ------------------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale, table):
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("table", table)
+
+    def forward(self, h):
+        with torch.no_grad():
+            self.scale.mul_(2)
+            self.table.add_(1)
+        return h * self.scale + self.table
+
+
+class ManyNames(nn.Module):
+    """One parameter and one buffer under three names each, and a module registered twice."""
+
+    def __init__(self, graph_break=False):
+        super().__init__()
+        self.graph_break = graph_break
+        self.first = Scaled(nn.Parameter(torch.ones(4)), torch.zeros(4))
+        self.shared_scale = self.first.scale  # the root's own: `named_parameters()` lists it first
+        self.second = Scaled(self.shared_scale, self.first.table)
+        self.lin = nn.Linear(4, 4)
+        self.again = self.lin
+
+    def forward(self, x):
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        h = self.second(x)
+        with torch.no_grad():
+            self.again.weight.mul_(0.5)
+        return self.lin(h)
+
+
+def _pytorch_names(model):
+    """id(tensor) -> (name, aliases) as `named_parameters()` / `named_buffers()` give them."""
+    names = {}
+    for named in (model.named_parameters, model.named_buffers):
+        every = {}
+        for name, t in named(remove_duplicate=False):
+            every.setdefault(id(t), []).append(name)
+        for name, t in named():
+            names[id(t)] = (name, tuple(n for n in every[id(t)] if n != name))
+    return names
+
+
+def _written_tensors(model):
+    return {"parameter": [model.shared_scale, model.lin.weight], "buffer": [model.first.table]}
+
+
+@pytest.mark.parametrize("how", ["audit", "backend", "backend, model as an argument"])
+def test_registered_twice_is_named_as_named_parameters_names_it(how):
+    torch.manual_seed(0)
+    model, x = ManyNames(), torch.randn(3, 4)
+    names = _pytorch_names(model)
+    assert names[id(model.shared_scale)] == ("shared_scale", ("first.scale", "second.scale"))
+    assert names[id(model.lin.weight)] == ("lin.weight", ("again.weight",))
+    if how == "audit":
+        report = quiet_audit(model, x)
+    else:
+        backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+        if how == "backend":
+            torch.compile(model, backend=backend)(x)
+        else:
+            torch.compile(lambda m, x: m(x), backend=backend)(model, x)
+        report = backend.report
+    expected = {(kind, *names[id(t)]) for kind, ts in _written_tensors(model).items() for t in ts}
+    found = {(m.target.kind, m.target.name, m.target.aliases) for m in report.mutations}
+    assert found == expected
+    # Dynamo reaches the tensors through `second` and `again`: not the names PyTorch gives.
+    assert {m.target.name for m in report.mutations} == {"shared_scale", "lin.weight", "first.table"}
+    (row,) = [m for m in report.mutations if m.target.name == "shared_scale"]
+    assert row.to_dict()["target"] == {"kind": "parameter", "name": "shared_scale",
+                                       "aliases": ["first.scale", "second.scale"]}
+    assert "parameter shared_scale (also first.scale, second.scale)" in report.render()
+
+
+def test_names_after_a_graph_break_in_a_submodule_are_the_models():
+    torch.manual_seed(0)
+    model, x = ManyNames(graph_break=True), torch.randn(3, 4)
+    names = _pytorch_names(model)
+    report = quiet_audit(model, x)
+    expected = {(kind, *names[id(t)]) for kind, ts in _written_tensors(model).items() for t in ts}
+    assert {(m.target.kind, m.target.name, m.target.aliases) for m in report.mutations} == expected
+
+
+def test_without_the_model_dynamos_names_stay():
+    from fxinplace._sources import root_modules
+
+    assert root_modules([]) == []  # outside a Dynamo compile there is no frame to look in
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.ones(4))
+
+    def step(x):
+        with torch.no_grad():
+            scale.mul_(2)
+        return x * scale
+
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+    torch.compile(step, backend=backend)(torch.randn(3, 4))
+    (row,) = backend.report.mutations
+    assert (row.target.kind, row.target.name, row.target.aliases) == ("input", "scale", ())

@@ -53,6 +53,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._sources import qualified_name_of
 from ..report import Hazard, Mutation
+from .resolve_aliases import Target
 
 __all__ = ["functionalize", "FunctionalizedGraph"]
 
@@ -589,6 +590,9 @@ def _identity(compiled: Callable) -> Callable:
 
 
 def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
+    named = placeholder.meta.get("fxinplace")  # the audit's name for it (`name_placeholders`)
+    if isinstance(named, Target):
+        return named.kind, named.name
     source = getattr(placeholder.meta.get("grapharg"), "source", None)
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 
