@@ -120,12 +120,13 @@ class GraphReport:
             rows = []
             for i, m in enumerate(self.mutations):
                 flags = [] if m.autograd_visible else ["hidden"]
+                also = f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""
                 if m.under_no_grad:
                     flags.append("no_grad")
                 row = [
                     i,
                     m.op + (f" [{', '.join(flags)}]" if flags else ""),
-                    f"{m.target.kind} {m.target.name}" + (f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""),
+                    f"{m.target.kind} {m.target.name}{also}",
                     " > ".join(m.view_chain) or "-",
                     str(m.source) if m.source else "?",
                     m.source.code if m.source else "",

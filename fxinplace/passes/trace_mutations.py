@@ -449,7 +449,9 @@ def _pick_written(n: torch.fx.Node, bumped: list) -> list:
 
 def _is_rebind(n: torch.fx.Node) -> bool:
     """`t.set_(v)`, or `t.data = v` (Dynamo spells it `set_`), with a tensor `v`."""
-    is_set = (n.op == "call_function" and n.target is torch.Tensor.set_) or (n.op == "call_method" and n.target == "set_")
+    is_set = (n.op == "call_function" and n.target is torch.Tensor.set_) or (
+        n.op == "call_method" and n.target == "set_"
+    )
     return is_set and len(n.args) == 2 and isinstance(n.args[0], torch.fx.Node) and isinstance(n.args[1], torch.fx.Node)
 
 
