@@ -20,9 +20,10 @@ import torch
 import torch.fx
 
 from ._cross_graph import CrossGraphState
+from ._sources import root_modules
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
-from .passes.resolve_aliases import target_of_root
+from .passes.resolve_aliases import name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -72,6 +73,7 @@ class InplaceAudit:
         self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
         self.capture_outputs = False
+        self.model: torch.nn.Module | None = None  # `fxinplace.audit`'s model: it names parameters, buffers
 
     @property
     def report(self) -> Report:
@@ -135,7 +137,9 @@ class InplaceAudit:
         try:
             earlier = self._cross_graph.look_up(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
-            trace.known_targets.update(earlier.targets)
+            self._name_state(gm, example_inputs, trace)
+            for node, target in earlier.targets.items():  # an earlier graph's name comes first
+                node.meta["fxinplace"] = target
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
@@ -147,6 +151,16 @@ class InplaceAudit:
         return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              input_saves=input_saves, saved_placeholders=saved_placeholders)
 
+    def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
+        # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
+        # from the model `fxinplace.audit` was given, else from the module Dynamo's sources
+        # start from. Without either, Dynamo's names stay.
+        try:
+            modules = [self.model] if self.model is not None else []
+            name_placeholders(gm, example_inputs, modules + root_modules(trace.sources.values()))
+        except Exception:  # names are a nicety: the audit goes on with Dynamo's
+            log.debug("inplace_audit: could not name parameters from the model", exc_info=True)
+
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
         from .passes.functionalize import functionalize
@@ -156,7 +170,7 @@ class InplaceAudit:
         kept = _kept_apart(gm, graph)
         try:
             done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, saved_earlier,
-                                 graph.trace.known_targets if graph.trace is not None else None, kept)
+                                 kept)
         except Exception as e:  # the user's training comes first
             what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
             _fall_back(opts, e, what, "compiling it unchanged")

@@ -231,3 +231,36 @@ def test_functionalize_trains_the_memory_bank_like_the_out_of_place_program(capt
     writes = [m for m in backend.report.mutations if m.target.name == "bank"]
     assert writes and all("removes saved-then-mutated" in m.rewrite for m in writes)
     assert backend.report.hazards("error") == []
+
+
+class RebindAfterBreak(nn.Module):
+    """`p.data = normalize(p)` after a break; the first graph saved `p` itself or a view of it."""
+
+    def __init__(self, saved_itself: bool, oop=False):
+        super().__init__()
+        self.saved_itself, self.oop = saved_itself, oop
+        self.fc = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        w = self.w.clone() if self.oop else self.w
+        y = h * w if self.saved_itself else F.linear(h, w)  # `*` saves `w`, `linear` saves `w.t()`
+        torch._dynamo.graph_break()
+        if not self.oop:
+            self.w.data = F.normalize(self.w.data, dim=1)
+        return {"y": y}
+
+
+@pytest.mark.parametrize("saved_itself", [True, False], ids=["saved itself", "saved a view"])
+def test_data_rebind_after_a_break_is_an_error_only_when_the_tensor_itself_was_saved(saved_itself):
+    torch.manual_seed(0)
+    model, x = RebindAfterBreak(saved_itself), torch.randn(4, 4)
+    twin = RebindAfterBreak(saved_itself, oop=True)
+    twin.load_state_dict(model.state_dict())
+    assert eager_backward_error(model, x) is None
+    ours, theirs = _grads(model, (x,)), _grads(twin, (x,))
+    silently_wrong = any(not torch.allclose(ours[n], theirs[n]) for n in theirs)
+    assert silently_wrong == saved_itself
+    errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
+    assert [h.code for h in errors] == (["hidden-write-to-saved"] if silently_wrong else [])

@@ -53,6 +53,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._sources import qualified_name_of
 from ..report import Hazard, Mutation
+from .resolve_aliases import Target
 
 __all__ = ["functionalize", "FunctionalizedGraph"]
 
@@ -73,7 +74,6 @@ def functionalize(
     mode: str = "all",
     mutations: Sequence[Mutation] = (),
     saved_inputs: Collection[torch.fx.Node] = (),
-    known_targets: dict[torch.fx.Node, Any] | None = None,
     keep_saved: Collection[int] = (),
 ) -> FunctionalizedGraph:
     """Rewrite `gm` without in-place ops; see the module docstring.
@@ -81,9 +81,7 @@ def functionalize(
     `mode` is "all" or "hazards"; `mutations` are the audit's findings for `gm` (they choose
     what "hazards" rewrites, and come back with `rewrite` and removed hazards marked).
     `saved_inputs` are placeholders an earlier graph saved for backward (a graph break): their
-    write-back still reaches what that graph saved, so their hazards stay. `known_targets`:
-    placeholders the audit named after an earlier graph (its intermediates, the caller's inputs).
-    `keep_saved`: indices of inputs this graph saves for backward and a later graph may write
+    write-back still reaches what that graph saved, so their hazards stay. `keep_saved`: indices of inputs this graph saves for backward and a later graph may write
     (the graph ends in a break): each call with grad on gets a clone, so the backward keeps the
     value it saved, as the out-of-place program does.
     """
@@ -112,9 +110,8 @@ def functionalize(
     new_gm.graph.lint()
     new_gm.recompile()
 
-    known = known_targets or {}
-    names = {_target_of(placeholders[i], known) for i in [i for i, _ in written] + kept + reinplaced}
-    saved_earlier = {_target_of(p, known) for p in saved_inputs}
+    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept + reinplaced}
+    saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
     clone = {i for i in indices if read[i]} | set(keep_saved)
@@ -601,9 +598,10 @@ def _identity(compiled: Callable) -> Callable:
     return compiled
 
 
-def _target_of(placeholder: torch.fx.Node, known: dict[torch.fx.Node, Any]) -> tuple[str, str]:
-    if placeholder in known:
-        return known[placeholder].kind, known[placeholder].name
+def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
+    named = placeholder.meta.get("fxinplace")  # the audit's name for it (`name_placeholders`)
+    if isinstance(named, Target):
+        return named.kind, named.name
     source = getattr(placeholder.meta.get("grapharg"), "source", None)
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 
