@@ -50,7 +50,10 @@ def find_hazards(
         if not trace.backward_outputs.get(record.node):
             continue  # no output's backward goes through the op that saved it
         if record.mutated_by is not None:
-            saved_by_mutator.setdefault((record.mutated_by, record.mutated_inside), []).append(record)
+            # What a checkpoint recomputes is never version-checked in eager: a visible write
+            # to it is as silent as a hidden one.
+            by_mutator = hidden_by_mutator if record.recomputed else saved_by_mutator
+            by_mutator.setdefault((record.mutated_by, record.mutated_inside), []).append(record)
         for node in record.hidden_writes:
             hidden_by_mutator.setdefault((node, None), []).append(record)
         for pair in record.hidden_inside:
@@ -199,8 +202,9 @@ def _group(records) -> dict[tuple[torch.fx.Node, torch.fx.Node], list[SavedTenso
 def _unseen_path(write: Write, records: list[SavedTensor]) -> str:
     """Why autograd's version check does not catch this write."""
     if any(r.recomputed for r in records):
-        return ("inside the checkpoint region before the region's last save: backward's recomputation "
-                "replays the write before the saved value is read")
+        return ("while the checkpoint region is to be recomputed: backward's recomputation reads (or replays) "
+                "the write, and checkpoint checks no versions (compiled by AOTAutograd, as with aot_eager or "
+                "inductor, the region is traced as plain code and backward fails instead)")
     if write.inner is not None and write.autograd_visible and any(r.node is write.node for r in records):
         return ("inside the custom autograd.Function's forward, after forward used it: `ctx.save_for_backward` "
                 "keeps the tensor, not its value, and versions are checked only from the end of forward")

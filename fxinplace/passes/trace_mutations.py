@@ -26,6 +26,8 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from .._sources import qualified_name_of
+
 __all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor"]
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,9 @@ class SavedTensor:
     inner: torch.fx.Node | None = None
     mutated_inside: torch.fx.Node | None = None
     hidden_inside: list[tuple[torch.fx.Node, torch.fx.Node]] = field(default_factory=list)
-    # Saved inside a non-reentrant checkpoint region: backward recomputes it rather than
-    # keeping it, so only a write that the recomputation replays changes what backward reads.
+    # Saved inside a non-reentrant checkpoint region (or read there from module state): backward
+    # recomputes it from the values it finds then, with no version check, so a write to it is
+    # silent: it matters when the recomputation reads or replays it.
     recomputed: bool = False
 
 
@@ -238,7 +241,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
             return
         self.trace.subgraph_values.extend(run.values for run in runs)
         try:
-            facts = _subgraph_facts(n, runs, self.trace.saved[mark:], self._saved_by_storage, self.module)
+            facts = _subgraph_facts(n, runs, self.trace, self.trace.saved[mark:], self._saved_by_storage, self.module)
         except Exception as e:  # a graph we do not understand: audit the op as one op
             log.warning("fxinplace: could not audit inside `%s` (%s: %s); auditing it as one op",
                         n.name, type(e).__name__, e)
@@ -524,9 +527,12 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
 
 # How the saved tensors of a body behave, per HOP:
 #   "plain":     the body runs as a call, saving by reference (wrap);
-#   "recompute": non-reentrant checkpoint: its inputs are saved (version-checked) at entry, and
-#                what the body saves is recomputed in backward, which replays the body up to
-#                its last save (early stop) on the inputs as they are then;
+#   "recompute": non-reentrant checkpoint: its explicit inputs are saved (version-checked) at
+#                entry, and what the body saves is recomputed in backward, which replays the
+#                body up to its last save (early stop) on the inputs as they are then. Module
+#                state the body reads (parameters, buffers) is not an explicit input: Dynamo
+#                lifts it into the body's operands, indistinguishable from explicit ones, so
+#                operands rooted in a parameter or buffer are taken as lifted;
 #   "function":  autograd.Function: `ctx.save_for_backward` keeps references, checked against
 #                versions from the moment forward returns; forward runs under no_grad;
 #   "own":       the op saves its operands and its backward reruns the body with autograd
@@ -644,6 +650,7 @@ class _SubgraphFacts:
     savers: list[tuple[SavedTensor, torch.fx.Node]] = field(default_factory=list)
     new_saved: list[SavedTensor] = field(default_factory=list)
     unsaved: list[SavedTensor] = field(default_factory=list)  # saves that backward never reads
+    recomputed: list[SavedTensor] = field(default_factory=list)  # read again only by a recomputation
     roots: dict[StorageKey, torch.fx.Node] = field(default_factory=dict)  # body-made storages
 
     def apply(self, n: torch.fx.Node, trace: MutationTrace, saved_by_storage: dict, first: int) -> None:
@@ -660,6 +667,8 @@ class _SubgraphFacts:
         for record, inner in self.hidden_inside:
             if (n, inner) not in record.hidden_inside:
                 record.hidden_inside.append((n, inner))
+        for record in self.recomputed:
+            record.recomputed = True
         # (Identity, not `==`: the dataclasses hold tensors.)
         unsaved = {id(r) for r in self.unsaved}
         trace.saved[:] = [r for r in trace.saved if id(r) not in unsaved]
@@ -676,7 +685,8 @@ class _SubgraphFacts:
         trace.writes[first:] = [*self.writes, *kept]
 
 
-def _subgraph_facts(n, runs: list[_BodyRun], saved_here: list[SavedTensor], saved_by_storage, gm) -> _SubgraphFacts:
+def _subgraph_facts(n, runs: list[_BodyRun], trace: MutationTrace, saved_here: list[SavedTensor], saved_by_storage,
+                    gm) -> _SubgraphFacts:
     facts = _SubgraphFacts()
     saved_here = [r for r in saved_here if r.node is n]
     here = {id(r) for r in saved_here}
@@ -695,13 +705,15 @@ def _subgraph_facts(n, runs: list[_BodyRun], saved_here: list[SavedTensor], save
                 plain_here = matched and id(record) in here
                 if record.mutated_by is n and not plain_here:
                     facts.mutated_inside.append((record, first_visible.get(w.storage, w.inner)))
-                if not w.autograd_visible and not plain_here and _overlaps(record.tensor, region):
+                # Batch norm's running statistics (the writes schemas hide) feed no saved value
+                # in training mode: not a hazard for what the op itself saved.
+                schema_own = w.how == "schema" and id(record) in here
+                if not w.autograd_visible and not plain_here and not schema_own and _overlaps(record.tensor, region):
                     facts.hidden_inside.append((record, w.inner))
         if saves == "function":
             _check_function_saves(n, run, writes, saved_here, gm, facts)
         elif saves == "recompute":
-            if not run.trace.saved:
-                facts.unsaved += saved_here  # backward never recomputes: the saved inputs go unread
+            _sort_checkpoint_inputs(run, saved_here, trace, facts)
             _check_recomputed_saves(n, run, facts)
         elif saves == "own":
             _check_body_saves(n, run, facts, recomputed=False, before_step=None)
@@ -792,6 +804,30 @@ def _read_before(run: _BodyRun, key: StorageKey, step: int) -> bool:
                 w.node is node and w.storage == key for w in run.trace.writes)):
             return True
     return False
+
+
+def _sort_checkpoint_inputs(run: _BodyRun, saved_here: list[SavedTensor], trace: MutationTrace,
+                            facts: _SubgraphFacts) -> None:
+    # The op saved all its operands at entry (torch.compile runs checkpoint so); eager saves
+    # only the explicit inputs, and only a region that saves something ever reads them again.
+    if not run.trace.saved:
+        facts.unsaved += saved_here
+        return
+    saved_inside = {r.storage for r in run.trace.saved}
+    for record in saved_here:
+        if not _is_module_state(record.storage, trace):
+            continue
+        copies = {k for k, p in run.copies.items() if storage_key(run.operands[p][1]) == record.storage}
+        if copies & saved_inside:
+            facts.recomputed.append(record)  # the recomputation reads it as it is then
+        else:
+            facts.unsaved.append(record)  # `num_batches_tracked`: nothing saved depends on it
+
+
+def _is_module_state(key: StorageKey | None, trace: MutationTrace) -> bool:
+    root = trace.storage_root.get(key) if key is not None else None
+    source = trace.sources.get(root) if root is not None and root.op == "placeholder" else None
+    return source is not None and qualified_name_of(source)[0] in ("parameter", "buffer")
 
 
 def _check_recomputed_saves(n, run: _BodyRun, facts: _SubgraphFacts) -> None:
