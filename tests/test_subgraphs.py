@@ -685,3 +685,36 @@ def test_tensor_a_checkpoint_region_reads_from_its_closure():
     twin.load_state_dict(model.state_dict())
     assert eager_verdict(model, twin, (x,)) == "trains"
     assert quiet_audit(model, x).hazards("error") == []
+
+
+def test_compiled_checkpoint_output_write_is_explained():
+    # Eager trains it (the test above); AOTAutograd traces the region as plain code, and the
+    # write to what `exp` saved fails there: the failure names the line instead of nothing.
+    torch.manual_seed(0)
+    model, x = OutputWrittenAfter(), torch.randn(3, 4)
+    with pytest.raises(Exception, match=AUTOGRAD_ERROR):
+        torch.compile(copy.deepcopy(model), backend="aot_eager")(x)
+    torch._dynamo.reset()
+    backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False)
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend=backend)(x)
+    error = info.value
+    while not isinstance(error, fxinplace.HazardError):
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+        assert error is not None, "no HazardError in the chain"
+    assert error.hazards == []
+    line = marked_line(OutputWrittenAfter, "WRITE")
+    assert f"`mul_` at tests/test_subgraphs.py:{line} writes the output of a checkpoint region" in str(error)
+
+
+def test_compiled_write_to_a_checkpoint_input_inside_the_region_trains():
+    # The other way round: eager raises (test above), AOTAutograd trains with the twin's gradients.
+    torch.manual_seed(0)
+    model, twin, x = AddToRegionInput(), AddToRegionInput(oop=True), torch.randn(3, 4)
+    twin.load_state_dict(model.state_dict())
+    total_loss(torch.compile(model, backend="aot_eager")(x)).backward()
+    total_loss(twin(x)).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
