@@ -551,23 +551,28 @@ def test_cond_and_while_loop_refuse_writes_to_their_operands(fn):
         quiet_audit(fn, x)
 
 
-def test_flex_attention_score_mod_writes_are_traced_but_not_audited():
-    # Dynamo accepts an in-place op on a tensor the score mod made (no grad: flex attention has
-    # no backward on CPU), but the score mod runs vmapped: its writes are not audited.
+def _score_mod(score, b, h, q_idx, kv_idx):
+    s = score * 2
+    s.add_(1.0)  # WRITE
+    return s
+
+
+def _attend(q):
     from torch.nn.attention.flex_attention import flex_attention
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        s = score * 2
-        s.add_(1.0)  # WRITE
-        return s
+    return flex_attention(q, q, q, score_mod=_score_mod)
 
-    def attend(q):
-        return flex_attention(q, q, q, score_mod=score_mod)
 
+@pytest.mark.xfail(strict=True, reason="flex attention's score and mask mods run vmapped: writes inside them "
+                                       "are not audited (flex_attention stays one op)")
+def test_flex_attention_score_mod_writes_are_listed():
+    # Dynamo accepts an in-place op on a tensor the score mod makes (without grad: flex
+    # attention has no backward on CPU), and the program computes what eager computes.
     q = torch.randn(1, 1, 4, 8)
-    torch.testing.assert_close(torch.compile(attend, backend="eager")(q), attend(q))
-    report = quiet_audit(attend, q)
-    assert report.mutations == [] and report.hazards("error") == []
+    torch.testing.assert_close(torch.compile(_attend, backend="eager")(q), _attend(q))
+    report = quiet_audit(_attend, q)
+    assert report.hazards("error") == []
+    assert [m.source.line for m in report.mutations] == [marked_line(_score_mod, "WRITE")]
 
 
 # -- functionalize -------------------------------------------------------------------------
