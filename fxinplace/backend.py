@@ -20,10 +20,10 @@ import torch
 import torch.fx
 
 from ._cross_graph import CrossGraphState
-from ._sources import root_modules
+from ._sources import root_modules, source_of
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
-from .passes.resolve_aliases import name_placeholders, target_of_root
+from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -202,6 +202,8 @@ class InplaceAudit:
                     "(\"one of the variables needed for gradient computation has been modified by an "
                     "inplace operation\"). This is why:"
                 )
+                if not errors:
+                    cause += _compiled_checkpoint_note(graph)
                 raise HazardError(graph.report, errors, cause) from e
             raise
 
@@ -231,6 +233,29 @@ def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
 
 def _output_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
+
+
+def _compiled_checkpoint_note(graph: _AuditedGraph) -> str:
+    # Eager recomputes what a checkpoint region saved, so a later write to the region's output
+    # is no hazard there; AOTAutograd traces the region as plain code, where it is one.
+    trace = graph.trace
+    if trace is None:
+        return ""
+    written = []
+    for write in trace.writes:
+        root = trace.storage_root.get(write.storage)
+        if (root is not None and root is not write.node and root.op == "call_function"
+                and getattr(root.target, "name", lambda: "")() == "tag_activation_checkpoint"):
+            written.append(write.inner or write.node)
+    if not written:
+        return ""
+    lines = ", ".join(sorted({f"`{describe_op(n)}` at {source_of(n) or '?'}" for n in written}))
+    return (
+        f" {lines} writes the output of a checkpoint region after the region. Eager PyTorch recomputes "
+        "what the region saved, so it trains this and the audit predicts no hazard; compiled by AOTAutograd "
+        "(aot_eager, inductor) the region is plain code, and the write breaks what it saved. Write that line "
+        "out of place."
+    )
 
 
 def _fall_back(opts: AuditOptions, error: Exception, what: str, instead: str) -> None:

@@ -43,15 +43,22 @@ def find_hazards(
     """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), each
     save with its `description` and `record` (a `SavedTensor` of that graph)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
-    hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
+    # Keyed by (graph node, body node or None): a write inside a higher-order op's subgraph
+    # is the op's call and the body node that wrote (`Write.inner`).
+    saved_by_mutator: dict[tuple, list[SavedTensor]] = {}
+    hidden_by_mutator: dict[tuple, list[SavedTensor]] = {}
     for record in trace.saved:
         if not trace.backward_outputs.get(record.node):
             continue  # no output's backward goes through the op that saved it
         if record.mutated_by is not None:
-            saved_by_mutator.setdefault(record.mutated_by, []).append(record)
+            # What a checkpoint recomputes is never version-checked in eager: a visible write
+            # to it is as silent as a hidden one.
+            by_mutator = hidden_by_mutator if record.recomputed else saved_by_mutator
+            by_mutator.setdefault((record.mutated_by, record.mutated_inside), []).append(record)
         for node in record.hidden_writes:
-            hidden_by_mutator.setdefault(node, []).append(record)
+            hidden_by_mutator.setdefault((node, None), []).append(record)
+        for pair in record.hidden_inside:
+            hidden_by_mutator.setdefault(pair, []).append(record)
 
     mutations = []
     for node, writes in trace.writes_by_node().items():
@@ -64,8 +71,9 @@ def find_hazards(
             after = [r for r in readers if order[r] > order[node]]
             read_tasks = set().union(*(split.tasks_of(r) for r in readers)) if readers else set()
             shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
+            key = (node, write.inner)
             hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after,
-                                   saved_by_mutator.get(node, ()), hidden_by_mutator.get(node, ()))
+                                   saved_by_mutator.get(key, ()), hidden_by_mutator.get(key, ()))
             saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
             # Autograd's counter is per storage, so a visible write anywhere invalidates the
             # save; a hidden one changes the gradients only where it overlaps the saved region.
@@ -77,13 +85,14 @@ def find_hazards(
                            or (s.record.tensor._base is None if write.how == "rebind" else overlaps(s.record.tensor, region))]
             if invalidated:
                 hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
+            shown = write.inner or node  # the line the user wrote, inside a subgraph too
             facts.append(Mutation(
-                node=node.name,
-                op=describe_op(node),
+                node=node.name if write.inner is None else f"{node.name}.{write.inner.name}",
+                op=describe_op(shown),
                 target=target,
                 view_chain=chain,
-                source=source_of(node),
-                module=module_path_of(node),
+                source=source_of(shown),
+                module=module_path_of(shown) or module_path_of(node),
                 tasks=tuple(sorted(writer_tasks | (read_tasks if target.kind == "intermediate" else set()))),
                 shared=shared,
                 autograd_visible=write.autograd_visible,
@@ -105,7 +114,8 @@ def saves_for_later_graphs(
     graph's backward: the backend checks that when the later graph compiles. Only saves that
     some output's backward reaches count, and only those not already modified here.
     """
-    live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None
+    # What a checkpoint region saved is recomputed in backward: a later write cannot reach it.
+    live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None and not r.recomputed
             and trace.backward_outputs.get(r.node)]
     output_node = next(iter(reversed(gm.graph.nodes)))
     outputs = [a for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
@@ -124,11 +134,12 @@ def saves_for_later_graphs(
 
 
 def describe_save(record: SavedTensor) -> str:
-    return f"`{describe_op(record.node)}` at {_at(record.node)}"
+    saver = record.inner or record.node  # the body node, for a save inside a subgraph
+    return f"`{describe_op(saver)}` at {_at(saver)}"
 
 
 def _saved_in_earlier_graph(write: Write, target, saved_by: str) -> Hazard:
-    node = write.node
+    node = write.inner or write.node
     op = f"`{describe_op(node)}` at {_at(node)}"
     if write.autograd_visible:
         return Hazard("saved-then-mutated", "error", (
@@ -156,21 +167,21 @@ def _writer_tasks(write: Write, split: TaskSplit) -> set[str]:
 
 
 def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale, hidden) -> list[Hazard]:
-    node = write.node
+    node = write.inner or write.node
     where = source_of(node)
     op = f"`{describe_op(node)}` at {_at(node)}"
     hazards = []
-    for saving_node, records in _group(stale).items():
+    for (saving_node, saver), records in _group(stale).items():
         hazards.append(Hazard("saved-then-mutated", "error", (
-            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
-            f"{_at(saving_node)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
+            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saver)}` at "
+            f"{_at(saver)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
             f"then modified in place by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
         ), where))
-    for saving_node, records in _group(hidden).items():
+    for (saving_node, saver), records in _group(hidden).items():
         hazards.append(Hazard("hidden-write-to-saved", "error", (
-            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saving_node)}` at "
-            f"{_at(saving_node)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
-            f"then overwritten by {op} through a path autograd does not see: backward raises nothing and "
+            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saver)}` at "
+            f"{_at(saver)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
+            f"then overwritten by {op} {_unseen_path(write, records)}: backward raises nothing and "
             f"silently computes gradients from the new values"
         ), where))
     other_readers = [r for r in before + after if split.tasks_of(r) - writer_tasks]
@@ -224,11 +235,24 @@ def _backward_tasks(node: torch.fx.Node, trace: MutationTrace, split: TaskSplit)
     return {split.names[i] for i in trace.backward_outputs.get(node, ()) if i < len(split.names)}
 
 
-def _group(records) -> dict[torch.fx.Node, list[SavedTensor]]:
-    grouped: dict[torch.fx.Node, list[SavedTensor]] = {}
+def _group(records) -> dict[tuple[torch.fx.Node, torch.fx.Node], list[SavedTensor]]:
+    """Records by (the graph node that saved them, the node to name: the body node inside a subgraph)."""
+    grouped: dict[tuple[torch.fx.Node, torch.fx.Node], list[SavedTensor]] = {}
     for record in records:
-        grouped.setdefault(record.node, []).append(record)
+        grouped.setdefault((record.node, record.inner or record.node), []).append(record)
     return grouped
+
+
+def _unseen_path(write: Write, records: list[SavedTensor]) -> str:
+    """Why autograd's version check does not catch this write."""
+    if any(r.recomputed for r in records):
+        return ("while the checkpoint region is to be recomputed: backward's recomputation reads (or replays) "
+                "the write, and checkpoint checks no versions (compiled by AOTAutograd, as with aot_eager or "
+                "inductor, the region is traced as plain code and backward fails instead)")
+    if write.inner is not None and write.autograd_visible and any(r.node is write.node for r in records):
+        return ("inside the custom autograd.Function's forward, after forward used it: `ctx.save_for_backward` "
+                "keeps the tensor, not its value, and versions are checked only from the end of forward")
+    return "through a path autograd does not see"
 
 
 def _describe_saved(records: list[SavedTensor], trace: MutationTrace) -> str:

@@ -117,13 +117,22 @@ def functionalize(
     clone = {i for i in indices if read[i]} | set(keep_saved)
     keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
-    return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
+    marked = tuple(_mark(m, names, saved_earlier) for m in mutations)
+    if any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes):
+        # The ATen trace inlines checkpoint regions: gradients stay right, memory does not.
+        note = "; checkpoint regions inlined: their activations are kept, not recomputed"
+        marked = tuple(dataclasses.replace(m, rewrite=m.rewrite + note) for m in marked)
+    return FunctionalizedGraph(new_gm, wrap, marked)
 
 
 # Higher-order ops whose subgraph the ATen trace may inline: their backward is autograd's
 # own. Any other (a custom `autograd.Function`'s `autograd_function_apply`, flex attention,
 # ...) carries a backward that a trace below autograd would drop, silently changing gradients.
 _INLINABLE_HOPS = frozenset({"tag_activation_checkpoint", "wrap"})
+
+
+def _is_hop(node: torch.fx.Node, name: str) -> bool:
+    return isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() == name
 
 
 def _opaque_subgraphs(gm: torch.fx.GraphModule) -> list[str]:

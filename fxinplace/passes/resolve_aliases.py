@@ -44,6 +44,14 @@ _OPERATOR_SPELLING = {
 }
 
 
+# Higher-order ops as the user called them.
+_HOP_SPELLING = {
+    "tag_activation_checkpoint": "checkpoint",
+    "autograd_function_apply": "autograd.Function.apply",
+    "cond": "torch.cond",
+}
+
+
 def describe_op(node: torch.fx.Node) -> str:
     """How the user spelled the op: `add_`, `+=`, `x[...] = v`, `relu(inplace=True)`, ..."""
     if node.op == "call_method":
@@ -51,6 +59,8 @@ def describe_op(node: torch.fx.Node) -> str:
     elif node.op == "call_function":
         if node.target in _OPERATOR_SPELLING:
             return _OPERATOR_SPELLING[node.target]
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            return _HOP_SPELLING.get(node.target.name(), node.target.name())
         name = getattr(node.target, "__name__", None) or str(node.target)
         if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             name = str(node.target)

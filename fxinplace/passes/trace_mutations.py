@@ -19,16 +19,21 @@ operation" error, observed rather than guessed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from .._sources import qualified_name_of
+
 __all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor"]
+
+log = logging.getLogger(__name__)
 
 StorageKey = StorageWeakRef
 
@@ -48,6 +53,9 @@ class Write:
     # is written now (`p.data = t; p.data.mul_(2)` writes `p`, not `t`'s producer).
     owner: torch.fx.Node | None = None
     region: torch.Tensor | None = None  # the part of `tensor` written, when known to be less
+    # For a write inside a higher-order op's subgraph (a custom autograd.Function's forward,
+    # a checkpoint region, ...): the body node that wrote. `node` is then the op's call.
+    inner: torch.fx.Node | None = None
 
 
 @dataclass
@@ -64,6 +72,16 @@ class SavedTensor:
     # `_SAVED_UNREAD`): a write autograd does not see cannot change the gradients then.
     values_read: bool = True
     _last_version: int = 0
+    # Facts from inside a higher-order op's subgraph (`node` or `mutated_by` is then the op's
+    # call): the body node that saved it, the body node whose write moved its version, and
+    # (op call, body node) for each write to it that autograd does not see.
+    inner: torch.fx.Node | None = None
+    mutated_inside: torch.fx.Node | None = None
+    hidden_inside: list[tuple[torch.fx.Node, torch.fx.Node]] = field(default_factory=list)
+    # Saved inside a non-reentrant checkpoint region (or read there from module state): backward
+    # recomputes it from the values it finds then, with no version check, so a write to it is
+    # silent: it matters when the recomputation reads or replays it.
+    recomputed: bool = False
 
 
 @dataclass
@@ -87,6 +105,9 @@ class MutationTrace:
     backward_outputs: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
     # The same for placeholders: the output positions whose backward reaches the input.
     placeholder_reach: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
+    # The tensors of the subgraph dry runs: some of their storages are keys above, and a
+    # storage freed while tracing goes on could come back at the same address.
+    subgraph_values: list[Any] = field(default_factory=list)
 
     def writes_by_node(self) -> dict[torch.fx.Node, list[Write]]:
         grouped: dict[torch.fx.Node, list[Write]] = {}
@@ -189,6 +210,8 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self._unread: list[Any] = []  # the current node's saved-but-unread argument values
         self._placeholder_fns: dict[torch.fx.Node, list[Any]] = {}
         self._rebound: dict[StorageKey, torch.fx.Node] = {}  # storage -> placeholder a `.data =` moved onto it
+        # A higher-order op's body dry runs, and how many saved tensors came before the op.
+        self._body_runs: dict[torch.fx.Node, tuple[list[_BodyRun], int]] = {}
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -251,6 +274,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
                 self._record_rebind(n, rebound, *rebound_from)
             else:
                 self._record_writes(n, args, kwargs, inputs, before, roots_before)
+            self._record_subgraph_facts(n, first)
             written = [w.tensor for w in trace.writes[first:]]
             made = _new_grad_fns(_grad_fns([*pytree.tree_leaves(result), *written], written), self._known_fns)
             self._grad_fns[n] = [fn for fn in made if type(fn).__name__ != "AccumulateGrad"]
@@ -262,6 +286,12 @@ class _TracingInterpreter(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if _is_version_fixup(target):
             return args[0]  # `.data =`'s version fix-up: `_record_rebind` already left the counter as eager does
+        n = self.current
+        if isinstance(target, torch._ops.HigherOrderOperator) and n is not None:
+            # What the bodies write, learned on copies before the op itself runs (see below).
+            runs = _dry_run_bodies(n, target, args, self.fake_mode)
+            if runs:
+                self._body_runs[n] = (runs, len(self.trace.saved))
         return super().call_function(target, args, kwargs)
 
     def _record_rebind(self, n: torch.fx.Node, t: torch.Tensor, key: StorageKey, version: int | None) -> None:
@@ -291,6 +321,20 @@ class _TracingInterpreter(torch.fx.Interpreter):
                     record.hidden_writes.append(n)
                 if new_key is not None:
                     self._saved_by_storage.setdefault(new_key, []).append(record)
+
+    def _record_subgraph_facts(self, n: torch.fx.Node, first: int) -> None:
+        """Replace the op-level facts of a higher-order op call with its bodies' (see below)."""
+        runs, mark = self._body_runs.pop(n, (None, 0))
+        if not runs:
+            return
+        self.trace.subgraph_values.extend(run.values for run in runs)
+        try:
+            facts = _subgraph_facts(n, runs, self.trace, self.trace.saved[mark:], self._saved_by_storage, self.module)
+        except Exception as e:  # a graph we do not understand: audit the op as one op
+            log.warning("fxinplace: could not audit inside `%s` (%s: %s); auditing it as one op",
+                        n.name, type(e).__name__, e)
+            return
+        facts.apply(n, self.trace, self._saved_by_storage, first)
 
     def record_backward_reach(self, outputs: list[Any]) -> None:
         # All the autograd nodes an op made count, not only its result's `grad_fn`: writing
@@ -619,3 +663,359 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     outputs = [interpreter.env.get(a) for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
     interpreter.record_backward_reach(outputs)
     return interpreter.trace
+
+
+# -- Subgraphs of higher-order ops ------------------------------------------------------------
+#
+# A custom autograd.Function, a checkpoint region, `wrap`, `cond` and `while_loop` reach the
+# graph as one call of a higher-order op (HOP) whose bodies are `get_attr` submodules. Run as
+# one op, a body's write shows at most as a version bump of an operand, and not at all when it
+# goes through `.data` (as a fused kernel writes its input buffer inside a Function's forward).
+#
+# So each body first runs alone, on copies of the operands that keep their storage layout and
+# aliasing but have fresh version counters, in a nested tracing interpreter: that dry run tells
+# which body node writes which operand region, whether autograd sees it, and what the body
+# saves, in order. Then the op runs as before, on the real fakes: each write happens once, and
+# autograd sees the op exactly as PyTorch builds it (a Function's own backward node, the saved
+# inputs of a checkpoint). Last, the op's facts are refined with the dry run's: its writes
+# become the body nodes' writes, and saved tensors are checked by the rules of the op (below).
+# Anything unexpected leaves the op audited as one op, as before.
+
+# How the saved tensors of a body behave, per HOP:
+#   "plain":     the body runs as a call, saving by reference (wrap);
+#   "recompute": non-reentrant checkpoint: its explicit inputs are saved (version-checked) at
+#                entry, and what the body saves is recomputed in backward, which replays the
+#                body up to its last save (early stop) on the inputs as they are then. Module
+#                state the body reads (parameters, buffers) is not an explicit input: Dynamo
+#                lifts it into the body's operands, indistinguishable from explicit ones, so
+#                operands rooted in a parameter or buffer are taken as lifted;
+#   "function":  autograd.Function: `ctx.save_for_backward` keeps references, checked against
+#                versions from the moment forward returns; forward runs under no_grad;
+#   "own":       the op saves its operands and its backward reruns the body with autograd
+#                (cond, while_loop), so the body's saves behave as in plain code.
+@dataclass(frozen=True)
+class _Layout:
+    bodies: Callable[[Sequence], list[tuple[Any, Sequence]]]  # the op's args -> [(body, operands)]
+    saves: str
+    grad: bool | None = None  # grad mode the body runs under; None: the mode around the call
+
+
+_LAYOUTS = {
+    "wrap": _Layout(lambda a: [(a[0], a[1:])], "plain"),
+    "tag_activation_checkpoint": _Layout(lambda a: [(a[0], a[1:])], "recompute"),
+    "autograd_function_apply": _Layout(lambda a: [(a[0], a[2:])], "function", grad=False),
+    "cond": _Layout(lambda a: [(a[1], a[3]), (a[2], a[3])], "own"),
+    "while_loop": _Layout(lambda a: [(a[0], (*a[2], *a[3])), (a[1], (*a[2], *a[3]))], "own"),
+}
+
+
+@dataclass
+class _BodyRun:
+    """One body's dry run on copies of the op's operands."""
+
+    layout: _Layout
+    body: torch.fx.GraphModule
+    trace: MutationTrace  # on the copies
+    order: dict[torch.fx.Node, int]  # the body's nodes, in order
+    operands: list[tuple[Any, Any]]  # (the op's argument node, its value) per body placeholder
+    copies: dict[StorageKey, int]  # a copy's storage -> the operand position it stands for
+    values: list[Any]  # everything the dry run made, kept alive (see `MutationTrace.subgraph_values`)
+
+
+def _dry_run_bodies(n: torch.fx.Node, target, args: tuple, fake_mode) -> list[_BodyRun]:
+    layout = _LAYOUTS.get(target.name())
+    if layout is None:
+        return []
+    try:
+        runs = []
+        for (body, values), (_, nodes) in zip(layout.bodies(args), layout.bodies(n.args), strict=True):
+            run = _dry_run(body, list(values), list(nodes), layout, fake_mode)
+            if run is None:
+                return []
+            runs.append(run)
+        return runs
+    except Exception as e:  # a layout we do not know: the op is audited as one op
+        log.warning("fxinplace: could not run the body of `%s` alone (%s: %s); auditing it as one op",
+                    n.name, type(e).__name__, e)
+        return []
+
+
+def _dry_run(body, values: list, nodes: list, layout: _Layout, fake_mode) -> _BodyRun | None:
+    if not isinstance(body, torch.fx.GraphModule):
+        return None
+    if len(list(body.graph.find_nodes(op="placeholder"))) != len(values):
+        return None
+    copied = _copy_operands(values)
+    if copied is None:
+        return None
+    copies, of_storage = copied
+    nested = _TracingInterpreter(body, fake_mode)
+    grad = torch.is_grad_enabled() if layout.grad is None else layout.grad
+    # `set_grad_enabled` restores the mode on exit, whatever `_set_grad_enabled` nodes did.
+    with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(nested.pack, nested.unpack):
+        nested.run(*copies)
+    output_node = body.graph.output_node()
+    outputs = [nested.env.get(a) for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
+    nested.record_backward_reach(outputs)
+    order = {node: i for i, node in enumerate(body.graph.nodes)}
+    kept = [copies, nested.env, nested.trace.subgraph_values]
+    return _BodyRun(layout, body, nested.trace, order, list(zip(nodes, values)), of_storage, kept)
+
+
+def _copy_operands(values: list) -> tuple[list, dict[StorageKey, int]] | None:
+    """Fresh tensors laid out like `values` (same storage size, strides, offsets, aliasing)."""
+    copies: list[Any] = []
+    of_storage: dict[StorageKey, int] = {}
+    roots: dict[StorageKey, torch.Tensor] = {}
+    # Non-leaf operands that require grad stay non-leaves, so in-place ops stay legal on them.
+    with_grad = {storage_key(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad and not v.is_leaf}
+    for position, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            copies.append(v)
+            continue
+        key = storage_key(v)
+        if key is None:
+            return None
+        if v.requires_grad and v.is_leaf:
+            copy = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).requires_grad_()
+        else:
+            root = roots.get(key)
+            if root is None:
+                root = torch.empty(v.untyped_storage().nbytes() // v.element_size(), dtype=v.dtype, device=v.device)
+                if key in with_grad:
+                    root = root.requires_grad_().clone()
+                roots[key] = root
+            if root.dtype != v.dtype:
+                return None
+            copy = root.as_strided(v.shape, v.stride(), v.storage_offset())
+            if not v.requires_grad and copy.requires_grad:
+                copy = copy.detach()  # same storage and version counter, no history
+        of_storage.setdefault(storage_key(copy), position)
+        copies.append(copy)
+    return copies, of_storage
+
+
+@dataclass
+class _SubgraphFacts:
+    """What a HOP call's bodies did, in the outer graph's terms; `apply` puts it in the trace."""
+
+    writes: list[Write] = field(default_factory=list)
+    mutated_inside: list[tuple[SavedTensor, torch.fx.Node]] = field(default_factory=list)
+    mutated_in_body: list[tuple[SavedTensor, torch.fx.Node]] = field(default_factory=list)
+    hidden_inside: list[tuple[SavedTensor, torch.fx.Node]] = field(default_factory=list)
+    savers: list[tuple[SavedTensor, torch.fx.Node]] = field(default_factory=list)
+    new_saved: list[SavedTensor] = field(default_factory=list)
+    unsaved: list[SavedTensor] = field(default_factory=list)  # saves that backward never reads
+    recomputed: list[SavedTensor] = field(default_factory=list)  # read again only by a recomputation
+    roots: dict[StorageKey, torch.fx.Node] = field(default_factory=dict)  # body-made storages
+
+    def apply(self, n: torch.fx.Node, trace: MutationTrace, saved_by_storage: dict, first: int) -> None:
+        for record, inner in self.savers:
+            record.inner = inner
+        for record, inner in self.mutated_inside:
+            if record.mutated_by is n and record.mutated_inside is None:
+                record.mutated_inside = inner
+        for record, inner in self.mutated_in_body:
+            # A write between a save and its use, both inside the body: the op's inputs never
+            # showed it, the dry run did.
+            if record.mutated_by is None:
+                record.mutated_by, record.mutated_inside = n, inner
+        for record, inner in self.hidden_inside:
+            if (n, inner) not in record.hidden_inside:
+                record.hidden_inside.append((n, inner))
+        for record in self.recomputed:
+            record.recomputed = True
+        # (Identity, not `==`: the dataclasses hold tensors.)
+        unsaved = {id(r) for r in self.unsaved}
+        trace.saved[:] = [r for r in trace.saved if id(r) not in unsaved]
+        for records in saved_by_storage.values():
+            records[:] = [r for r in records if id(r) not in unsaved]
+        trace.saved.extend(self.new_saved)
+        for key, root in self.roots.items():
+            trace.storage_root.setdefault(key, root)
+        # The op-level write of a storage the bodies' writes explain goes, unless a saved
+        # tensor's hazard still points at the op as a whole (nothing else would carry it).
+        explained = {w.storage for w in self.writes}
+        unattributed = {r.storage for r in trace.saved if r.mutated_by is n and r.mutated_inside is None}
+        kept = [w for w in trace.writes[first:] if w.storage not in explained or w.storage in unattributed]
+        trace.writes[first:] = [*self.writes, *kept]
+
+
+def _subgraph_facts(n, runs: list[_BodyRun], trace: MutationTrace, saved_here: list[SavedTensor], saved_by_storage,
+                    gm) -> _SubgraphFacts:
+    facts = _SubgraphFacts()
+    saved_here = [r for r in saved_here if r.node is n]
+    here = {id(r) for r in saved_here}
+    for run in runs:
+        writes = _outer_writes(n, run, facts)
+        facts.writes += [w for w, _, _ in writes]
+        first_visible: dict[StorageKey, torch.fx.Node] = {}
+        for w, _, _ in writes:
+            if w.autograd_visible:
+                first_visible.setdefault(w.storage, w.inner)
+        saves = run.layout.saves
+        # The op's own saves whose writes the rules below know better than a version bump.
+        matched = saves == "function" or (saves == "plain" and _match_plain_saves(run, saved_here, facts))
+        for w, region, _ in writes:
+            for record in saved_by_storage.get(w.storage, ()):
+                plain_here = matched and id(record) in here
+                if record.mutated_by is n and not plain_here:
+                    facts.mutated_inside.append((record, first_visible.get(w.storage, w.inner)))
+                # Batch norm's running statistics (the writes schemas hide) feed no saved value
+                # in training mode: not a hazard for what the op itself saved.
+                schema_own = w.how == "schema" and id(record) in here
+                if not w.autograd_visible and not plain_here and not schema_own and overlaps(record.tensor, region):
+                    facts.hidden_inside.append((record, w.inner))
+        if saves == "function":
+            _check_function_saves(n, run, writes, saved_here, gm, facts)
+        elif saves == "recompute":
+            _sort_checkpoint_inputs(run, saved_here, trace, facts)
+            _check_recomputed_saves(n, run, facts)
+        elif saves == "own":
+            _check_body_saves(n, run, facts, recomputed=False, before_step=None)
+    return facts
+
+
+def _outer_writes(n, run: _BodyRun, facts: _SubgraphFacts) -> list[tuple[Write, torch.Tensor, int]]:
+    """The body's writes as writes of the op call: (write, written region, body step)."""
+    writes = []
+    for w in run.trace.writes:
+        inner = w.inner or w.node
+        position = run.copies.get(w.storage)
+        if position is not None:
+            node, value = run.operands[position]
+            write = Write(n, node, value, storage_key(value), w.autograd_visible, w.grad_enabled, w.how, inner=inner)
+        else:
+            # A tensor the body made: named by the body node that made it.
+            root = run.trace.storage_root.get(w.storage, w.arg)
+            facts.roots[w.storage] = root
+            write = Write(n, root, w.tensor, w.storage, w.autograd_visible, w.grad_enabled, w.how, inner=inner)
+        if write.storage is not None:
+            # The copies share the operands' layout: the region's offsets hold for the operand.
+            writes.append((write, w.tensor, run.order[w.node]))
+    return writes
+
+
+def _match_plain_saves(run: _BodyRun, saved_here: list[SavedTensor], facts: _SubgraphFacts) -> bool:
+    # A plain call saves under the outer hooks, in the order the dry run saved: pair them up.
+    inner_saved = run.trace.saved
+    if len(inner_saved) != len(saved_here):
+        return False
+    for record, inner in zip(saved_here, inner_saved):
+        facts.savers.append((record, inner.inner or inner.node))
+        if inner.mutated_by is not None:
+            facts.mutated_inside.append((record, inner.mutated_inside or inner.mutated_by))
+            facts.mutated_in_body.append((record, inner.mutated_inside or inner.mutated_by))
+        root = run.trace.storage_root.get(inner.storage) if inner.storage not in run.copies else None
+        if root is not None and record.storage is not None:
+            facts.roots[record.storage] = root  # a tensor the body made: named by its body node
+        for node in inner.hidden_writes:
+            facts.hidden_inside.append((record, node))
+        for _, node in inner.hidden_inside:
+            facts.hidden_inside.append((record, node))
+    return True
+
+
+def _check_function_saves(n, run: _BodyRun, writes, saved_here: list[SavedTensor], gm, facts: _SubgraphFacts) -> None:
+    # `ctx.save_for_backward(x)` keeps `x` itself; its version is recorded when forward returns.
+    # A write in forward after forward read `x` (visible or through `.data`, no error either
+    # way) hands backward values that forward did not compute with. A write before any read
+    # is what forward computed with; a saved tensor backward never reads is harmless.
+    for position in _function_saved_operands(n, gm):
+        value = run.operands[position][1]
+        record = next((r for r in saved_here if r.tensor is value), None)
+        copy_key = next((k for k, p in run.copies.items() if p == position), None)
+        if record is None or copy_key is None:
+            continue
+        for w, region, step in writes:
+            if w.storage != record.storage or not overlaps(value, region):
+                continue
+            if _read_before(run, copy_key, step):
+                facts.hidden_inside.append((record, w.inner))
+
+
+def _function_saved_operands(n: torch.fx.Node, gm: torch.fx.GraphModule) -> list[int]:
+    """Operand positions of the Function's saved tensors that its backward body reads."""
+    fwd, bwd = getattr(gm, n.args[0].target), getattr(gm, n.args[1].target)
+    fwd_inputs = list(fwd.graph.find_nodes(op="placeholder"))
+    saved_values = list(fwd.graph.output_node().args[0][1])
+    bwd_inputs = list(bwd.graph.find_nodes(op="placeholder"))
+    # The backward body takes the output gradients, then the saved values.
+    saved_inputs = bwd_inputs[len(bwd_inputs) - len(saved_values):]
+    positions = []
+    for i in n.kwargs.get("saved_for_backward_idx", ()):
+        value = saved_values[i]
+        if value in fwd_inputs and saved_inputs[i].users:
+            positions.append(fwd_inputs.index(value))
+    return positions
+
+
+def _read_before(run: _BodyRun, key: StorageKey, step: int) -> bool:
+    # Reading consumes values; making a view (`.data`, slicing) does not.
+    for node, i in run.order.items():
+        if i >= step:
+            continue
+        read = key in run.trace.storages_read.get(node, ())
+        if read and (key not in run.trace.storages_made.get(node, ()) or any(
+                w.node is node and w.storage == key for w in run.trace.writes)):
+            return True
+    return False
+
+
+def _sort_checkpoint_inputs(run: _BodyRun, saved_here: list[SavedTensor], trace: MutationTrace,
+                            facts: _SubgraphFacts) -> None:
+    # The op saved all its operands at entry (torch.compile runs checkpoint so); eager saves
+    # only the explicit inputs, and only a region that saves something ever reads them again.
+    if not run.trace.saved:
+        facts.unsaved += saved_here
+        return
+    saved_inside = {r.storage for r in run.trace.saved}
+    for record in saved_here:
+        if not _is_module_state(record.storage, trace):
+            continue
+        copies = {k for k, p in run.copies.items() if storage_key(run.operands[p][1]) == record.storage}
+        if copies & saved_inside:
+            facts.recomputed.append(record)  # the recomputation reads it as it is then
+        else:
+            facts.unsaved.append(record)  # `num_batches_tracked`: nothing saved depends on it
+
+
+def _is_module_state(key: StorageKey | None, trace: MutationTrace) -> bool:
+    root = trace.storage_root.get(key) if key is not None else None
+    source = trace.sources.get(root) if root is not None and root.op == "placeholder" else None
+    return source is not None and qualified_name_of(source)[0] in ("parameter", "buffer")
+
+
+def _check_recomputed_saves(n, run: _BodyRun, facts: _SubgraphFacts) -> None:
+    # Backward's recomputation replays the region up to its last save, then stops: a write
+    # to a tensor saved earlier in the region, made before that last save, is replayed and
+    # hands backward the written values; a write after it is not. No error either way: the
+    # checkpoint's hooks hold the saved tensors, not autograd's version check. (Writes to the
+    # region's inputs are checked against the inputs the checkpoint saved at entry.)
+    steps = [run.order[r.node] for r in run.trace.saved if r.node in run.order]
+    if steps:
+        _check_body_saves(n, run, facts, recomputed=True, before_step=max(steps))
+
+
+def _check_body_saves(n, run: _BodyRun, facts: _SubgraphFacts, recomputed: bool, before_step: int | None) -> None:
+    """Saved-then-written pairs inside the body, on tensors the body made, as saved tensors of `n`."""
+    for inner in run.trace.saved:
+        if inner.storage is None or inner.storage in run.copies or not run.trace.backward_outputs.get(inner.node):
+            continue
+        visible = [(inner.mutated_by, inner.mutated_inside or inner.mutated_by)] if inner.mutated_by else []
+        hidden = [(node, node) for node in inner.hidden_writes] + list(inner.hidden_inside)
+        if recomputed:
+            # Both kinds only replace the recomputed value: no error, silently wrong values.
+            hidden = [(at, node) for at, node in visible + hidden if run.order.get(at, before_step) < before_step]
+            visible = []
+        if not visible and not hidden:
+            continue
+        record = SavedTensor(n, inner.tensor, inner.version, inner.storage, inner=inner.inner or inner.node,
+                             recomputed=recomputed)
+        if visible:
+            record.mutated_by, record.mutated_inside = n, visible[0][1]
+        record.hidden_inside = [(n, node) for _, node in hidden]
+        facts.new_saved.append(record)
+        root = run.trace.storage_root.get(inner.storage)
+        if root is not None:
+            facts.roots[inner.storage] = root
