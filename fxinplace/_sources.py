@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import linecache
+import os
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.fx
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
@@ -25,16 +28,50 @@ class SourceLocation:
 
 
 def source_of(node: torch.fx.Node) -> SourceLocation | None:
-    """The innermost user frame of `node` (Dynamo already filtered torch's own frames)."""
+    """The innermost user frame of `node` (the innermost frame at all if none is the user's).
+
+    Dynamo leaves out frames in `torch/nn/modules`, but keeps those of the torch functions it
+    inlines: `F.threshold(..., inplace=True)` ends in `nn/functional.py`, `nn.init.zeros_` in
+    `nn/init.py`.
+    """
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
     frames = list(_FRAME.finditer(trace))
     if not frames:
         return None
-    last = frames[-1]
-    file, line = last["file"], int(last["line"])
-    return SourceLocation(file, line, linecache.getline(file, line).strip(), last["fn"])
+    frame = next((f for f in reversed(frames) if not is_internal_file(f["file"])), frames[-1])
+    file, line = frame["file"], int(frame["line"])
+    return SourceLocation(file, line, linecache.getline(file, line).strip(), frame["fn"])
+
+
+@functools.cache
+def _internal_dirs() -> tuple[str, ...]:
+    # Where the torch and fxinplace packages really are, each ending in a separator: a user
+    # whose project lies in a folder named `torch` or `fxinplace` keeps their lines, and
+    # `torchvision` is not torch. fxinplace's own tests/ and examples/ are user code.
+    packages = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    return tuple(os.path.join(os.path.realpath(d), "") for d in packages)
+
+
+# By file name: the training guard asks for every frame it walks, so the answer is kept
+# (`known_internal_files.get(name)` first, for the fastest path).
+known_internal_files: dict[str, bool] = {}
+
+
+def is_internal_file(filename: str) -> bool:
+    """Is `filename` (a code object's or a stack trace's) torch's, fxinplace's, or code FX
+    generated (``<eval_with_key>.N``)?"""
+    flag = known_internal_files.get(filename)
+    if flag is None:
+        if len(known_internal_files) > 4096:  # "<eval_with_key>.N": one name per FX graph module
+            known_internal_files.clear()
+        if filename.startswith("<"):  # "<string>", "<stdin>": no file
+            flag = filename.startswith("<eval_with_key>")
+        else:
+            flag = os.path.realpath(filename).startswith(_internal_dirs())
+        known_internal_files[filename] = flag
+    return flag
 
 
 def module_path_of(node: torch.fx.Node) -> str:

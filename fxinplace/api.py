@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ._sources import SourceLocation, source_of
+from ._sources import SourceLocation, is_internal_file, source_of
 from .backend import InplaceAudit, analyze, emit_tables
 from .passes.functionalize import carry_rewrites
 from .report import GraphReport, Hazard, Report
@@ -115,7 +115,7 @@ def _user_frame(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -
     if not frames:
         import traceback
 
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if "site-packages/torch" not in f.filename]
+        frames = traceback.extract_tb(e.__traceback__)
     for frame in reversed(frames):
         if frame.filename.startswith("<eval_with_key>"):
             # Dynamo traced the graph, but running it raised (the fakes did not refuse what the
@@ -123,7 +123,7 @@ def _user_frame(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -
             source = _graph_source(frame, graphs)
             if source is not None:
                 return source
-        elif "/torch/" not in frame.filename and "/fxinplace/" not in frame.filename:
+        elif not is_internal_file(frame.filename):
             return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
     return None
 

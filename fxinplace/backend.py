@@ -13,15 +13,15 @@ import dataclasses
 import logging
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx
 
+from ._cross_graph import CrossGraphState
 from .options import AuditOptions, parse_options
-from .passes.find_hazards import find_hazards, saved_output_positions
+from .passes.find_hazards import find_hazards, saves_for_later_graphs
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -48,8 +48,9 @@ class _AuditedGraph:
     trace: MutationTrace | None
     report: GraphReport
     outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
-    saved_outputs: dict[int, str] = field(default_factory=dict)  # output position -> who saved it
-    saved_inputs: dict[torch.fx.Node, str] = field(default_factory=dict)  # saved by an earlier graph
+    saved_outputs: dict[int, Any] = field(default_factory=dict)  # output position -> its save
+    saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
+    input_saves: list[Any] = field(default_factory=list)  # this graph's saves of its placeholders
 
 
 class InplaceAudit:
@@ -67,7 +68,7 @@ class InplaceAudit:
         self.options = parse_options(options)
         self.graphs: list[_AuditedGraph] = []
         self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
-        self._saved_outputs: dict[int, tuple[weakref.ref, str]] = {}  # outputs autograd saved
+        self._cross_graph = CrossGraphState()  # what later graphs must know after a break
         self.capture_outputs = False
 
     @property
@@ -77,6 +78,7 @@ class InplaceAudit:
     def clear(self) -> None:
         """Forget the reports kept so far."""
         self.graphs.clear()
+        self._cross_graph.clear()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs: Any):
         opts = self.options if not options else parse_options({**self._explicit_options(), **options})
@@ -97,7 +99,7 @@ class InplaceAudit:
         compiled = self._compile(gm, example_inputs, opts, mode, graph)
         if wrap is not None:
             compiled = wrap(compiled)
-        if not self.capture_outputs and not graph.saved_outputs:
+        if not self.capture_outputs and graph.trace is None:
             return compiled
         first_call = [True]
 
@@ -108,26 +110,19 @@ class InplaceAudit:
                 graph.outputs = [id(t) for t in flat]
                 if first_call[0]:
                     first_call[0] = False
-                    self._remember_saved_outputs(graph, flat)
+                    self._remember_outputs(graph, flat, opts)
             return out
 
         return run
 
-    def _remember_saved_outputs(self, graph: _AuditedGraph, outputs: list) -> None:
+    def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,
         # the backward of this graph fails. Checked when that graph compiles, on this first call.
-        for position, description in graph.saved_outputs.items():
-            if position < len(outputs) and isinstance(outputs[position], torch.Tensor):
-                tensor = outputs[position]
-                self._saved_outputs[id(tensor)] = (weakref.ref(tensor), f"{description} in graph {graph.identity[0]}")
-
-    def _saved_inputs(self, gm: torch.fx.GraphModule, example_inputs: list) -> dict[torch.fx.Node, str]:
-        found = {}
-        for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
-            entry = self._saved_outputs.get(id(real))
-            if entry is not None and entry[0]() is real:
-                found[node] = entry[1]
-        return found
+        try:
+            self._cross_graph.record_outputs(
+                graph.gm, outputs, graph.trace, graph.saved_outputs, graph.input_saves, graph.identity[0])
+        except Exception as e:  # the user's training comes first
+            _fall_back(opts, e, f"could not record the outputs of graph {graph.identity[0]}", "training goes on")
 
     def _explicit_options(self) -> dict[str, Any]:
         defaults = AuditOptions().as_dict()
@@ -136,21 +131,27 @@ class InplaceAudit:
     def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
         identity = graph_identity(gm)
         try:
-            saved_inputs = self._saved_inputs(gm, example_inputs)
+            earlier = self._cross_graph.look_up(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
+            trace.known_targets.update(earlier.targets)
+            per_op = opts.compiler == "eager"
+            saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
-            saved_outputs = saved_output_positions(gm, trace)
+            saved_outputs, saved_placeholders = saves_for_later_graphs(gm, trace)
+            input_saves = self._cross_graph.record_inputs(gm, example_inputs, trace, saved_placeholders, identity[0])
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
-        return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs)
+        return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
+                             input_saves=input_saves)
 
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
         from .passes.functionalize import functionalize
 
         try:
-            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, graph.saved_inputs)
+            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, graph.saved_inputs,
+                                 graph.trace.known_targets if graph.trace is not None else None)
         except Exception as e:  # the user's training comes first
             what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
             _fall_back(opts, e, what, "compiling it unchanged")
@@ -196,7 +197,7 @@ def analyze(
     identity: tuple[str, str, str],
     opts: AuditOptions,
     output_names: list[str | None] | None = None,
-    saved_inputs: dict[torch.fx.Node, str] | None = None,
+    saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> GraphReport:
     """Split tasks and classify hazards on an already traced graph (cheap: no tensor runs)."""
     split = split_tasks(gm, trace, output_names, opts.tasks)

@@ -55,7 +55,6 @@ import itertools
 import linecache
 import logging
 import operator
-import os
 import re
 import sys
 import warnings
@@ -76,7 +75,7 @@ from torch.optim.optimizer import (
 )
 from torch.overrides import TorchFunctionMode
 
-from ._sources import SourceLocation
+from ._sources import SourceLocation, is_internal_file, known_internal_files
 
 __all__ = [
     "guard",
@@ -279,16 +278,9 @@ def _compiled_or_unknown(node: str | None) -> str:
 # Where the user is
 
 
-def _internal_prefixes() -> tuple[str, ...]:
-    dirs = [os.path.dirname(torch.__file__), os.path.dirname(__file__)]
-    return tuple(os.path.join(d, "") for d in dirs)
-
-
-_INTERNAL = (*_internal_prefixes(), "<eval_with_key>")
-# By file name, not by code object: a code object hashes its bytecode and constants (about a
-# microsecond for `Module._call_impl`), and `pack` walks several frames per saved tensor. A
-# file name is a string that keeps its hash.
-_is_internal_file: dict[str, bool] = {}
+# Frames are classified by file name, not by code object: a code object hashes its bytecode
+# and constants (about a microsecond for `Module._call_impl`), and `pack` walks several frames
+# per saved tensor. A file name is a string that keeps its hash.
 _getframe = sys._getframe
 _RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
@@ -296,15 +288,13 @@ _RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENE
 def _user_frame(frame: FrameType | None) -> tuple[CodeType, int] | None:
     """The innermost frame outside torch and fxinplace, as (code, offset of the instruction
     it runs): no line-table walk; `_location` turns it into a line when needed."""
-    internal = _is_internal_file
+    known = known_internal_files
     while frame is not None:
         code = frame.f_code
         name = code.co_filename
-        flag = internal.get(name)
+        flag = known.get(name)
         if flag is None:
-            if len(internal) > 4096:  # "<eval_with_key>.N": one name per FX graph module
-                internal.clear()
-            flag = internal[name] = name.startswith(_INTERNAL)
+            flag = is_internal_file(name)
         if not flag:
             return code, frame.f_lasti
         frame = frame.f_back

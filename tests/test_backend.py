@@ -15,7 +15,7 @@ from torch import nn
 
 import fxinplace
 import fxinplace.backend
-from conftest import quiet_audit
+from conftest import assert_close_at_scale, quiet_audit
 
 
 class TwoHeads(nn.Module):
@@ -74,6 +74,9 @@ def test_audit_does_not_change_what_the_compiler_computes(compiler):
     reference = copy.deepcopy(model)
     ours = _compile(model, compiler=compiler)(x)
     theirs = torch.compile(reference, backend=compiler)(x)
+    # Exact on purpose: the audit hands the compiler the very graph Dynamo gave it, so the
+    # same kernels run on the same tensors in the same order; any bit that moved means the
+    # audit changed the graph.
     for key in ("a", "b"):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
     sum(o.sum() for o in ours.values()).backward()
@@ -104,7 +107,7 @@ def test_an_analysis_failure_warns_and_training_goes_on(monkeypatch):
         out = _compile(model, compiler="aot_eager")(x)
     sum(o.sum() for o in out.values()).backward()
     expected = reference(x)
-    torch.testing.assert_close(out["a"], expected["a"])
+    assert_close_at_scale(out["a"], expected["a"])  # aot_eager against eager: other kernels
     assert all(p.grad is not None for p in model.parameters())
 
 

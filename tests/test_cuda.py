@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxinplace
-from conftest import eager_backward_error, eager_effects, eager_writes, marked_line, quiet_audit, total_loss
+from conftest import assert_close_at_scale, eager_backward_error, eager_effects, eager_writes, marked_line, quiet_audit, total_loss
 from test_hazards import HAZARDOUS, SharedLatent, Decoder, _pytorch_says_hazardous
 import test_mutations
 from test_mutations import CASES, _model
@@ -88,11 +88,11 @@ def test_audit_hands_inductor_the_graph_and_triton_runs_it():
     assert "triton" in code  # Inductor generated GPU code, not C++
     expected = torch.compile(plain, backend="inductor")(x)
     for key in expected:
-        torch.testing.assert_close(out[key], expected[key])
+        assert_close_at_scale(out[key], expected[key])
     total_loss(out).backward()
     total_loss(expected).backward()
     for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+        assert_close_at_scale(p.grad, q.grad, msg=name)
     (graph,) = backend.report.graphs
     assert {m.target.name for m in graph.mutations if m.target.kind == "buffer"} >= {"trunk.1.running_mean"}
 

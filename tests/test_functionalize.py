@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
-from conftest import eager_backward_error, total_loss
+from conftest import assert_close_at_scale, close_at_scale, eager_backward_error, total_loss
 from fxinplace.passes.functionalize import functionalize
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
@@ -334,20 +334,21 @@ def _clone(inputs):
 
 
 def _assert_same(history, expected, atol=1e-5):
+    # Several training steps, out of place against in place: rtol 1e-4; `atol` at scale 1.
     assert len(history) == len(expected)
     for (outs, loss, grads), (outs_e, loss_e, grads_e) in zip(history, expected):
         assert len(outs) == len(outs_e)
         for o, e in zip(outs, outs_e):
-            torch.testing.assert_close(o, e, atol=atol, rtol=1e-4)
-        torch.testing.assert_close(loss, loss_e, atol=atol, rtol=1e-4)
+            assert_close_at_scale(o, e, atol=atol, rtol=1e-4, msg="output")
+        assert_close_at_scale(loss, loss_e, atol=atol, rtol=1e-4, msg="loss")
         assert grads.keys() == grads_e.keys()
         for name in grads:
-            torch.testing.assert_close(grads[name], grads_e[name], atol=atol, rtol=1e-4, msg=f"gradient of {name}")
+            assert_close_at_scale(grads[name], grads_e[name], atol=atol, rtol=1e-4, msg=f"gradient of {name}")
 
 
 def _assert_same_state(model, expected):
     for (name, t), (_, e) in zip(model.state_dict().items(), expected.state_dict().items()):
-        torch.testing.assert_close(t, e, atol=1e-5, rtol=1e-4, msg=f"state {name}")
+        assert_close_at_scale(t, e, atol=1e-5, rtol=1e-4, msg=f"state {name}")
 
 
 # -- (i) hazardous models ----------------------------------------------------------------
@@ -395,7 +396,7 @@ def test_data_write_after_use_is_hidden_from_eager_but_not_from_functionalize():
     # PyTorch itself raises nothing: backward silently multiplies by the clamped gain.
     eager = copy.deepcopy(model)
     history = _train(eager, _clone(inputs))
-    assert not torch.allclose(history[0][2]["fc.weight"], expected[0][2]["fc.weight"])
+    assert not close_at_scale(history[0][2]["fc.weight"], expected[0][2]["fc.weight"])
 
     backend = _backend(functionalize=True)
     _assert_same(_train(model, _clone(inputs), torch.compile(model, backend=backend)), expected)
@@ -428,8 +429,9 @@ def test_safe_models_match_eager_outputs_grads_and_state(cls, make, mode, reques
     _assert_same_state(model, eager)
     for step, step_e in zip(compiled_inputs, eager_inputs):
         for t, e in zip(step, step_e):
-            torch.testing.assert_close(t, e)
-    expected_rewrites = {"rewritten", "written back to parameter", "written back to buffer", "written back to input"}
+            assert_close_at_scale(t, e)
+    expected_rewrites = {"rewritten", "written back to parameter", "written back to buffer", "written back to input",
+                         "written back to intermediate"}  # an earlier graph's, after a break
     if mode == "hazards":
         expected_rewrites = {"kept in place: no error-level hazard in this graph"}
     assert {m.rewrite for m in backend.report.mutations} <= expected_rewrites
@@ -524,7 +526,7 @@ def test_a_returned_input_is_the_callers_tensor_as_in_eager():
     InputShift.forward(model, expected)
     _, out = torch.compile(model, backend=_backend(functionalize=True))(x)
     assert out is x
-    torch.testing.assert_close(x, expected)
+    assert_close_at_scale(x, expected)
 
 
 def test_functionalize_rejects_an_unknown_mode():
@@ -596,7 +598,7 @@ def test_under_no_grad_the_writes_happen_as_in_eager(cls, make):
     with torch.no_grad():
         for (x,) in inputs:
             for got, expected in zip(run(x), eager(x)):
-                torch.testing.assert_close(got, expected)
+                assert_close_at_scale(got, expected)
     _assert_same_state(model, eager)
 
 
@@ -626,7 +628,7 @@ def test_a_write_to_what_an_earlier_graph_saved_is_not_claimed_removed():
         torch.compile(model, backend=backend)(x)
     assert isinstance(failure.value.inner_exception, fxinplace.HazardError)
     mutation = backend.report.graphs[-1].mutations[0]
-    assert mutation.rewrite == "written back to input (an earlier graph saved it)"
+    assert mutation.rewrite == "written back to intermediate (an earlier graph saved it)"
     assert mutation.severity == "error"
 
 
@@ -726,7 +728,7 @@ def test_written_inputs_are_cloned_only_when_the_backward_can_read_them(cls, rea
     total_loss(torch.compile(model, backend=backend)(*_clone([x])[0])).backward()
     _assert_same_state(model, twin)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)  # what the clones protect
+        assert_close_at_scale(p.grad, q.grad, msg=name)  # what the clones protect
     for name, buffer in model.named_buffers():
         passed_itself = buffer.untyped_storage().data_ptr() in seen[0]
         assert passed_itself == (name not in read_by_backward), name
@@ -779,7 +781,7 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
     backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
     total_loss(torch.compile(model, backend=backend)(x)).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+        assert_close_at_scale(p.grad, q.grad, msg=name)
     (mutation,) = backend.report.mutations
     assert mutation.rewrite.startswith("rewritten") == rewritten, mutation.rewrite
     if not rewritten:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim.optimizer as optim_hooks
 
-from conftest import marked_line
+from conftest import close_at_scale, marked_line
 from fxinplace._sources import SourceLocation
 from fxinplace.training_guard import (
     StaleSavedTensor,
@@ -122,6 +122,9 @@ def _state(run: Run) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    # Exact on purpose: the guard only watches (its unpack hook hands backward the very tensor
+    # autograd saved), so both runs call the same kernels on the same tensors in the same
+    # order. Any bit that moved means the guard changed what training computes.
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -548,7 +551,7 @@ def test_data_write_is_caught_where_pytorch_is_silently_wrong(case: tuple) -> No
                if not torch.equal(p.detach().clamp(-0.01, 0.01), p.detach())}
     silent = bad(make(), _no_names)
     expected = reference(make(), _no_names)
-    assert any(not torch.allclose(silent[n], expected[n]) for n in expected)
+    assert any(not close_at_scale(silent[n], expected[n]) for n in expected)
 
     stale = _guarded(bad, make())
 

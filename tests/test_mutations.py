@@ -34,6 +34,7 @@ class Case(nn.Module):
         self.register_buffer("buf", torch.zeros(6))
         self.bn = nn.BatchNorm1d(6) if with_bn else None
         self.act = nn.ReLU(inplace=True)
+        self.threshold = nn.Threshold(0.1, 0.0, inplace=True)
         self.w = nn.Parameter(torch.ones(6))
 
     def forward(self, x):
@@ -83,6 +84,32 @@ def _functional_inplace(m, h, x):
 
 def _module_inplace(m, h, x):
     h = m.act(h)
+    return h.sum()
+
+
+# Torch functions Dynamo inlines: their own frames (`nn/functional.py`, `nn/init.py`) end
+# the stack trace, and the line reported is still the user's.
+def _threshold(m, h, x):
+    F.threshold(h, 0.1, 0.0, inplace=True)
+    return h.sum()
+
+
+def _threshold_module(m, h, x):
+    m.threshold(h)
+    return h.sum()
+
+
+def _init_constant(m, h, x):
+    nn.init.constant_(m.w, 0.5)
+    return (h * m.w).sum()
+
+
+# ... and others it records as one call, for comparison.
+def _other_functionals(m, h, x):
+    F.hardtanh(h, inplace=True)
+    F.leaky_relu(h, 0.1, inplace=True)
+    F.elu(h, inplace=True)
+    F.dropout(h, 0.5, training=True, inplace=True)
     return h.sum()
 
 
@@ -182,6 +209,10 @@ CASES = {
     "zero_": (_zero, {}),
     "F.relu(inplace=True)": (_functional_inplace, {}),
     "nn.ReLU(inplace=True)": (_module_inplace, {}),
+    "F.threshold(inplace=True)": (_threshold, {}),
+    "nn.Threshold(inplace=True)": (_threshold_module, {}),
+    "nn.init.constant_": (_init_constant, {}),
+    "hardtanh, leaky_relu, elu, dropout (inplace=True)": (_other_functionals, {}),
     "+=": (_iadd, {}),
     "slice assignment": (_slice_assign, {}),
     "mask assignment": (_mask_assign, {}),
@@ -270,6 +301,6 @@ def test_writes_to_caller_inputs_really_change_the_callers_tensor():
     model, x = _model(_input_write), torch.randn(3, 4)
     before = x.clone()
     report = quiet_audit(model, x)
-    assert torch.equal(x, before * 2)  # the audit runs the model for real, once
+    assert torch.equal(x, before * 2)  # the audit runs the model for real, once (doubling is exact)
     (mutation,) = report.mutations
     assert (mutation.target.kind, mutation.target.name) == ("input", "x")

@@ -17,7 +17,7 @@ from torch import nn
 
 import fxinplace
 import fxinplace.backend
-from conftest import eager_backward_error, eager_writes, marked_line, quiet_audit
+from conftest import assert_close_at_scale, eager_backward_error, eager_writes, marked_line, quiet_audit
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -153,7 +153,7 @@ def test_grad_modes(mode):
     with mode():
         expected = f(x.clone())
         out = torch.compile(f, backend=backend)(x)
-    torch.testing.assert_close(out, expected)
+    assert_close_at_scale(out, expected)
     (mutation,) = backend.report.mutations
     assert mutation.under_no_grad and backend.report.hazards("error") == []
 
@@ -223,7 +223,7 @@ STAGES = [
     "fxinplace.backend.trace_mutations",
     "fxinplace.backend.split_tasks",
     "fxinplace.backend.find_hazards",
-    "fxinplace.backend.saved_output_positions",
+    "fxinplace.backend.saves_for_later_graphs",
     "fxinplace.report.GraphReport.render",
 ]
 
@@ -242,8 +242,8 @@ def test_a_fault_in_any_stage_warns_and_the_model_still_trains(stage, monkeypatc
         out = torch.compile(model, backend=backend)(x)
     out.sum().backward()
     reference(x).sum().backward()
-    torch.testing.assert_close(out, reference(x))
-    torch.testing.assert_close(model.fc.weight.grad, reference.fc.weight.grad)
+    assert_close_at_scale(out, reference(x))
+    assert_close_at_scale(model.fc.weight.grad, reference.fc.weight.grad)
 
     torch._dynamo.reset()
     with pytest.raises(Exception, match="injected into"):

@@ -14,7 +14,7 @@ from .._sources import module_path_of, source_of
 from ..report import Hazard, Mutation
 from .resolve_aliases import describe_op, resolve_target, target_of_root
 from .split_tasks import TaskSplit
-from .trace_mutations import MutationTrace, SavedTensor, Write
+from .trace_mutations import MutationTrace, SavedTensor, Write, overlaps
 
 __all__ = ["find_hazards", "HAZARD_CODES"]
 
@@ -38,9 +38,10 @@ def find_hazards(
     gm: torch.fx.GraphModule,
     trace: MutationTrace,
     split: TaskSplit,
-    saved_inputs: dict[torch.fx.Node, str] | None = None,
+    saved_inputs: dict[torch.fx.Node, list[tuple[str, SavedTensor]]] | None = None,
 ) -> list[Mutation]:
-    """`saved_inputs`: placeholders that an earlier graph saved for backward (graph breaks)."""
+    """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), with
+    (description, save) for each save."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
@@ -65,9 +66,12 @@ def find_hazards(
             shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
             hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after,
                                    saved_by_mutator.get(node, ()), hidden_by_mutator.get(node, ()))
-            saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage))
-            if saved_earlier is not None:
-                hazards.insert(0, _saved_in_earlier_graph(write, target, saved_earlier))
+            saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
+            # Autograd's counter is per storage, so a visible write anywhere invalidates the
+            # save; a hidden one changes the gradients only where it overlaps the saved region.
+            invalidated = [d for d, r in saved_earlier if write.autograd_visible or overlaps(r.tensor, write.region if write.region is not None else write.tensor)]
+            if invalidated:
+                hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
             facts.append(Mutation(
                 node=node.name,
                 op=describe_op(node),
@@ -86,21 +90,36 @@ def find_hazards(
     return mutations
 
 
-def saved_output_positions(gm: torch.fx.GraphModule, trace: MutationTrace) -> dict[int, str]:
-    """Graph outputs that autograd saved for backward, and who saved them.
+def saves_for_later_graphs(
+    gm: torch.fx.GraphModule, trace: MutationTrace
+) -> tuple[dict[int, SavedTensor], dict[torch.fx.Node, SavedTensor]]:
+    """Saved tensors a later graph can write: ({output position: save}, {placeholder: save}).
 
-    After a graph break these arrive as inputs of the next graph, where a write to them
-    breaks this graph's backward: the backend checks that when the next graph compiles.
+    After a graph break an output arrives as an input of the next graph; parameters, buffers
+    and the caller's inputs are the same tensors in every graph. A write there breaks this
+    graph's backward: the backend checks that when the later graph compiles. Only saves that
+    some output's backward reaches count, and only those not already modified here.
     """
+    live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None
+            and trace.backward_outputs.get(r.node)]
     output_node = next(iter(reversed(gm.graph.nodes)))
     outputs = [a for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
-    saved = {}
+    by_output = {}
     for position, out in enumerate(outputs):
         made = trace.storages_made.get(out, set())
-        record = next((r for r in trace.saved if r.storage is not None and r.storage in made and r.mutated_by is None), None)
+        record = next((r for r in live if r.storage in made), None)
         if record is not None:
-            saved[position] = f"`{describe_op(record.node)}` at {_at(record.node)}"
-    return saved
+            by_output[position] = record
+    by_placeholder = {}
+    for record in live:
+        root = trace.storage_root.get(record.storage)
+        if root is not None and root.op == "placeholder":
+            by_placeholder.setdefault(root, record)
+    return by_output, by_placeholder
+
+
+def describe_save(record: SavedTensor) -> str:
+    return f"`{describe_op(record.node)}` at {_at(record.node)}"
 
 
 def _saved_in_earlier_graph(write: Write, target, saved_by: str) -> Hazard:
@@ -108,13 +127,17 @@ def _saved_in_earlier_graph(write: Write, target, saved_by: str) -> Hazard:
     op = f"`{describe_op(node)}` at {_at(node)}"
     if write.autograd_visible:
         return Hazard("saved-then-mutated", "error", (
-            f"{target} was saved for backward by {saved_by}, crossed a graph break, and is modified in place "
+            f"{_saved_name(target)} was saved for backward by {saved_by}, crossed a graph break, and is modified in place "
             f"by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
         ), source_of(node))
     return Hazard("hidden-write-to-saved", "error", (
-        f"{target} was saved for backward by {saved_by}, crossed a graph break, and is overwritten by {op} "
+        f"{_saved_name(target)} was saved for backward by {saved_by}, crossed a graph break, and is overwritten by {op} "
         f"through a path autograd does not see: gradients silently use the new values"
     ), source_of(node))
+
+
+def _saved_name(target) -> str:
+    return f"`{target.name}` (output of {target.produced_by})" if target.kind == "intermediate" else str(target)
 
 
 def _writer_tasks(write: Write, split: TaskSplit) -> set[str]:

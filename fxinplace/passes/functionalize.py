@@ -73,13 +73,15 @@ def functionalize(
     mode: str = "all",
     mutations: Sequence[Mutation] = (),
     saved_inputs: Collection[torch.fx.Node] = (),
+    known_targets: dict[torch.fx.Node, Any] | None = None,
 ) -> FunctionalizedGraph:
     """Rewrite `gm` without in-place ops; see the module docstring.
 
     `mode` is "all" or "hazards"; `mutations` are the audit's findings for `gm` (they choose
     what "hazards" rewrites, and come back with `rewrite` and removed hazards marked).
     `saved_inputs` are placeholders an earlier graph saved for backward (a graph break): their
-    write-back still reaches what that graph saved, so their hazards stay.
+    write-back still reaches what that graph saved, so their hazards stay. `known_targets`:
+    placeholders the audit named after an earlier graph (its intermediates, the caller's inputs).
     """
     if mode not in ("all", "hazards"):
         raise ValueError(f'fxinplace: `functionalize` mode must be "all" or "hazards", got {mode!r}')
@@ -106,8 +108,9 @@ def functionalize(
     new_gm.graph.lint()
     new_gm.recompile()
 
-    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept + reinplaced}
-    saved_earlier = {_target_of(p) for p in saved_inputs}
+    known = known_targets or {}
+    names = {_target_of(placeholders[i], known) for i in [i for i, _ in written] + kept + reinplaced}
+    saved_earlier = {_target_of(p, known) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
     clone = {i for i in indices if read[i]}
@@ -588,22 +591,25 @@ def _identity(compiled: Callable) -> Callable:
     return compiled
 
 
-def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
+def _target_of(placeholder: torch.fx.Node, known: dict[torch.fx.Node, Any]) -> tuple[str, str]:
+    if placeholder in known:
+        return known[placeholder].kind, known[placeholder].name
     source = getattr(placeholder.meta.get("grapharg"), "source", None)
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 
 
 def _mark(mutation: Mutation, written: set[tuple[str, str]], saved_earlier: set[tuple[str, str]]) -> Mutation:
     target = mutation.target
-    if target.kind == "intermediate":
-        rewrite = "rewritten"
-    elif (target.kind, target.name) not in written:
-        raise AssertionError(f"fxinplace: functionalize found no write-back for {target} ({mutation.node})")
-    elif (target.kind, target.name) in saved_earlier:
+    key = (target.kind, target.name)
+    if key in saved_earlier:
         # The write-back lands in the storage the earlier graph's backward reads, as in eager.
         return dataclasses.replace(mutation, rewrite=f"written back to {target.kind} (an earlier graph saved it)")
-    else:
+    if key in written:  # placeholders, an earlier graph's intermediates among them
         rewrite = f"written back to {target.kind}"
+    elif target.kind == "intermediate":
+        rewrite = "rewritten"
+    else:
+        raise AssertionError(f"fxinplace: functionalize found no write-back for {target} ({mutation.node})")
     hazards = tuple(_removed(h) if h.code in _REMOVED else h for h in mutation.hazards)
     if any(h.code in _REMOVED for h in mutation.hazards):
         rewrite += " (removes " + ", ".join(sorted({h.code for h in mutation.hazards if h.code in _REMOVED})) + ")"

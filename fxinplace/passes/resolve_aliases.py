@@ -73,6 +73,8 @@ def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:
     """Name the node that owns a storage: a placeholder by its source, else by its op."""
     if root.op != "placeholder":
         return Target("intermediate", root.name, describe_op(root))
+    if root in trace.known_targets:
+        return trace.known_targets[root]
     source = trace.sources.get(root)
     kind, name = qualified_name_of(source) if source is not None else ("input", root.name)
     return Target(kind, name)

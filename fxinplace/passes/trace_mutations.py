@@ -40,6 +40,7 @@ class Write:
     autograd_visible: bool  # did the write bump the version counter autograd checks?
     grad_enabled: bool
     how: str  # "version" (counter moved) or "schema" (a write the schema hides)
+    region: torch.Tensor | None = None  # the part of `tensor` written, when known to be less
 
 
 @dataclass
@@ -74,6 +75,11 @@ class MutationTrace:
     # A saved tensor matters only there: behind `.detach()`, `.data`, `no_grad` or an
     # output that needs no grad, backward never unpacks it, so a later write is harmless.
     backward_outputs: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
+    # The same for placeholders: the output positions whose backward reaches the input.
+    placeholder_reach: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
+    # Placeholders an earlier graph already named (its intermediates, views of the caller's
+    # inputs): after a graph break they arrive here as inputs of their own.
+    known_targets: dict[torch.fx.Node, Any] = field(default_factory=dict)
 
     def writes_by_node(self) -> dict[torch.fx.Node, list[Write]]:
         grouped: dict[torch.fx.Node, list[Write]] = {}
@@ -168,6 +174,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self._grad_fns: dict[torch.fx.Node, list[Any]] = {}  # autograd nodes each node made
         self._known_fns: set[Any] = set()  # autograd nodes that existed before the current node
         self._unread: list[Any] = []  # the current node's saved-but-unread argument values
+        self._placeholder_fns: dict[torch.fx.Node, list[Any]] = {}
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -219,7 +226,9 @@ class _TracingInterpreter(torch.fx.Interpreter):
             self.pack(self.env[arg])
             self.current = None
         if n.op == "placeholder":
-            _new_grad_fns(_grad_fns(pytree.tree_leaves(result)), self._known_fns)
+            # A leaf's node is its `AccumulateGrad` (found by `variable`); a non-leaf's, its grad_fn now.
+            self._placeholder_fns[n] = _grad_fns(pytree.tree_leaves(result))
+            _new_grad_fns(self._placeholder_fns[n], self._known_fns)
         else:
             first = len(trace.writes)
             self._record_writes(n, args, kwargs, inputs, before, roots_before)
@@ -241,6 +250,14 @@ class _TracingInterpreter(torch.fx.Interpreter):
             positions = frozenset(i for i, seen in enumerate(reach) if any(fn in seen for fn in fns))
             if positions:
                 self.trace.backward_outputs[n] = positions
+        for n, fns in self._placeholder_fns.items():
+            value = self.env.get(n)
+            positions = frozenset(
+                i for i, seen in enumerate(reach)
+                if any(fn in seen for fn in fns) or any(getattr(fn, "variable", None) is value for fn in seen)
+            )
+            if positions:
+                self.trace.placeholder_reach[n] = positions
 
     def _root_versions(self, inputs: list) -> dict[StorageKey, int | None]:
         versions = {}
@@ -275,10 +292,12 @@ class _TracingInterpreter(torch.fx.Interpreter):
             visible = by_version and (
                 not isinstance(root, torch.Tensor) or root is t or _version(root) != roots_before.get(key)
             )
-            self.trace.writes.append(
-                Write(n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema")
-            )
-            self._check_saved(n, key, _written_region(n, args, t, key))
+            region = _written_region(n, args, t, key)
+            self.trace.writes.append(Write(
+                n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema",
+                region if region is not t else None,
+            ))
+            self._check_saved(n, key, region)
 
     def _check_saved(self, n: torch.fx.Node, key: StorageKey, written: torch.Tensor) -> None:
         for record in self._saved_by_storage.get(key, ()):
@@ -295,7 +314,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
                 record._last_version = now
                 if record.mutated_by is None and now != record.version:
                     record.mutated_by = n
-            elif record.values_read and _overlaps(record.tensor, written):
+            elif record.values_read and overlaps(record.tensor, written):
                 record.hidden_writes.append(n)
 
 
@@ -411,7 +430,7 @@ def _schema_written_args(n: torch.fx.Node) -> set[torch.fx.Node]:
     return written
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Can `a` and `b` (same storage) touch the same elements? True when unsure."""
     try:
         ranges = []

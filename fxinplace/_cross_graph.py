@@ -1,0 +1,189 @@
+"""What one graph leaves to the next across a graph break: who owns a storage, who saved it.
+
+Dynamo hands the backend one graph at a time. After a break, an intermediate of the earlier
+graph arrives in the next one as an input of its own, and parameters, buffers and the
+caller's inputs arrive as placeholders of their own: only the real tensors, by storage,
+link the graphs. The backend records, per real storage an audited graph touched, how that
+graph names its owner and which of its saves read it; a later graph looks its placeholders
+up here before it is analysed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from .passes.find_hazards import describe_save
+from .passes.resolve_aliases import Target, describe_op, target_of_root
+from .passes.trace_mutations import MutationTrace, SavedTensor, storage_key
+
+__all__ = ["CrossGraphState"]
+
+# Nodes walked when asking whether a real autograd history reaches an earlier save.
+_WALK_LIMIT = 200_000
+
+
+@dataclass
+class _Save:
+    """A save of an earlier graph that a later write can invalidate."""
+
+    description: str  # "`sigmoid` at f.py:7 (fc) in graph 0/0"
+    record: SavedTensor  # its fake tensor gives the saved region's geometry
+    positions: frozenset[int]  # outputs of that graph whose backward runs through the save
+    reach: list[weakref.ref] = field(default_factory=list)  # those outputs, after the first call
+    reach_fns: set[int] = field(default_factory=set)  # id() of their autograd nodes then
+
+
+@dataclass
+class _Storage:
+    tensor: weakref.ref
+    target: Target
+    saves: list[_Save] = field(default_factory=list)
+
+
+@dataclass
+class LaterView:
+    """What the registry says about one graph's placeholders (see `CrossGraphState.look_up`)."""
+
+    targets: dict[torch.fx.Node, Target]
+    saves: dict[torch.fx.Node, list[_Save]]
+
+
+class CrossGraphState:
+    """Per backend instance: the storages earlier graphs touched, by real storage."""
+
+    def __init__(self) -> None:
+        self._storages: dict[Any, _Storage] = {}
+
+    def clear(self) -> None:
+        self._storages.clear()
+
+    def look_up(self, gm: torch.fx.GraphModule, example_inputs: list) -> LaterView:
+        """Names and earlier saves for `gm`'s placeholders whose storage an earlier graph saw."""
+        targets, saves = {}, {}
+        for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            entry = self._entry(real)
+            if entry is None:
+                continue
+            targets[node] = entry.target
+            if entry.saves:
+                saves[node] = list(entry.saves)
+        return LaterView(targets, saves)
+
+    def saved_inputs(
+        self, view: LaterView, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, per_op: bool
+    ) -> dict[torch.fx.Node, list[tuple[str, SavedTensor]]]:
+        """The earlier saves each placeholder's write would invalidate, with their descriptions.
+
+        `per_op`: the earlier graph ran op by op (compiler "eager"), so a save matters only if
+        the loss can still reach it. A compiled graph (AOTAutograd) runs one backward node for
+        the whole graph, which unpacks every save once any of its outputs gets a gradient.
+        """
+        reals = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+        found = {}
+        for node, saves in view.saves.items():
+            kept = [s for s in saves if not per_op or self._may_reach_loss(s, reals, trace)]
+            if kept:
+                found[node] = [(s.description, s.record) for s in kept]
+        return found
+
+    def record_inputs(
+        self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+        saved: dict[torch.fx.Node, SavedTensor], graph_id: str,
+    ) -> list[_Save]:
+        """Register `gm`'s placeholders (compile time); returns their saves, to complete later."""
+        new = []
+        for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            entry = self._entry(real) or self._add(real, target_of_root(node, trace))
+            record = saved.get(node)
+            if entry is not None and record is not None:
+                save = _Save(f"{describe_save(record)} in graph {graph_id}", record,
+                             trace.backward_outputs.get(record.node, frozenset()))
+                entry.saves.append(save)
+                new.append(save)
+        return new
+
+    def record_outputs(
+        self, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace, saved: dict[int, SavedTensor],
+        input_saves: list[_Save], graph_id: str,
+    ) -> None:
+        """Register `gm`'s outputs (first call, when the real outputs exist)."""
+        output_node = next(iter(reversed(gm.graph.nodes)))
+        nodes = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
+        saves = list(input_saves)
+        for position, (node, real) in enumerate(zip(nodes, outputs)):
+            if not isinstance(real, torch.Tensor):
+                continue
+            entry = self._entry(real) or self._add(
+                real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph_id}"))
+            record = saved.get(position)
+            if entry is not None and record is not None:
+                save = _Save(f"{describe_save(record)} in graph {graph_id}", record,
+                             trace.backward_outputs.get(record.node, frozenset()))
+                entry.saves.append(save)
+                saves.append(save)
+        for save in saves:
+            for position in save.positions:
+                real = outputs[position] if position < len(outputs) else None
+                if isinstance(real, torch.Tensor):
+                    save.reach.append(weakref.ref(real))
+                    if real.grad_fn is not None:
+                        save.reach_fns.add(id(real.grad_fn))
+        self._prune()
+
+    def _may_reach_loss(self, save: _Save, reals: dict[torch.fx.Node, Any], trace: MutationTrace) -> bool:
+        # The save is dead only when each output its backward runs through came into this
+        # graph and none of this graph's outputs reaches it, and no other input that does
+        # reach them has the save's graph in its history (an eager op between the graphs).
+        # Anything unknown (an output also returned by the frame, used in a later graph)
+        # counts as reaching the loss: see docs/hazards.md.
+        by_identity = {id(real): node for node, real in reals.items()}
+        reach = [ref() for ref in save.reach]
+        if not reach or any(t is None or id(t) not in by_identity for t in reach):
+            return True
+        if any(trace.placeholder_reach.get(by_identity[id(t)]) for t in reach):
+            return True
+        for node, real in reals.items():
+            if trace.placeholder_reach.get(node) and isinstance(real, torch.Tensor) and real.grad_fn is not None:
+                if _history_contains(real.grad_fn, save.reach_fns):
+                    return True
+        return False
+
+    def _entry(self, real: Any) -> _Storage | None:
+        key = storage_key(real)
+        entry = self._storages.get(key) if key is not None else None
+        if entry is None or entry.tensor() is None:
+            return None
+        return entry
+
+    def _add(self, real: Any, target: Target) -> _Storage | None:
+        key = storage_key(real)
+        if key is None:
+            return None
+        entry = self._storages[key] = _Storage(weakref.ref(real), target)
+        return entry
+
+    def _prune(self) -> None:
+        for key in [k for k, e in self._storages.items() if e.tensor() is None or k.expired()]:
+            del self._storages[key]
+
+
+def _history_contains(root: Any, wanted: set[int]) -> bool:
+    if not wanted:
+        return False
+    seen, stack = set(), [root]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        if id(fn) in wanted:
+            return True
+        seen.add(id(fn))
+        if len(seen) > _WALK_LIMIT:
+            return True  # too large to tell: assume it does
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
