@@ -221,6 +221,14 @@ def _compiled(code: str):
     return compile(code, "<gen>", "exec")
 
 
+def _refuses_use(t: torch.Tensor) -> bool:
+    try:
+        torch.mul(t, 1.0)  # a no_grad view whose base changed since refuses any use
+    except RuntimeError:
+        return True
+    return False
+
+
 def _broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
@@ -454,6 +462,12 @@ class _Generator:
         """A graph break: what was saved, or computed, before it may be written after it."""
         if not self.live.statements or self.live.statements[-1] == _BREAK:
             return None
+        # Dynamo hands the locals the rest of `forward` may read to the next graph as inputs,
+        # and reads each one's `grad_fn`: a view PyTorch no longer lets anyone use (see
+        # `tensors`) makes Dynamo itself raise, where eager never touches it again.
+        bound = {n for names in self.live.names.values() for n in names}
+        if any(_refuses_use(self.live.ns[n]) for n in bound if isinstance(self.live.ns.get(n), torch.Tensor)):
+            return None
         return _BREAK, []
 
     def function(self, scope: str) -> tuple[str, list[str]] | None:
@@ -623,13 +637,7 @@ class _Generator:
 
     def usable(self, name: str) -> bool:
         t = self.live.ns.get(name)
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return False
-        try:
-            torch.mul(t, 1.0)  # a no_grad view whose base changed since refuses any use
-        except RuntimeError:
-            return False
-        return True
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and not _refuses_use(t)
 
     def output_of(self, scope: str) -> str | None:
         """The head's last value that a loss can use and that owns its storage.
