@@ -236,8 +236,9 @@ def _broadcasts_to(shape, target) -> bool:
 
 
 class _Generator:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, rare: bool = True):
         self.rng = random.Random(seed)
+        self.rare = rare
         self.live = _Live(seed)
         self.live.reset()
         self.counter = 0
@@ -601,11 +602,12 @@ class _Generator:
     def candidate(self, scope: str) -> tuple[str, list[str]] | None:
         """(statement, names it binds)."""
         roll = self.rng.random()
-        if roll < _RARE:
+        if self.rare:
             # Constructs that cost Dynamo a graph or a subgraph each: rare, so the common ones
-            # above stay well covered and a run stays cheap.
-            return self.rng.choice([self.graph_break, self.function, self.checkpointed, self.shared_module])(scope)
-        roll = (roll - _RARE) / (1 - _RARE)
+            # below stay well covered and a run stays cheap.
+            if roll < _RARE:
+                return self.rng.choice([self.graph_break, self.function, self.checkpointed, self.shared_module])(scope)
+            roll = (roll - _RARE) / (1 - _RARE)
         if roll < 0.32:
             statement = self.producer(scope)
             return (statement, [statement.split(" = ")[0]]) if statement is not None else None
@@ -654,9 +656,10 @@ class _Generator:
         return None
 
 
-def generate(seed: int) -> Program:
-    """A random multi-task program, reproducible from `seed`."""
-    gen = _Generator(seed)
+def generate(seed: int, rare: bool = True) -> Program:
+    """A random multi-task program, reproducible from `seed`; `rare=False` leaves out the
+    rare constructs (graph breaks, custom Functions, checkpoint, shared submodules)."""
+    gen = _Generator(seed, rare)
     r = gen.rng
     heads = _HEADS[: r.choice([2, 3])]
     plan = [("trunk", r.randint(3, 7))] + [(h, r.randint(2, 4)) for h in heads]
