@@ -12,7 +12,10 @@ For one program, eager PyTorch decides:
   (`saved_tensors_hooks`); at unpack time it compares the live tensor with that clone, and
   its gradients are the reference: what backward computes when every saved value is the
   one the forward used. Gradients that differ from the reference (at its scale, not in the
-  last bits: docs/reliability.md, "How floats are compared") are silently wrong.
+  last bits: docs/reliability.md, "How floats are compared") are silently wrong. A custom
+  Function's saves are cloned when `save_for_backward` is called (PyTorch packs them only
+  after its forward returned), and a changed save backward never reads (training-mode batch
+  norm's running statistics) does not count.
 
 `torch.autograd.graph.allow_mutation_on_saved_tensors()` would give the same reference,
 but it recognises a saved tensor by `data_ptr()`, so a write through a view at another

@@ -3,7 +3,8 @@
 `generate(seed)` writes the source of a small `nn.Module`: a trunk and two or three heads
 built from view ops, in-place ops of every spelling the audit knows, ops that save their
 inputs or outputs for backward, and writes to parameters, buffers, caller inputs and
-intermediates. The program is grown one statement at a time, and each candidate statement
+intermediates; rarely, a graph break, a custom `autograd.Function`, a checkpointed function
+or a submodule applied twice. The program is grown one statement at a time, and each candidate statement
 is first run eagerly on the real tensors the finished program will see (same seeds), so
 PyTorch itself says what a statement does:
 
