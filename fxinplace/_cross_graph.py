@@ -36,6 +36,7 @@ class _Save:
     positions: frozenset[int]  # outputs of that graph whose backward runs through the save
     reach: list[weakref.ref] = field(default_factory=list)  # those outputs, after the first call
     reach_fns: set[int] = field(default_factory=set)  # id() of their autograd nodes then
+    kept_apart: bool = False  # functionalize gives that graph a clone to save, each call
 
 
 @dataclass
@@ -76,7 +77,7 @@ class CrossGraphState:
 
     def saved_inputs(
         self, view: LaterView, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, per_op: bool
-    ) -> dict[torch.fx.Node, list[tuple[str, SavedTensor]]]:
+    ) -> dict[torch.fx.Node, list[_Save]]:
         """The earlier saves each placeholder's write would invalidate, with their descriptions.
 
         `per_op`: the earlier graph ran op by op (compiler "eager"), so a save matters only if
@@ -88,15 +89,15 @@ class CrossGraphState:
         for node, saves in view.saves.items():
             kept = [s for s in saves if not per_op or self._may_reach_loss(s, reals, trace)]
             if kept:
-                found[node] = [(s.description, s.record) for s in kept]
+                found[node] = kept
         return found
 
     def record_inputs(
         self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
         saved: dict[torch.fx.Node, SavedTensor], graph_id: str,
-    ) -> list[_Save]:
+    ) -> dict[torch.fx.Node, _Save]:
         """Register `gm`'s placeholders (compile time); returns their saves, to complete later."""
-        new = []
+        new = {}
         for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
             entry = self._entry(real) or self._add(real, target_of_root(node, trace))
             record = saved.get(node)
@@ -104,17 +105,17 @@ class CrossGraphState:
                 save = _Save(f"{describe_save(record)} in graph {graph_id}", record,
                              trace.backward_outputs.get(record.node, frozenset()))
                 entry.saves.append(save)
-                new.append(save)
+                new[node] = save
         return new
 
     def record_outputs(
         self, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace, saved: dict[int, SavedTensor],
-        input_saves: list[_Save], graph_id: str,
+        input_saves: dict[torch.fx.Node, _Save], graph_id: str,
     ) -> None:
         """Register `gm`'s outputs (first call, when the real outputs exist)."""
         output_node = next(iter(reversed(gm.graph.nodes)))
         nodes = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
-        saves = list(input_saves)
+        saves = list(input_saves.values())
         for position, (node, real) in enumerate(zip(nodes, outputs)):
             if not isinstance(real, torch.Tensor):
                 continue

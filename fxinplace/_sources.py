@@ -123,6 +123,48 @@ def qualified_name_of(source) -> tuple[str, str]:
 _CONTAINERS = {"_modules": "module", "_parameters": "parameter", "_buffers": "buffer"}
 
 
+def state_names(module: torch.nn.Module) -> dict[int, tuple[str, str, tuple[str, ...]]]:
+    """id(tensor) -> (kind, name, aliases) for every parameter and buffer of `module`.
+
+    The name is the one `named_parameters()` / `named_buffers()` give (the first registration
+    met, since they skip a tensor seen before); the aliases are its other names, in
+    `remove_duplicate=False` order. Dynamo names a tensor by the path it happened to reach it by.
+    """
+    names: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+    for kind, named in (("parameter", module.named_parameters), ("buffer", module.named_buffers)):
+        every: dict[int, list[str]] = {}
+        for name, t in named(remove_duplicate=False):
+            every.setdefault(id(t), []).append(name)
+        for name, t in named():
+            if id(t) not in names:
+                names[id(t)] = (kind, name, tuple(n for n in every.get(id(t), ()) if n != name))
+    return names
+
+
+def root_modules(sources) -> list[torch.nn.Module]:
+    """The modules Dynamo's sources start from (`L['self']`, `G['model']`), in the frame it compiles.
+
+    Read from the scope of the frame Dynamo is tracing (as Dynamo itself finds `self`); empty
+    when called outside a Dynamo compile or when Dynamo's internals have moved.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        output = InstructionTranslator.current_tx().output
+        scopes = {"local_name": output.local_scope, "global_name": output.global_scope}
+    except Exception:  # not inside Dynamo: the caller keeps Dynamo's names
+        return []
+    found: list[torch.nn.Module] = []
+    for source in sources:
+        while getattr(source, "base", None) is not None:
+            source = source.base
+        for attribute, scope in scopes.items():
+            obj = scope.get(getattr(source, attribute, None)) if isinstance(scope, dict) else None
+            if isinstance(obj, torch.nn.Module) and all(obj is not m for m in found):
+                found.append(obj)
+    return found
+
+
 def _short_path(file: str) -> str:
     parts = file.replace("\\", "/").split("/")
     return "/".join(parts[-2:]) if len(parts) > 2 else file

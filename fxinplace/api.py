@@ -47,6 +47,7 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     backend = InplaceAudit(**options)
     backend.defer_tables = True
     backend.capture_outputs = True
+    backend.model = model if isinstance(model, torch.nn.Module) else None
     compiled = torch.compile(model, backend=backend)
     try:
         result = compiled(*args, **kwargs)

@@ -20,8 +20,10 @@ import torch
 import torch.fx
 
 from ._cross_graph import CrossGraphState
+from ._sources import root_modules
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
+from .passes.resolve_aliases import name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
@@ -50,7 +52,8 @@ class _AuditedGraph:
     outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
     saved_outputs: dict[int, Any] = field(default_factory=dict)  # output position -> its save
     saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
-    input_saves: list[Any] = field(default_factory=list)  # this graph's saves of its placeholders
+    input_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # this graph's saves of its placeholders
+    saved_placeholders: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
 
 
 class InplaceAudit:
@@ -70,6 +73,7 @@ class InplaceAudit:
         self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
         self.capture_outputs = False
+        self.model: torch.nn.Module | None = None  # `fxinplace.audit`'s model: it names parameters, buffers
 
     @property
     def report(self) -> Report:
@@ -133,7 +137,9 @@ class InplaceAudit:
         try:
             earlier = self._cross_graph.look_up(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
-            trace.known_targets.update(earlier.targets)
+            self._name_state(gm, example_inputs, trace)
+            for node, target in earlier.targets.items():  # an earlier graph's name comes first
+                node.meta["fxinplace"] = target
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
@@ -143,15 +149,28 @@ class InplaceAudit:
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
         return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
-                             input_saves=input_saves)
+                             input_saves=input_saves, saved_placeholders=saved_placeholders)
+
+    def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
+        # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
+        # from the model `fxinplace.audit` was given, else from the module Dynamo's sources
+        # start from. Without either, Dynamo's names stay.
+        try:
+            modules = [self.model] if self.model is not None else []
+            name_placeholders(gm, example_inputs, modules + root_modules(trace.sources.values()))
+        except Exception:  # names are a nicety: the audit goes on with Dynamo's
+            log.debug("inplace_audit: could not name parameters from the model", exc_info=True)
 
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
         from .passes.functionalize import functionalize
 
+        # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
+        saved_earlier = [n for n, saves in graph.saved_inputs.items() if not all(s.kept_apart for s in saves)]
+        kept = _kept_apart(gm, graph)
         try:
-            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, graph.saved_inputs,
-                                 graph.trace.known_targets if graph.trace is not None else None)
+            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, saved_earlier,
+                                 kept)
         except Exception as e:  # the user's training comes first
             what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
             _fall_back(opts, e, what, "compiling it unchanged")
@@ -159,6 +178,9 @@ class InplaceAudit:
             mutations = tuple(dataclasses.replace(m, rewrite=kept) for m in graph.report.mutations)
             graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
             return gm, None
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        for i in kept:
+            graph.input_saves[placeholders[i]].kept_apart = True
         graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=done.mutations)
         return done.gm, done.wrap
 
@@ -176,6 +198,33 @@ class InplaceAudit:
                 )
                 raise HazardError(graph.report, errors, cause) from e
             raise
+
+
+def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
+    """Inputs a graph ending in a break saves for backward, and that a later graph may write.
+
+    Buffers and inputs without grad only (a parameter keeps its save: cloning every weight a
+    backward reads would cost a copy of the model per step), and none that an output aliases.
+    """
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if graph.trace is None or not getattr(reason, "graph_break", False):
+        return []
+    trace = graph.trace
+    returned = set().union(*(trace.storages_made.get(out, set()) for out in _output_nodes(gm)))
+    kept = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        record = graph.saved_placeholders.get(node)
+        if record is None or record.storage in returned:
+            continue
+        target = target_of_root(node, trace)
+        value = node.meta.get("example_value")
+        if target.kind in ("buffer", "input") and not getattr(value, "requires_grad", True):
+            kept.append(i)
+    return kept
+
+
+def _output_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
 
 
 def _fall_back(opts: AuditOptions, error: Exception, what: str, instead: str) -> None:

@@ -54,6 +54,8 @@ class Mutation:
         target = {"kind": self.target.kind, "name": self.target.name}
         if self.target.produced_by:
             target["produced_by"] = self.target.produced_by
+        if self.target.aliases:
+            target["aliases"] = list(self.target.aliases)
         return {
             "node": self.node,
             "op": self.op,
@@ -118,12 +120,13 @@ class GraphReport:
             rows = []
             for i, m in enumerate(self.mutations):
                 flags = [] if m.autograd_visible else ["hidden"]
+                also = f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""
                 if m.under_no_grad:
                     flags.append("no_grad")
                 row = [
                     i,
                     m.op + (f" [{', '.join(flags)}]" if flags else ""),
-                    f"{m.target.kind} {m.target.name}",
+                    f"{m.target.kind} {m.target.name}{also}",
                     " > ".join(m.view_chain) or "-",
                     str(m.source) if m.source else "?",
                     m.source.code if m.source else "",

@@ -50,6 +50,22 @@ class SharedScale(nn.Module):
         return seg, depth
 
 
+class AliasedScale(SharedScale):
+    """`SharedScale` whose scale is registered twice and written under its second name."""
+
+    def __init__(self, inplace=True):
+        super().__init__(inplace)
+        self.gain = self.scale  # `named_parameters()` calls it `scale`; Dynamo reaches it as `gain`
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        gain = self.gain if self.inplace else self.gain.clone()
+        seg, depth = self.seg(h) * gain, self.depth(h) * gain
+        with torch.no_grad():
+            self.gain.mul_(0.9)
+        return seg, depth
+
+
 class ReluThenSlice(nn.Module):
     """`h[:, 0] = 0` on the output of `ReLU(inplace=True)`, which ReLU saved for backward."""
 
@@ -149,6 +165,22 @@ class DataClamp(nn.Module):
         return (out,)
 
 
+class DataRebind(nn.Module):
+    """`p.data = p.data.clamp(...)` after `p` was saved as itself: eager backward silently uses
+    the new value; the twin clones `p` where it is used."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+        self.fc = nn.Linear(6, 3)
+        self.gain = nn.Parameter(torch.full((3,), 1.5))
+
+    def forward(self, x):
+        out = self.fc(x) * (self.gain if self.inplace else self.gain.clone())
+        self.gain.data = self.gain.data.clamp(max=1.0)
+        return (out,)
+
+
 def _x6(step):
     return (torch.randn(4, 6),)
 
@@ -163,6 +195,7 @@ def _tokens(step):
 
 HAZARDOUS = {
     "shared-scale-mul_": (SharedScale, _x6),
+    "shared-scale-under-a-second-name": (AliasedScale, _x6),
     "relu-inplace-then-slice": (ReluThenSlice, _x6),
     "fpn-lateral-iadd": (FPNLateral, _image),
     "softmax-masked_fill_": (MaskedAttention, _tokens),
@@ -261,6 +294,32 @@ class BreakThenScale(nn.Module):
         return self.fc2(h), h
 
 
+class NormalizedDecoder(nn.Module):
+    """`w.data = F.normalize(w.data)` before use (weight normalisation by hand)."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.dec.weight.data = F.normalize(self.dec.weight.data, dim=1)
+        return (self.dec(torch.tanh(self.enc(x))),)
+
+
+class MomentumCopy(nn.Module):
+    """MoCo: a key encoder that requires no grad follows the query encoder by `.data =`."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.q, self.k = nn.Linear(6, 3), nn.Linear(6, 3)
+        self.k.requires_grad_(False)
+
+    def forward(self, x):
+        for p_q, p_k in zip(self.q.parameters(), self.k.parameters()):
+            p_k.data = p_k.data * 0.9 + p_q.data * 0.1
+        return (self.q(x), self.k(x))
+
+
 class RunningStatReader(nn.Module):
     """Reads batch norm's running mean before the norm updates it (a drift monitor)."""
 
@@ -280,6 +339,8 @@ EAGER_SAFE = {
     "graph-break-then-input-mul_": (BreakThenScale, _x6),
     "input-iadd": (InputShift, _x6),
     "buffer-updates": (Counters, _x6),
+    "data-rebind-before-use": (NormalizedDecoder, _x6),
+    "momentum-copy-by-data-rebind": (MomentumCopy, _x6),
     "views-of-intermediate": (SafeViews, _x6),
 }
 
@@ -402,6 +463,22 @@ def test_data_write_after_use_is_hidden_from_eager_but_not_from_functionalize():
     _assert_same(_train(model, _clone(inputs), torch.compile(model, backend=backend)), expected)
     _assert_same_state(model, twin)
     (mutation,) = backend.report.mutations
+    assert mutation.rewrite == "written back to parameter (removes hidden-write-to-saved)"
+
+
+def test_data_rebind_after_use_trains_like_its_twin_once_functionalized():
+    inputs = _inputs(_x6)
+    model, twin = _models(DataRebind)
+    expected = _train(twin, _clone(inputs))
+    # PyTorch itself raises nothing: backward silently multiplies by the new gain.
+    history = _train(copy.deepcopy(model), _clone(inputs))
+    assert not torch.allclose(history[0][2]["fc.weight"], expected[0][2]["fc.weight"])
+
+    backend = _backend(functionalize=True)
+    _assert_same(_train(model, _clone(inputs), torch.compile(model, backend=backend)), expected)
+    _assert_same_state(model, twin)
+    (mutation,) = backend.report.mutations
+    assert (mutation.target.name, mutation.op) == ("gain", ".data = v")
     assert mutation.rewrite == "written back to parameter (removes hidden-write-to-saved)"
 
 
@@ -786,3 +863,12 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
     assert mutation.rewrite.startswith("rewritten") == rewritten, mutation.rewrite
     if not rewritten:
         assert "autograd_function_apply" in mutation.rewrite
+
+
+def test_a_parameter_written_under_its_second_name_is_written_back_under_its_first():
+    model, _ = _models(AliasedScale)
+    backend = _backend(functionalize=True)
+    torch.compile(model, backend=backend)(torch.randn(4, 6))
+    (mutation,) = backend.report.mutations
+    assert (mutation.target.name, mutation.target.aliases) == ("scale", ("gain",))
+    assert mutation.rewrite == "written back to parameter (removes saved-then-mutated)"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
-from conftest import close_at_scale, eager_backward_error, marked_line, quiet_audit, total_loss
+from conftest import close_at_scale, eager_backward_error, eager_effects, marked_line, quiet_audit, total_loss
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -141,6 +141,21 @@ class DataClamp(nn.Module):
         return y
 
 
+class DataRebind(nn.Module):
+    """`g.data = ...` after `h * g` saved `g` itself: backward raises nothing and uses the new `g`."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 4)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        y = self.trunk(x) * (self.g.clone() if self.oop else self.g)
+        self.g.data = self.g.data.clamp(0.6, 0.9)  # CULPRIT
+        return y
+
+
 class EmbeddingMaxNorm(nn.Module):
     """nn.Embedding(max_norm=...) renormalises its weight in place after the weight was used."""
 
@@ -226,6 +241,7 @@ HAZARDOUS = {
     "memory bank enqueue": (MemoryBank, lambda: (torch.randn(3, 4),)),
     "weight clipping in forward": (ClipInForward, lambda: (torch.randn(3, 4),)),
     "p.data.clamp_()": (DataClamp, lambda: (torch.randn(3, 4),)),
+    "p.data = ... after use": (DataRebind, lambda: (torch.randn(3, 4),)),
     "Embedding(max_norm)": (EmbeddingMaxNorm, lambda: (torch.tensor([1, 2, 3]), torch.randn(3, 4))),
     "x += on a shared latent": (SharedLatent, lambda: (torch.randn(3, 4),)),
     "other region of a saved view": (OtherRegion, lambda: (torch.randn(3, 4),)),
@@ -443,3 +459,108 @@ def test_tracing_failures_become_report_entries(cls, code):
     (hazard,) = report.hazards("error")
     assert hazard.code == code
     assert hazard.source is not None and hazard.source.line == marked_line(cls, "CULPRIT")
+
+
+class OutIntoSaved(nn.Module):
+    """`op(..., out=...)` overwrites a buffer that `h @ m` saved for backward."""
+
+    def __init__(self, write, oop=False):
+        super().__init__()
+        self.write, self.oop = write, oop
+        self.trunk = nn.Linear(4, 4)
+        self.register_buffer("m", torch.randn(4, 4))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        y = h @ (self.m.clone() if self.oop else self.m)
+        self.write(self.m, x.detach())
+        return y
+
+
+OUT_WRITES = {
+    "max(out=)": lambda m, x: torch.max(x[:1].expand(4, 4), 1, out=(m[0], torch.empty(4, dtype=torch.long))),
+    "split_with_sizes_copy(out=)": lambda m, x: torch.split_with_sizes_copy(x.flatten()[:8], [4, 4], out=[m[0], m[1]]),
+    "unbind_copy(out=)": lambda m, x: torch.unbind_copy(x[:2, :4], out=[m[2], m[3]]),
+    "kron(out=)": lambda m, x: torch.kron(x[:2, :2], x[1:3, 2:4], out=m),
+}
+
+
+@pytest.mark.parametrize("write", OUT_WRITES.values(), ids=OUT_WRITES.keys())
+def test_out_writes_into_a_saved_tensor_are_classed_as_eager_behaves(write):
+    torch.manual_seed(0)
+    model, x = OutIntoSaved(write), torch.randn(3, 4)
+    twin = OutIntoSaved(write, oop=True)
+    twin.load_state_dict(model.state_dict())
+    assert _pytorch_says_hazardous(model, twin, (x,))
+    raises = eager_backward_error(model, x) is not None
+
+    report = quiet_audit(copy.deepcopy(model), x.clone())
+    errors = [h for h in report.hazards("error") if h.source.line == write.__code__.co_firstlineno]
+    # Eager raises exactly when the out write bumped the version counter autograd checks;
+    # otherwise backward silently reads the new values.
+    assert {h.code for h in errors} == {"saved-then-mutated" if raises else "hidden-write-to-saved"}
+    (mutation,) = [m for m in report.mutations if m.target.name == "m"]
+    assert mutation.autograd_visible == raises
+
+
+class DataRebindAfterLinear(nn.Module):
+    """`w.data = normalize(w.data)` after `F.linear` saved `w.t()`, a view of the old storage."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        y = F.linear(self.trunk(x), self.w.clone() if self.oop else self.w)
+        self.w.data = F.normalize(self.w.data, dim=1)  # REBIND
+        return y
+
+
+class Momentum(nn.Module):
+    """MoCo's key encoder: `p_k.data = p_k.data * m + p_q.data * (1 - m)`, p_k requires no grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.k.requires_grad_(False)
+
+    def forward(self, x):
+        for p_q, p_k in zip(self.q.parameters(), self.k.parameters()):
+            p_k.data = p_k.data * 0.9 + p_q.data * 0.1  # MOMENTUM
+        return {"q": self.q(x), "k": self.k(x)}
+
+
+def test_data_rebind_after_a_saved_view_trains_and_is_a_parameter_write_warning():
+    torch.manual_seed(0)
+    model, x = DataRebindAfterLinear(), torch.randn(3, 4)
+    twin = DataRebindAfterLinear(oop=True)
+    twin.load_state_dict(model.state_dict())
+    # The saved `w.t()` keeps the old storage: eager's gradients are the twin's.
+    assert not _pytorch_says_hazardous(model, twin, (x,))
+    report = quiet_audit(copy.deepcopy(model), x)
+    assert report.hazards("error") == []
+    (mutation,) = report.mutations
+    assert (mutation.target.kind, mutation.target.name, mutation.op) == ("parameter", "w", ".data = v")
+    assert not mutation.autograd_visible and not mutation.under_no_grad
+    (hazard,) = mutation.hazards
+    assert (hazard.code, hazard.severity) == ("parameter-write", "warning")
+    assert "rebinds parameter `w`" in hazard.message and "optimizer" in hazard.message
+    assert hazard.source.line == marked_line(DataRebindAfterLinear, "REBIND")
+
+
+def test_momentum_copy_is_one_info_row_per_parameter():
+    torch.manual_seed(0)
+    model, x = Momentum(), torch.randn(3, 4)
+    effects = eager_effects(model, {"x": x})
+    key_params = {("parameter", n) for n, p in model.named_parameters() if n.startswith("k.")}
+    assert effects.changed == key_params and not effects.version_moved  # `.data =` bumps no counter
+    assert eager_backward_error(model, x) is None
+    report = quiet_audit(model, x)
+    assert sorted((m.target.kind, m.target.name) for m in report.mutations) == sorted(key_params)
+    for m in report.mutations:
+        assert not m.autograd_visible and m.source.line == marked_line(Momentum, "MOMENTUM")
+        assert [(h.code, h.severity) for h in m.hazards] == [("parameter-write", "info")]
+        assert "requires no grad" in m.hazards[0].message
+    assert report.hazards("warning") == []

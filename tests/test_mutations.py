@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxinplace
 from conftest import eager_effects, eager_writes, quiet_audit
 
 
@@ -138,6 +139,11 @@ def _data_write(m, h, x):
     return (h * m.w).sum()
 
 
+def _data_rebind(m, h, x):
+    m.w.data = F.normalize(m.w.data, dim=0)
+    return (h * m.w).sum()
+
+
 def _view_of_view(m, h, x):
     h.t()[0].add_(1)
     return h.sum()
@@ -218,6 +224,7 @@ CASES = {
     "mask assignment": (_mask_assign, {}),
     "out= into a buffer": (_out_into_buffer, {}),
     ".data write": (_data_write, {}),
+    ".data = v": (_data_rebind, {}),
     "view of a view": (_view_of_view, {}),
     "custom op with mutable arg": (_custom_op, {}),
     "batch norm running stats": (_batch_norm, {"with_bn": True}),
@@ -304,3 +311,234 @@ def test_writes_to_caller_inputs_really_change_the_callers_tensor():
     assert torch.equal(x, before * 2)  # the audit runs the model for real, once (doubling is exact)
     (mutation,) = report.mutations
     assert (mutation.target.kind, mutation.target.name) == ("input", "x")
+
+
+# -- out=: every out tensor is written, whatever the counters show ---------------------------
+
+
+def _spd(x):
+    return x @ x.t() + 4 * torch.eye(x.shape[0])
+
+
+_F, _L, _I = torch.float32, torch.long, torch.int32
+# op name -> (call with `out`, the out tensors' (shape, dtype)); x is a 4x4 input.
+OUT_OPS = {
+    "max": (lambda x, out: torch.max(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "min": (lambda x, out: torch.min(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "sort": (lambda x, out: torch.sort(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "topk": (lambda x, out: torch.topk(x, 2, out=out), [((4, 2), _F), ((4, 2), _L)]),
+    "kthvalue": (lambda x, out: torch.kthvalue(x, 2, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "median": (lambda x, out: torch.median(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "mode": (lambda x, out: torch.mode(x, 1, out=out), [((4,), _F), ((4,), _L)]),
+    "cummax": (lambda x, out: torch.cummax(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "cummin": (lambda x, out: torch.cummin(x, 1, out=out), [((4, 4), _F), ((4, 4), _L)]),
+    "aminmax": (lambda x, out: torch.aminmax(x, dim=1, out=out), [((4,), _F), ((4,), _F)]),
+    "frexp": (lambda x, out: torch.frexp(x, out=out), [((4, 4), _F), ((4, 4), _I)]),
+    "linalg.qr": (lambda x, out: torch.linalg.qr(x, out=out), [((4, 4), _F), ((4, 4), _F)]),
+    "svd": (lambda x, out: torch.svd(x, out=out), [((4, 4), _F), ((4,), _F), ((4, 4), _F)]),
+    "linalg.svd": (lambda x, out: torch.linalg.svd(x, out=out), [((4, 4), _F), ((4,), _F), ((4, 4), _F)]),
+    "linalg.lu": (lambda x, out: torch.linalg.lu(x, out=out), [((4, 4), _F)] * 3),
+    "linalg.lu_factor": (lambda x, out: torch.linalg.lu_factor(x, out=out), [((4, 4), _F), ((4,), _I)]),
+    "linalg.eigh": (lambda x, out: torch.linalg.eigh(_spd(x), out=out), [((4,), _F), ((4, 4), _F)]),
+    "linalg.slogdet": (lambda x, out: torch.linalg.slogdet(x, out=out), [((), _F), ((), _F)]),
+    "linalg.inv_ex": (lambda x, out: torch.linalg.inv_ex(_spd(x), out=out), [((4, 4), _F), ((), _I)]),
+    "linalg.cholesky_ex": (lambda x, out: torch.linalg.cholesky_ex(_spd(x), out=out), [((4, 4), _F), ((), _I)]),
+    "geqrf": (lambda x, out: torch.geqrf(x, out=out), [((4, 4), _F), ((4,), _F)]),
+    "linalg.matrix_rank": (lambda x, out: torch.linalg.matrix_rank(x, out=out[0]), [((), _L)]),
+    "split_with_sizes_copy": (lambda x, out: torch.split_with_sizes_copy(x[0], [1, 3], out=list(out)),
+                              [((1,), _F), ((3,), _F)]),
+    "split_copy": (lambda x, out: torch.split_copy(x[0], 2, out=list(out)), [((2,), _F), ((2,), _F)]),
+    "unbind_copy": (lambda x, out: torch.unbind_copy(x, out=list(out)), [((4,), _F)] * 4),
+    "kron": (lambda x, out: torch.kron(x[:2, :2], x[2:, 2:], out=out[0]), [((4, 4), _F)]),
+    "add": (lambda x, out: torch.add(x, 1, out=out[0]), [((4, 4), _F)]),
+    "cat": (lambda x, out: torch.cat([x, x], out=out[0]), [((8, 4), _F)]),
+    "linalg.norm": (lambda x, out: torch.linalg.norm(x, out=out[0]), [((), _F)]),
+}
+
+
+class OutCase(nn.Module):
+    """`op(x, out=...)` into buffers `o0`, `o1`, ... (or, `into_data`, the first one's `.data`)."""
+
+    def __init__(self, op, outs, into_view=False, into_data=False):
+        super().__init__()
+        self.op, self.into_view, self.into_data = op, into_view, into_data
+        self.fc = nn.Linear(4, 4)
+        for i, (shape, dtype) in enumerate(outs):
+            if into_data and i == 0:
+                self.o0 = nn.Parameter(torch.full(shape, -7, dtype=dtype))  # a value no op here returns
+            else:
+                self.register_buffer(f"o{i}", torch.full((2, *shape) if into_view else shape, -7, dtype=dtype))
+        self.n = len(outs)
+
+    def forward(self, x):
+        outs = [getattr(self, f"o{i}") for i in range(self.n)]
+        if self.into_view:
+            outs = [o[1] for o in outs]
+        if self.into_data:
+            outs[0] = outs[0].data
+        self.op(x, tuple(outs))
+        return self.fc(x).sum()
+
+
+def _out_variants():
+    variants = []
+    for name, (op, outs) in OUT_OPS.items():
+        variants.append(pytest.param(op, outs, {}, id=name))
+        if name in ("max", "sort", "split_with_sizes_copy", "unbind_copy", "kron", "linalg.matrix_rank"):
+            variants.append(pytest.param(op, outs, {"into_view": True}, id=f"{name}-into-a-view"))
+        if name in ("sort", "split_with_sizes_copy", "kron"):
+            variants.append(pytest.param(op, outs, {"into_data": True}, id=f"{name}-into-.data"))
+    return variants
+
+
+@pytest.mark.parametrize("op, outs, kw", _out_variants())
+def test_every_out_tensor_is_reported_with_what_eager_does(op, outs, kw):
+    torch.manual_seed(0)
+    model, x = OutCase(op, outs, **kw), torch.randn(4, 4)
+    effects = eager_effects(model, {"x": x})
+    expected = {("parameter" if kw.get("into_data") and i == 0 else "buffer", f"o{i}") for i in range(len(outs))}
+    # Eager PyTorch changes the values of every out tensor. (A dispatch mode is no oracle here:
+    # under one, `linalg.matrix_rank(out=)` leaves its out tensor unwritten.)
+    assert effects.changed == expected
+
+    report = quiet_audit(model, x.clone())
+    rows = {(m.target.kind, m.target.name): m for m in report.mutations}
+    assert set(rows) == expected, report.render()
+    assert len(report.mutations) == len(expected)
+    for key, m in rows.items():
+        assert m.autograd_visible == (key in effects.version_moved), key
+        assert m.op.endswith("(out=)") and m.source.line == op.__code__.co_firstlineno, key
+
+
+class RebindThenWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        t = self.w.data * 2
+        self.w.data = t
+        t.add_(1)  # `t` and `w` share a storage now
+        return x * self.w
+
+
+def test_a_write_after_a_data_rebind_writes_the_parameter():
+    model, x = RebindThenWrite(), torch.randn(3, 4)
+    effects = eager_effects(model, {"x": x})
+    eager = RebindThenWrite()
+    eager(x)
+    assert torch.equal(eager.w.detach(), torch.full((4,), 3.0))  # the `add_` reached `w`
+    report = quiet_audit(model, x)
+    assert [(m.op, m.target.kind, m.target.name) for m in report.mutations] == [
+        (".data = v", "parameter", "w"), ("add_", "parameter", "w"),
+    ]
+    # `w` keeps its own version counter through both writes.
+    assert ("parameter", "w") not in effects.version_moved
+    assert not any(m.autograd_visible for m in report.mutations)
+
+
+# -- a parameter or buffer registered under several names ------------------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale, table):
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("table", table)
+
+    def forward(self, h):
+        with torch.no_grad():
+            self.scale.mul_(2)
+            self.table.add_(1)
+        return h * self.scale + self.table
+
+
+class ManyNames(nn.Module):
+    """One parameter and one buffer under three names each, and a module registered twice."""
+
+    def __init__(self, graph_break=False):
+        super().__init__()
+        self.graph_break = graph_break
+        self.first = Scaled(nn.Parameter(torch.ones(4)), torch.zeros(4))
+        self.shared_scale = self.first.scale  # the root's own: `named_parameters()` lists it first
+        self.second = Scaled(self.shared_scale, self.first.table)
+        self.lin = nn.Linear(4, 4)
+        self.again = self.lin
+
+    def forward(self, x):
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        h = self.second(x)
+        with torch.no_grad():
+            self.again.weight.mul_(0.5)
+        return self.lin(h)
+
+
+def _pytorch_names(model):
+    """id(tensor) -> (name, aliases) as `named_parameters()` / `named_buffers()` give them."""
+    names = {}
+    for named in (model.named_parameters, model.named_buffers):
+        every = {}
+        for name, t in named(remove_duplicate=False):
+            every.setdefault(id(t), []).append(name)
+        for name, t in named():
+            names[id(t)] = (name, tuple(n for n in every[id(t)] if n != name))
+    return names
+
+
+def _written_tensors(model):
+    return {"parameter": [model.shared_scale, model.lin.weight], "buffer": [model.first.table]}
+
+
+@pytest.mark.parametrize("how", ["audit", "backend", "backend, model as an argument"])
+def test_registered_twice_is_named_as_named_parameters_names_it(how):
+    torch.manual_seed(0)
+    model, x = ManyNames(), torch.randn(3, 4)
+    names = _pytorch_names(model)
+    assert names[id(model.shared_scale)] == ("shared_scale", ("first.scale", "second.scale"))
+    assert names[id(model.lin.weight)] == ("lin.weight", ("again.weight",))
+    if how == "audit":
+        report = quiet_audit(model, x)
+    else:
+        backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+        if how == "backend":
+            torch.compile(model, backend=backend)(x)
+        else:
+            torch.compile(lambda m, x: m(x), backend=backend)(model, x)
+        report = backend.report
+    expected = {(kind, *names[id(t)]) for kind, ts in _written_tensors(model).items() for t in ts}
+    found = {(m.target.kind, m.target.name, m.target.aliases) for m in report.mutations}
+    assert found == expected
+    # Dynamo reaches the tensors through `second` and `again`: not the names PyTorch gives.
+    assert {m.target.name for m in report.mutations} == {"shared_scale", "lin.weight", "first.table"}
+    (row,) = [m for m in report.mutations if m.target.name == "shared_scale"]
+    assert row.to_dict()["target"] == {"kind": "parameter", "name": "shared_scale",
+                                       "aliases": ["first.scale", "second.scale"]}
+    assert "parameter shared_scale (also first.scale, second.scale)" in report.render()
+
+
+def test_names_after_a_graph_break_in_a_submodule_are_the_models():
+    torch.manual_seed(0)
+    model, x = ManyNames(graph_break=True), torch.randn(3, 4)
+    names = _pytorch_names(model)
+    report = quiet_audit(model, x)
+    expected = {(kind, *names[id(t)]) for kind, ts in _written_tensors(model).items() for t in ts}
+    assert {(m.target.kind, m.target.name, m.target.aliases) for m in report.mutations} == expected
+
+
+def test_without_the_model_dynamos_names_stay():
+    from fxinplace._sources import root_modules
+
+    assert root_modules([]) == []  # outside a Dynamo compile there is no frame to look in
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.ones(4))
+
+    def step(x):
+        with torch.no_grad():
+            scale.mul_(2)
+        return x * scale
+
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+    torch.compile(step, backend=backend)(torch.randn(3, 4))
+    (row,) = backend.report.mutations
+    assert (row.target.kind, row.target.name, row.target.aliases) == ("input", "scale", ())

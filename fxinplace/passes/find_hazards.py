@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .._sources import module_path_of, source_of
 from ..report import Hazard, Mutation
-from .resolve_aliases import describe_op, resolve_target, target_of_root
+from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
 from .trace_mutations import MutationTrace, SavedTensor, Write, overlaps
 
@@ -38,10 +38,10 @@ def find_hazards(
     gm: torch.fx.GraphModule,
     trace: MutationTrace,
     split: TaskSplit,
-    saved_inputs: dict[torch.fx.Node, list[tuple[str, SavedTensor]]] | None = None,
+    saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> list[Mutation]:
-    """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), with
-    (description, save) for each save."""
+    """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), each
+    save with its `description` and `record` (a `SavedTensor` of that graph)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     saved_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
     hidden_by_mutator: dict[torch.fx.Node, list[SavedTensor]] = {}
@@ -69,7 +69,12 @@ def find_hazards(
             saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
             # Autograd's counter is per storage, so a visible write anywhere invalidates the
             # save; a hidden one changes the gradients only where it overlaps the saved region.
-            invalidated = [d for d, r in saved_earlier if write.autograd_visible or overlaps(r.tensor, write.region if write.region is not None else write.tensor)]
+            # `.data =` leaves a saved view on the old storage: only a tensor saved as itself
+            # (not a view of it) reads the new value (see `_record_rebind`).
+            region = write.region if write.region is not None else write.tensor
+            invalidated = [s.description for s in saved_earlier
+                           if write.autograd_visible
+                           or (s.record.tensor._base is None if write.how == "rebind" else overlaps(s.record.tensor, region))]
             if invalidated:
                 hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
             facts.append(Mutation(
@@ -184,10 +189,7 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     if not write.grad_enabled:
         how += " under no_grad"
     if target.kind == "parameter":
-        hazards.append(Hazard("parameter-write", "warning", (
-            f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
-            f"step see the new value"
-        ), where))
+        hazards.append(_parameter_write(write, target, trace, op, how, where))
     elif target.kind == "input":
         hazards.append(Hazard("input-write", "warning", (
             f"{op} writes the caller's input `{target.name}` in place{how}: the caller sees the change"
@@ -197,6 +199,25 @@ def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale
     elif not hazards:
         hazards.append(Hazard("safe-inplace", "info", f"{op} writes {target}: no saved tensor or other task is affected", where))
     return hazards
+
+
+def _parameter_write(write: Write, target, trace: MutationTrace, op: str, how: str, where) -> Hazard:
+    if not trace.requires_grad.get(root_of(write, trace), True):
+        # No gradient, so no optimizer step, reaches it: a momentum or EMA copy (MoCo, BYOL).
+        return Hazard("parameter-write", "info", (
+            f"{op} updates parameter `{target.name}`{how}, which requires no grad: a deliberate update "
+            f"(a momentum or EMA copy), no gradient or optimizer state involved"
+        ), where)
+    if write.how == "rebind":
+        return Hazard("parameter-write", "warning", (
+            f"{op} rebinds parameter `{target.name}` to a new tensor outside autograd: its gradient skips what "
+            f"computed the new value, and the optimizer's state for it (momentum, Adam's moments) was built "
+            f"for the old value"
+        ), where)
+    return Hazard("parameter-write", "warning", (
+        f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
+        f"step see the new value"
+    ), where)
 
 
 def _backward_tasks(node: torch.fx.Node, trace: MutationTrace, split: TaskSplit) -> set[str]:

@@ -53,6 +53,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._sources import qualified_name_of
 from ..report import Hazard, Mutation
+from .resolve_aliases import Target
 
 __all__ = ["functionalize", "FunctionalizedGraph"]
 
@@ -73,27 +74,28 @@ def functionalize(
     mode: str = "all",
     mutations: Sequence[Mutation] = (),
     saved_inputs: Collection[torch.fx.Node] = (),
-    known_targets: dict[torch.fx.Node, Any] | None = None,
+    keep_saved: Collection[int] = (),
 ) -> FunctionalizedGraph:
     """Rewrite `gm` without in-place ops; see the module docstring.
 
     `mode` is "all" or "hazards"; `mutations` are the audit's findings for `gm` (they choose
     what "hazards" rewrites, and come back with `rewrite` and removed hazards marked).
     `saved_inputs` are placeholders an earlier graph saved for backward (a graph break): their
-    write-back still reaches what that graph saved, so their hazards stay. `known_targets`:
-    placeholders the audit named after an earlier graph (its intermediates, the caller's inputs).
+    write-back still reaches what that graph saved, so their hazards stay. `keep_saved`: indices of inputs this graph saves for backward and a later graph may write
+    (the graph ends in a break): each call with grad on gets a clone, so the backward keeps the
+    value it saved, as the out-of-place program does.
     """
     if mode not in ("all", "hazards"):
         raise ValueError(f'fxinplace: `functionalize` mode must be "all" or "hazards", got {mode!r}')
     if mode == "hazards" and not any(m.severity == "error" for m in mutations):
-        return _unchanged(gm, mutations, "kept in place: no error-level hazard in this graph")
+        return _unchanged(gm, mutations, "kept in place: no error-level hazard in this graph", keep_saved)
     opaque = _opaque_subgraphs(gm)
     if opaque:
         return _unchanged(gm, mutations, f"kept in place: `{opaque[0]}` in this graph has a backward of its own, "
-                                         "which the rewrite would lose")
+                                         "which the rewrite would lose", keep_saved)
     new_gm = _trace_functional(gm, example_inputs)
     if new_gm is None:
-        return _unchanged(gm, mutations, "kept in place: no write at ATen level")
+        return _unchanged(gm, mutations, "kept in place: no write at ATen level", keep_saved)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grads = [_example_requires_grad(p.meta.get("example_value")) for p in placeholders]
     read = _read_by_backward(new_gm, grads)
@@ -108,12 +110,11 @@ def functionalize(
     new_gm.graph.lint()
     new_gm.recompile()
 
-    known = known_targets or {}
-    names = {_target_of(placeholders[i], known) for i in [i for i, _ in written] + kept + reinplaced}
-    saved_earlier = {_target_of(p, known) for p in saved_inputs}
+    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept + reinplaced}
+    saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
-    clone = {i for i in indices if read[i]}
+    clone = {i for i in indices if read[i]} | set(keep_saved)
     keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
     return FunctionalizedGraph(new_gm, wrap, tuple(_mark(m, names, saved_earlier) for m in mutations))
@@ -130,8 +131,14 @@ def _opaque_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
             if isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() not in _INLINABLE_HOPS]
 
 
-def _unchanged(gm: torch.fx.GraphModule, mutations: Sequence[Mutation], why: str) -> FunctionalizedGraph:
-    return FunctionalizedGraph(gm, _identity, tuple(dataclasses.replace(m, rewrite=why) for m in mutations))
+def _unchanged(
+    gm: torch.fx.GraphModule, mutations: Sequence[Mutation], why: str, keep_saved: Collection[int] = ()
+) -> FunctionalizedGraph:
+    wrap = _identity
+    if keep_saved:
+        n_outputs = len(gm.graph.output_node().args[0])
+        wrap = _write_back([], n_outputs, {}, clone=keep_saved)
+    return FunctionalizedGraph(gm, wrap, tuple(dataclasses.replace(m, rewrite=why) for m in mutations))
 
 
 def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule | None:
@@ -556,7 +563,7 @@ def _write_back(
     # `clone`: inputs the backward may read (see `_read_by_backward`); `keep_version`: inputs
     # eager writes without a version bump (batch norm's running statistics).
     def wrap(compiled: Callable) -> Callable:
-        if not indices:
+        if not indices and not clone:
             return compiled
 
         def run(*args):
@@ -591,9 +598,10 @@ def _identity(compiled: Callable) -> Callable:
     return compiled
 
 
-def _target_of(placeholder: torch.fx.Node, known: dict[torch.fx.Node, Any]) -> tuple[str, str]:
-    if placeholder in known:
-        return known[placeholder].kind, known[placeholder].name
+def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
+    named = placeholder.meta.get("fxinplace")  # the audit's name for it (`name_placeholders`)
+    if isinstance(named, Target):
+        return named.kind, named.name
     source = getattr(placeholder.meta.get("grapharg"), "source", None)
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 

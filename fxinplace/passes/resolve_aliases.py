@@ -3,7 +3,9 @@
 Storages are the ground truth: a view shares its base's storage, so a write's storage
 leads to the node that first produced it (`MutationTrace.storage_root`). A placeholder root
 is a parameter, a buffer or a user input, named from Dynamo's `Source`; any other root is an
-intermediate, named by the op that produced it.
+intermediate, named by the op that produced it. Where the model is known (`name_placeholders`),
+parameters and buffers get the name `named_parameters()` / `named_buffers()` gives them, and
+their other registered names as aliases.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from .._sources import qualified_name_of
+from .._sources import qualified_name_of, state_names
 from .trace_mutations import MutationTrace, Write
 
-__all__ = ["resolve_target", "target_of_root", "Target", "describe_op"]
+__all__ = ["resolve_target", "root_of", "target_of_root", "name_placeholders", "Target", "describe_op"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Target:
     kind: str  # "parameter" | "buffer" | "input" | "intermediate"
     name: str
     produced_by: str | None = None  # the op that made an intermediate
+    aliases: tuple[str, ...] = ()  # the other names a parameter or buffer is registered under
 
     def __str__(self) -> str:
         if self.kind == "intermediate":
@@ -53,6 +56,10 @@ def describe_op(node: torch.fx.Node) -> str:
             name = str(node.target)
         elif name == "_get_data_attr":
             name = ".data"
+        elif node.target is torch.Tensor.set_ and any(
+            getattr(u.target, "__name__", None) == "_lower_version_count_by_1" for u in node.users
+        ):
+            return ".data = v"  # Dynamo's spelling of `t.data = v`: `set_`, then a version fix-up
     else:
         return f"{node.op} {node.target}"
     flags = [f"{k}={v}" for k, v in node.kwargs.items() if k == "inplace" and v is True]
@@ -63,21 +70,45 @@ def describe_op(node: torch.fx.Node) -> str:
 
 def resolve_target(write: Write, trace: MutationTrace) -> tuple[Target, tuple[str, ...]]:
     """The storage owner `write` really writes, and the view chain that leads to it."""
-    root = trace.storage_root.get(write.storage)
+    root = root_of(write, trace)
     if root is None:
         return Target("intermediate", write.arg.name, describe_op(write.arg)), ()
     return target_of_root(root, trace), _view_chain(write, root, trace)
+
+
+def root_of(write: Write, trace: MutationTrace) -> torch.fx.Node | None:
+    """The node that owns the storage `write` writes (a parameter a `.data =` moved onto it, first)."""
+    return write.owner or trace.storage_root.get(write.storage)
 
 
 def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:
     """Name the node that owns a storage: a placeholder by its source, else by its op."""
     if root.op != "placeholder":
         return Target("intermediate", root.name, describe_op(root))
-    if root in trace.known_targets:
-        return trace.known_targets[root]
+    named = root.meta.get("fxinplace")
+    if isinstance(named, Target):
+        return named
     source = trace.sources.get(root)
     kind, name = qualified_name_of(source) if source is not None else ("input", root.name)
     return Target(kind, name)
+
+
+def name_placeholders(gm: torch.fx.GraphModule, example_inputs: list, modules: list[torch.nn.Module]) -> None:
+    """Name each parameter and buffer placeholder as the first of `modules` that holds it does.
+
+    The tensor at a placeholder's position in `example_inputs` is the real one: looked up by
+    identity, it gets the name `named_parameters()` gives, with its other names as aliases
+    (one parameter registered as `seg.scale` and `shared_scale`). Writes a `Target` to the
+    placeholder's `meta["fxinplace"]`; placeholders no module holds keep Dynamo's name.
+    """
+    tables = [state_names(m) for m in modules]
+    for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if not isinstance(real, torch.Tensor):
+            continue
+        found = next((table[id(real)] for table in tables if id(real) in table), None)
+        if found is not None:
+            kind, name, aliases = found
+            node.meta["fxinplace"] = Target(kind, name, aliases=aliases)
 
 
 def _view_chain(write: Write, root: torch.fx.Node, trace: MutationTrace) -> tuple[str, ...]:

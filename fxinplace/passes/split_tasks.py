@@ -53,6 +53,8 @@ def split_tasks(
     written: dict[torch.fx.Node, set[StorageKey]] = {}
     for w in trace.writes:
         written.setdefault(w.node, set()).add(w.storage)
+        if w.how == "rebind":  # `p.data = v`: later readers of `p` read the storage it now has
+            written[w.node] |= trace.storages_made.get(w.node, set())
     readers = _readers_by_storage(nodes, trace, written)
 
     masks = _reachability(nodes, outputs, readers, written, trace)

@@ -6,7 +6,10 @@ version counters of each node's tensor arguments: any op that writes a tensor bu
 counter, whatever it is called. Two kinds of writes leave the counter alone and are
 caught otherwise: writes through `.data` (the alias has its own counter, so the root's
 counter does not move: that is what makes them invisible to autograd) and the writes that
-PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`).
+PyTorch's schemas hide (batch norm's running statistics, listed in `_HIDDEN_WRITES`). Every
+tensor passed in `out=` is written, whether or not a counter shows it (`_match_eager_out_versions`).
+`p.data = v` (Dynamo: `set_` and a version fix-up) rebinds `p` to another storage: it is a write
+of `p`, hidden from autograd (`_record_rebind`).
 
 The same run installs `saved_tensors_hooks`, so it sees exactly which tensors autograd
 saves, for which node, at which version: the facts behind the "modified by an inplace
@@ -15,6 +18,7 @@ operation" error, observed rather than guessed.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -39,7 +43,10 @@ class Write:
     storage: StorageKey
     autograd_visible: bool  # did the write bump the version counter autograd checks?
     grad_enabled: bool
-    how: str  # "version" (counter moved) or "schema" (a write the schema hides)
+    how: str  # "version" (counter moved), "schema" (a write the schema hides), "rebind" (`set_`, `.data =`)
+    # The placeholder whose tensor a `.data =` rebound onto this storage earlier: it owns what
+    # is written now (`p.data = t; p.data.mul_(2)` writes `p`, not `t`'s producer).
+    owner: torch.fx.Node | None = None
     region: torch.Tensor | None = None  # the part of `tensor` written, when known to be less
 
 
@@ -71,15 +78,15 @@ class MutationTrace:
     grad_enabled: dict[torch.fx.Node, bool]
     # Dynamo drops `grapharg` from placeholders once compiled; keep their sources for naming.
     sources: dict[torch.fx.Node, Any] = field(default_factory=dict)
+    # Whether each placeholder's tensor requires grad as the graph starts (a parameter with
+    # `requires_grad=False`, a momentum copy, trains nothing).
+    requires_grad: dict[torch.fx.Node, bool] = field(default_factory=dict)
     # Graph output positions whose backward runs through the autograd nodes a node made.
     # A saved tensor matters only there: behind `.detach()`, `.data`, `no_grad` or an
     # output that needs no grad, backward never unpacks it, so a later write is harmless.
     backward_outputs: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
     # The same for placeholders: the output positions whose backward reaches the input.
     placeholder_reach: dict[torch.fx.Node, frozenset[int]] = field(default_factory=dict)
-    # Placeholders an earlier graph already named (its intermediates, views of the caller's
-    # inputs): after a graph break they arrive here as inputs of their own.
-    known_targets: dict[torch.fx.Node, Any] = field(default_factory=dict)
 
     def writes_by_node(self) -> dict[torch.fx.Node, list[Write]]:
         grouped: dict[torch.fx.Node, list[Write]] = {}
@@ -108,6 +115,12 @@ _HIDDEN_WRITES: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
     torch.nn.functional.instance_norm: _instance_norm_writes,
     torch.instance_norm: _instance_norm_writes,
 }
+
+
+# `out=` ops whose eager kernel writes the out tensor through an alias with a counter of its
+# own (`kron` writes a `_unsafe_view` of it), so eager bumps no version: the write is hidden
+# from autograd. Measured on torch 2.13: every other out= op tried bumps each out tensor.
+_OUT_UNVERSIONED_IN_EAGER = frozenset({torch.kron, torch.ops.aten.kron.out})
 
 
 def storage_key(value: Any) -> StorageKey | None:
@@ -175,6 +188,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
         self._known_fns: set[Any] = set()  # autograd nodes that existed before the current node
         self._unread: list[Any] = []  # the current node's saved-but-unread argument values
         self._placeholder_fns: dict[torch.fx.Node, list[Any]] = {}
+        self._rebound: dict[StorageKey, torch.fx.Node] = {}  # storage -> placeholder a `.data =` moved onto it
 
     # -- saved tensor hooks -------------------------------------------------------------
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -208,6 +222,8 @@ class _TracingInterpreter(torch.fx.Interpreter):
             _new_grad_fns(_grad_fns([t for _, t in inputs]), self._known_fns)
             before = [_version(t) for _, t in inputs]
             roots_before = self._root_versions(inputs)
+            rebound = self.env.get(n.args[0]) if _is_rebind(n) else None
+            rebound_from = (storage_key(rebound), _version(rebound)) if isinstance(rebound, torch.Tensor) else None
             trace.grad_enabled[n] = torch.is_grad_enabled()
             self.current = n
             self._unread = [v for _, v in _argument_values(n, _SAVED_UNREAD, args, kwargs)]
@@ -231,11 +247,50 @@ class _TracingInterpreter(torch.fx.Interpreter):
             _new_grad_fns(self._placeholder_fns[n], self._known_fns)
         else:
             first = len(trace.writes)
-            self._record_writes(n, args, kwargs, inputs, before, roots_before)
+            if rebound_from is not None and rebound_from[0] is not None:
+                self._record_rebind(n, rebound, *rebound_from)
+            else:
+                self._record_writes(n, args, kwargs, inputs, before, roots_before)
             written = [w.tensor for w in trace.writes[first:]]
             made = _new_grad_fns(_grad_fns([*pytree.tree_leaves(result), *written], written), self._known_fns)
             self._grad_fns[n] = [fn for fn in made if type(fn).__name__ != "AccumulateGrad"]
         return result
+
+    def _owner(self, key: StorageKey) -> torch.fx.Node | None:
+        return self._rebound.get(key) or self.trace.storage_root.get(key)
+
+    def call_function(self, target, args, kwargs):
+        if _is_version_fixup(target):
+            return args[0]  # `.data =`'s version fix-up: `_record_rebind` already left the counter as eager does
+        return super().call_function(target, args, kwargs)
+
+    def _record_rebind(self, n: torch.fx.Node, t: torch.Tensor, key: StorageKey, version: int | None) -> None:
+        # `t.set_(v)` (and `t.data = v`, which Dynamo spells `set_` plus a version fix-up) makes
+        # `t` point at `v`'s storage: a write of `t`, whose old storage is what names it. Eager
+        # `.data =` leaves the version counter alone (hidden from autograd); `set_` bumps it.
+        if _is_data_assignment(n) and version is not None:
+            torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+        visible = version is not None and _version(t) != version
+        grad_enabled = self.trace.grad_enabled[n]
+        after = n.next
+        if _is_data_assignment(n) and after.op == "call_function" and after.target is torch._C._set_grad_enabled:
+            grad_enabled = bool(after.args[0])  # Dynamo wraps the `set_` in no_grad; the user's mode comes back
+        self.trace.writes.append(Write(n, n.args[0], t, key, visible, grad_enabled, "rebind", self._rebound.get(key)))
+        owner = self._rebound.get(key) or self.trace.storage_root.get(key)
+        new_key = storage_key(t)
+        if new_key is not None and owner is not None and owner.op == "placeholder":
+            self._rebound[new_key] = owner
+        if visible:
+            self._check_saved(n, key, t)  # the counter moved: every saved view of `t` is stale
+        # A saved view of `t` keeps the old storage, and backward its old values (measured in
+        # eager: `linear` saves `w.t()`, its input gradient uses the old `w`). Saved as itself
+        # (`x * w` saves `w`), `t` is the very tensor rebound: backward reads the new storage.
+        for record in list(self._saved_by_storage.get(key, ())):
+            if record.tensor is t and record.node is not n:
+                if not visible:
+                    record.hidden_writes.append(n)
+                if new_key is not None:
+                    self._saved_by_storage.setdefault(new_key, []).append(record)
 
     def record_backward_reach(self, outputs: list[Any]) -> None:
         # All the autograd nodes an op made count, not only its result's `grad_fn`: writing
@@ -263,21 +318,25 @@ class _TracingInterpreter(torch.fx.Interpreter):
         versions = {}
         for _, t in inputs:
             key = storage_key(t)
-            root = self.env.get(self.trace.storage_root.get(key)) if key is not None else None
+            root = self.env.get(self._owner(key)) if key is not None else None
             if isinstance(root, torch.Tensor):
                 versions[key] = _version(root)
         return versions
 
     def _record_writes(self, n, args, kwargs, inputs, before, roots_before) -> None:
+        out = _out_args(n)
+        _match_eager_out_versions(n, out, inputs, before)
         bumped = [(arg, t) for (arg, t), v in zip(inputs, before) if v is not None and _version(t) != v]
         written = _pick_written(n, bumped)
         if not written and inputs and before[0] is None and _is_spelled_inplace(n):
             written = [inputs[0]]  # inference tensors have no version counter: trust the spelling
-        hidden = {id(a) for a in _hidden_write_args(n, args, kwargs)}
+        # Every tensor passed in `out=` is written (its `.out` overload's schema says `Tensor(a!)`).
+        hidden = {id(a) for a in [*_hidden_write_args(n, args, kwargs), *out]}
         for arg, t in inputs:
             if id(arg) in hidden and all(t is not w for _, w in written):
                 written.append((arg, t))
         seen: set[int] = set()
+        recorded: set[StorageKey] = set()
         for arg, t in written:
             if id(t) in seen:
                 continue
@@ -288,14 +347,21 @@ class _TracingInterpreter(torch.fx.Interpreter):
             by_version = any(t is b for _, b in bumped)
             # `.data` returns an alias with a counter of its own: writing through it leaves
             # the root's counter, the one autograd checks, where it was.
-            root = self.env.get(self.trace.storage_root.get(key))
+            root = self.env.get(self._owner(key))
             visible = by_version and (
                 not isinstance(root, torch.Tensor) or root is t or _version(root) != roots_before.get(key)
             )
             region = _written_region(n, args, t, key)
+            if key in recorded:
+                # Another view of a storage this op already wrote (`out=[m[0], m[1]]`): one row
+                # per target. A write autograd does not see still counts region by region.
+                if not visible:
+                    self._check_saved(n, key, region)
+                continue
+            recorded.add(key)
             self.trace.writes.append(Write(
                 n, arg, t, key, visible, self.trace.grad_enabled[n], "version" if by_version else "schema",
-                region if region is not t else None,
+                self._rebound.get(key), region if region is not t else None,
             ))
             self._check_saved(n, key, region)
 
@@ -381,16 +447,37 @@ def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: Storage
     return t
 
 
+def _out_args(n: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes passed in `out=`: one tensor, or a tuple or list of them (`max`, `svd`, `split_copy`)."""
+    if n.op != "call_function":
+        return []
+    return [leaf for leaf in pytree.tree_leaves(n.kwargs.get("out")) if isinstance(leaf, torch.fx.Node)]
+
+
+def _match_eager_out_versions(n: torch.fx.Node, out: list[torch.fx.Node], inputs: list, before: list) -> None:
+    # Eager bumps the counter of every out tensor (the `.out` overload's ADInplaceOrView kernel,
+    # or the writes inside it), but the fake run misses some: `split_with_sizes_copy`,
+    # `split_copy`, `unbind_copy` (a list `out=`) and `linalg.matrix_rank` bump nothing on fake
+    # tensors (measured on torch 2.13). Bump them here, so that the fake counters, and what the
+    # saved-tensor checks conclude from them, are eager's. `kron` bumps nothing in eager either.
+    if not out or n.target in _OUT_UNVERSIONED_IN_EAGER:
+        return
+    stale = [t for (arg, t), v in zip(inputs, before) if arg in out and v is not None and _version(t) == v]
+    if stale:
+        torch.autograd.graph.increment_version(stale)
+
+
 def _pick_written(n: torch.fx.Node, bumped: list) -> list:
     # Views of the written tensor share its counter, so several arguments can show a bump
-    # (`a.add_(a[0])`): the schema's written argument is the one we report.
+    # (`a.add_(a[0])`): the schema's written argument is the one we report. With `out=`,
+    # every out tensor is written (`max(x, 1, out=(values, indices))` writes both).
+    out = _out_args(n)
+    if out:
+        chosen = [(a, t) for a, t in bumped if any(a is o for o in out)]
+        if chosen:
+            return chosen
     if len(bumped) <= 1:
         return list(bumped)
-    out = n.kwargs.get("out")
-    if isinstance(out, torch.fx.Node):
-        chosen = [(a, t) for a, t in bumped if a is out]
-        if chosen:
-            return chosen[:1]
     first = n.args[0] if n.args else None
     if n.op == "call_method" or n.target in (operator.setitem,) or _is_inplace_function(n):
         chosen = [(a, t) for a, t in bumped if a is first]
@@ -402,6 +489,24 @@ def _pick_written(n: torch.fx.Node, bumped: list) -> list:
         if chosen:
             return chosen
     return bumped[:1]
+
+
+def _is_rebind(n: torch.fx.Node) -> bool:
+    """`t.set_(v)`, or `t.data = v` (Dynamo spells it `set_`), with a tensor `v`."""
+    is_set = (n.op == "call_function" and n.target is torch.Tensor.set_) or (
+        n.op == "call_method" and n.target == "set_"
+    )
+    return is_set and len(n.args) == 2 and isinstance(n.args[0], torch.fx.Node) and isinstance(n.args[1], torch.fx.Node)
+
+
+def _is_version_fixup(target: Any) -> bool:
+    # Dynamo follows the `set_` of `t.data = v` with `_lower_version_count_by_1(t)`, undoing
+    # `set_`'s bump: eager `.data =` bumps nothing.
+    return getattr(target, "__name__", None) == "_lower_version_count_by_1"
+
+
+def _is_data_assignment(n: torch.fx.Node) -> bool:
+    return any(u.op == "call_function" and _is_version_fixup(u.target) for u in n.users)
 
 
 def _is_spelled_inplace(n: torch.fx.Node) -> bool:
@@ -499,7 +604,15 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     for node in gm.graph.find_nodes(op="placeholder"):
         interpreter.trace.sources[node] = getattr(node.meta.get("grapharg"), "source", None)
     fakes = _fake_inputs(gm, example_inputs, fake_mode)
-    with fake_mode, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
+    for node, fake in zip(gm.graph.find_nodes(op="placeholder"), fakes):
+        if isinstance(fake, torch.Tensor):
+            interpreter.trace.requires_grad[node] = fake.requires_grad
+    # `.item()` on a fake makes an unbacked symbol that a tracer would bind to its graph
+    # node; ours is no tracer, and a symbol left pending breaks the next `make_fx` of the
+    # graph (functionalize, AOTAutograd) with `PendingUnbackedSymbolNotFound`.
+    shape_env = getattr(fake_mode, "shape_env", None)
+    unbacked = shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None else contextlib.nullcontext()
+    with fake_mode, unbacked, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
     output_node = next(iter(reversed(gm.graph.nodes)))
