@@ -2,7 +2,8 @@
 
 `program_gen.generate(seed)` writes a random module (a trunk, two or three heads, views,
 in-place ops of every spelling, ops that save tensors for backward, writes to parameters,
-buffers, inputs and intermediates); `differential_oracle` asks eager PyTorch what it does
+buffers, inputs and intermediates; rarely a graph break, a custom autograd Function, a
+checkpointed function, a submodule applied twice); `differential_oracle` asks eager PyTorch what it does
 and checks the audit's report against that. `benchmarks/differential.py` runs the same
 check on tens of thousands of programs; docs/reliability.md has the figures.
 """
