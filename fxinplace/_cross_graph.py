@@ -37,6 +37,7 @@ class _Save:
     reach: list[weakref.ref] = field(default_factory=list)  # those outputs, after the first call
     reach_fns: set[int] = field(default_factory=set)  # id() of their autograd nodes then
     kept_apart: bool = False  # functionalize gives that graph a clone to save, each call
+    consumed: bool = False  # a backward ran through it since: its saved values are freed
 
 
 @dataclass
@@ -59,9 +60,11 @@ class CrossGraphState:
 
     def __init__(self) -> None:
         self._storages: dict[Any, _Storage] = {}
+        self._descriptions: dict[tuple[int, str], str] = {}  # the same save, described once
 
     def clear(self) -> None:
         self._storages.clear()
+        self._descriptions.clear()
 
     def look_up(self, gm: torch.fx.GraphModule, example_inputs: list) -> LaterView:
         """Names and earlier saves for `gm`'s placeholders whose storage an earlier graph saw."""
@@ -87,7 +90,7 @@ class CrossGraphState:
         reals = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
         found = {}
         for node, saves in view.saves.items():
-            kept = [s for s in saves if not per_op or self._may_reach_loss(s, reals, trace)]
+            kept = [s for s in saves if not s.consumed and (not per_op or self._may_reach_loss(s, reals, trace))]
             if kept:
                 found[node] = kept
         return found
@@ -102,7 +105,7 @@ class CrossGraphState:
             entry = self._entry(real) or self._add(real, target_of_root(node, trace))
             record = saved.get(node)
             if entry is not None and record is not None:
-                save = _Save(f"{describe_save(record)} in graph {graph_id}", record,
+                save = _Save(self._describe(record, graph_id), record,
                              trace.backward_outputs.get(record.node, frozenset()))
                 entry.saves.append(save)
                 new[node] = save
@@ -111,8 +114,9 @@ class CrossGraphState:
     def record_outputs(
         self, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace, saved: dict[int, SavedTensor],
         input_saves: dict[torch.fx.Node, _Save], graph_id: str,
-    ) -> None:
-        """Register `gm`'s outputs (first call, when the real outputs exist)."""
+    ) -> list[_Save]:
+        """Register `gm`'s outputs once the real outputs exist (first call; every call for a graph
+        that ends in a break); returns every save of `gm` a later graph can invalidate."""
         output_node = next(iter(reversed(gm.graph.nodes)))
         nodes = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
         saves = list(input_saves.values())
@@ -123,18 +127,39 @@ class CrossGraphState:
                 real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph_id}"))
             record = saved.get(position)
             if entry is not None and record is not None:
-                save = _Save(f"{describe_save(record)} in graph {graph_id}", record,
+                save = _Save(self._describe(record, graph_id), record,
                              trace.backward_outputs.get(record.node, frozenset()))
                 entry.saves.append(save)
                 saves.append(save)
+        self._prune()
+        return saves
+
+    def _describe(self, record: SavedTensor, graph_id: str) -> str:
+        key = (id(record), graph_id)
+        if key not in self._descriptions:
+            self._descriptions[key] = f"{describe_save(record)} in graph {graph_id}"
+        return self._descriptions[key]
+
+    def refresh(self, saves: list[_Save], outputs: list) -> None:
+        """After each call of the graph that made `saves`: its real outputs, and a backward
+        through them, say whether the values it saved on this call are still to be read."""
+        hooked: dict[int, list[_Save]] = {}
         for save in saves:
+            save.consumed = False
+            save.reach, save.reach_fns = [], set()
             for position in save.positions:
                 real = outputs[position] if position < len(outputs) else None
-                if isinstance(real, torch.Tensor):
-                    save.reach.append(weakref.ref(real))
-                    if real.grad_fn is not None:
-                        save.reach_fns.add(id(real.grad_fn))
-        self._prune()
+                if not isinstance(real, torch.Tensor):
+                    continue
+                save.reach.append(weakref.ref(real))
+                fn = real.grad_fn
+                if fn is None:
+                    continue
+                save.reach_fns.add(id(fn))
+                if id(fn) not in hooked:
+                    hooked[id(fn)] = []
+                    fn.register_prehook(_mark_consumed(hooked[id(fn)]))
+                hooked[id(fn)].append(save)
 
     def _may_reach_loss(self, save: _Save, reals: dict[torch.fx.Node, Any], trace: MutationTrace) -> bool:
         # The save is dead only when each output its backward runs through came into this
@@ -169,8 +194,22 @@ class CrossGraphState:
         return entry
 
     def _prune(self) -> None:
+        for key, entry in self._storages.items():  # a storage's saves of calls long gone
+            if len(entry.saves) > 64:
+                del entry.saves[:-64]
         for key in [k for k, e in self._storages.items() if e.tensor() is None or k.expired()]:
             del self._storages[key]
+
+
+def _mark_consumed(saves: list[_Save]):
+    # The save's backward runs through this output's node: once that node runs, so does the
+    # save's, and its saved values are gone (a train step compiled whole: `loss.backward()`
+    # breaks the graph, the next graph's optimizer update writes what the forward saved).
+    def hook(grad_outputs):
+        for save in saves:
+            save.consumed = True
+
+    return hook
 
 
 def _history_contains(root: Any, wanted: set[int]) -> bool:

@@ -106,25 +106,31 @@ class InplaceAudit:
         if not self.capture_outputs and graph.trace is None:
             return compiled
         first_call = [True]
+        # A graph that ends in a break is followed by more graphs in the same call: each call
+        # saves afresh, and a later graph recompiled on a later call must see that call's saves.
+        every_call = getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False)
 
         def run(*args):
             out = compiled(*args)
-            if self.capture_outputs or first_call[0]:
+            if self.capture_outputs or first_call[0] or every_call:
                 flat = list(out) if isinstance(out, (list, tuple)) else [out]
-                graph.outputs = [id(t) for t in flat]
-                if first_call[0]:
-                    first_call[0] = False
-                    self._remember_outputs(graph, flat, opts)
+                if self.capture_outputs:
+                    graph.outputs = [id(t) for t in flat]
+                self._remember_outputs(graph, flat, opts)
+                first_call[0] = False
             return out
 
         return run
 
     def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,
-        # the backward of this graph fails. Checked when that graph compiles, on this first call.
+        # the backward of this graph fails. Checked when that graph compiles.
+        if graph.trace is None:
+            return
         try:
-            self._cross_graph.record_outputs(
+            saves = self._cross_graph.record_outputs(
                 graph.gm, outputs, graph.trace, graph.saved_outputs, graph.input_saves, graph.identity[0])
+            self._cross_graph.refresh(saves, outputs)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"could not record the outputs of graph {graph.identity[0]}", "training goes on")
 

@@ -8,6 +8,7 @@ graph (AOTAutograd) runs one backward node for the whole graph, which `aot_eager
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -264,3 +265,66 @@ def test_data_rebind_after_a_break_is_an_error_only_when_the_tensor_itself_was_s
     assert silently_wrong == saved_itself
     errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
     assert [h.code for h in errors] == (["hidden-write-to-saved"] if silently_wrong else [])
+
+
+def _decay(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.99)
+
+
+@pytest.mark.parametrize("backward_first", [True, False], ids=["after backward", "before backward"])
+def test_a_write_by_another_compiled_function_is_judged_by_whether_backward_ran(backward_first):
+    """A weight decay compiled on its own, after the forward: harmless once backward ran."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(3, 4)
+
+    def step(forward, decay):
+        loss = forward(x.clone()).pow(2).sum()
+        if backward_first:
+            loss.backward()
+            decay()
+        else:
+            decay()
+            loss.backward()
+
+    eager_model = copy.deepcopy(model)
+    try:
+        step(eager_model, lambda: _decay(eager_model))
+        eager_raises = False
+    except RuntimeError as e:
+        assert AUTOGRAD_ERROR in str(e)
+        eager_raises = True
+    assert eager_raises == (not backward_first)
+
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+    decay = torch.compile(lambda: _decay(model), backend=backend)
+    with pytest.raises(RuntimeError, match=AUTOGRAD_ERROR) if eager_raises else contextlib.nullcontext():
+        step(torch.compile(model, backend=backend), decay)
+    assert bool(backend.report.hazards("error")) == eager_raises
+
+
+def test_a_train_step_compiled_whole_gets_no_error():
+    """`loss.backward()` breaks the graph; the next graph's update writes what the forward saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+
+    def train_step(net, x):
+        loss = net(x).pow(2).sum()
+        loss.backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+        return loss
+
+    compiled = torch.compile(train_step, backend=backend)
+    for _ in range(3):
+        x = torch.randn(3, 4)
+        assert_close_at_scale(compiled(model, x.clone()).detach(), train_step(twin, x.clone()).detach())
+    assert len(backend.report.graphs) >= 2
+    assert backend.report.hazards("error") == []
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close_at_scale(p.detach(), q.detach())
