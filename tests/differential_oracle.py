@@ -12,7 +12,10 @@ For one program, eager PyTorch decides:
   (`saved_tensors_hooks`); at unpack time it compares the live tensor with that clone, and
   its gradients are the reference: what backward computes when every saved value is the
   one the forward used. Gradients that differ from the reference (at its scale, not in the
-  last bits: docs/reliability.md, "How floats are compared") are silently wrong.
+  last bits: docs/reliability.md, "How floats are compared") are silently wrong. A custom
+  Function's saves are cloned when `save_for_backward` is called (PyTorch packs them only
+  after its forward returned), and a changed save backward never reads (training-mode batch
+  norm's running statistics) does not count.
 
 `torch.autograd.graph.allow_mutation_on_saved_tensors()` would give the same reference,
 but it recognises a saved tensor by `data_ptr()`, so a write through a view at another
@@ -29,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import multiprocessing.util
 import pathlib
@@ -138,36 +142,94 @@ def eager_verdict(program: Program, loaded) -> EagerVerdict:
         return EagerVerdict(written=frozenset(written), backward_error=True)
     grads = _grads(model, leaves)
 
-    stale: list[bool] = []
+    stale: list[int] = []
     reference = _reference_grads(program, loaded, stale)
     # Computed twice, the second time from clones: a clone of a strided view (`expand`) is
     # contiguous, its backward may take another kernel and sum in another order.
     differ = any(not close_at_scale(grads[n], reference[n]) for n in grads)
-    return EagerVerdict(written=frozenset(written), stale_saved=any(stale), grads_differ=differ)
+    if stale and not differ and not _gradients_read(program, loaded, reference, set(stale)):
+        stale = []  # unpacked, never read (training-mode batch norm's running statistics)
+    return EagerVerdict(written=frozenset(written), stale_saved=bool(stale), grads_differ=differ)
 
 
-def _reference_grads(program: Program, loaded, stale: list[bool] | None = None) -> dict[str, torch.Tensor | None]:
-    """Eager gradients with every saved tensor frozen at save time; `stale` collects, per
-    unpack, whether the live tensor had changed since."""
+def _reference_grads(program: Program, loaded, stale: list[int] | None = None,
+                     poison: tuple[set[int], Callable] | None = None) -> dict[str, torch.Tensor | None]:
+    """Eager gradients with every saved tensor frozen at save time. `stale` collects, per
+    unpack, the save's index (in the order of saving) where the live tensor had changed
+    since; `poison` (indices, fn) hands backward `fn(value at save time)` for those saves."""
     cls, make_inputs = loaded
+    index = itertools.count()
 
     def pack(t):
-        return t, t.detach().clone()
+        live = _FUNCTION_SAVES.get(id(t))
+        if live is not None and live[0] is t:  # a custom Function's save, cloned as it saved it
+            return next(index), live[1], t
+        return next(index), t, t.detach().clone()
 
     def unpack(saved):
-        t, at_save = saved
-        if stale is not None:
-            stale.append(not identical(t.detach(), at_save))  # vs its copy: any change counts
+        i, t, at_save = saved
+        if stale is not None and not identical(t.detach(), at_save):  # vs its copy: any change counts
+            stale.append(i)
+        if poison is not None and i in poison[0]:
+            return poison[1](at_save)
         return at_save
 
     model = cls()
     args, leaves = make_inputs()
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with _function_saves_at_save_time(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = model(*args)
     loss = _loss(out, program.seed)
     if loss is not None:
         loss.backward()
     return _grads(model, leaves)
+
+
+def _gradients_read(program: Program, loaded, reference: dict, indices: set[int]) -> bool:
+    """Does backward read any of the saves `indices`: does some gradient move when it gets NaN
+    for them (passed on by any arithmetic, even times zero) or random values (seen by a
+    comparison, as `relu`'s backward makes)? A backward may unpack a tensor it never reads:
+    training-mode batch norm gets the running statistics it saved before updating them."""
+    g = torch.Generator().manual_seed(program.seed)
+    fills = (lambda t: torch.full_like(t, float("nan")),
+             lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype) * (1 + t.abs().max()))
+    for fill in fills:
+        try:
+            grads = _reference_grads(program, loaded, poison=(indices, fill))
+        except RuntimeError:
+            return True
+        if any(not close_at_scale(grads[n], reference[n]) for n in reference):
+            return True
+    return False
+
+
+# A custom `autograd.Function` hands its saves to autograd only after its forward returns, so
+# `saved_tensors_hooks` see them as they are then: a forward that writes its input after
+# saving it (`x.data.mul_(2)`, as a fused kernel may) would be packed already written. While
+# the reference runs, `save_for_backward` saves a clone taken when it is called; `pack` maps
+# the clone back to the live tensor (id(clone) -> (clone, live)).
+_FUNCTION_SAVES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def _function_saves_at_save_time() -> Iterator[None]:
+    original = torch.autograd.function.FunctionCtx.save_for_backward
+
+    def save_for_backward(ctx, *tensors):
+        clones = []
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                clone = t.detach().clone()
+                _FUNCTION_SAVES[id(clone)] = (clone, t)
+                t = clone
+            clones.append(t)
+        original(ctx, *clones)
+
+    torch.autograd.function.FunctionCtx.save_for_backward = save_for_backward
+    try:
+        yield
+    finally:
+        torch.autograd.function.FunctionCtx.save_for_backward = original
+        _FUNCTION_SAVES.clear()
 
 
 @dataclass(frozen=True)
@@ -409,7 +471,10 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
         return _known_limit(found, aliases)
     loss = _loss(got, program.seed)
     if loss is not None:
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as e:  # the rewrite left a write that backward refuses
+            return _known_limit(found + [f"functionalize-backward-raised: {str(e).splitlines()[0]}"], aliases)
     grads = _grads(model, leaves)
     reference = _reference_grads(program, loaded)
     plain = None  # the compiler's own gradients, computed at the first mismatch

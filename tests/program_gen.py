@@ -3,7 +3,8 @@
 `generate(seed)` writes the source of a small `nn.Module`: a trunk and two or three heads
 built from view ops, in-place ops of every spelling the audit knows, ops that save their
 inputs or outputs for backward, and writes to parameters, buffers, caller inputs and
-intermediates. The program is grown one statement at a time, and each candidate statement
+intermediates; rarely, a graph break, a custom `autograd.Function`, a checkpointed function
+or a submodule applied twice. The program is grown one statement at a time, and each candidate statement
 is first run eagerly on the real tensors the finished program will see (same seeds), so
 PyTorch itself says what a statement does:
 
@@ -41,13 +42,57 @@ FORWARD_ERRORS = {
 }
 
 _HEADS = ("a", "b", "c")
+_RARE = 0.06  # chance that a statement is one of the rare constructs (a graph break, ...)
+_BREAK = "torch._dynamo.graph_break()"
 _KEEP_FORWARD_ERROR = 0.08  # chance that a candidate eager rejects (leaf/view) is kept, ending the program
 
-_HEADER = '''\
+_IMPORTS = """\
 import torch
 import torch.nn.functional as F
-from torch import nn
+{checkpoint}from torch import nn
+"""
 
+# Definitions a program's header carries only when a statement uses them (`_header`), so a
+# program without them reads as before. Each draws its values from a generator of its own:
+# whether one is present changes no other value.
+_FUNCTIONS = '''
+
+class Scale(torch.autograd.Function):
+    """x * w with a backward of its own, saving both."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return (grad * w).sum_to_size(x.shape), (grad * x).sum_to_size(w.shape)
+
+
+class ScaleFused(Scale):
+    """The same as a fused kernel that also writes its input, after saving it, outside autograd."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        out = x * w
+        x.data.mul_(2.0)
+        return out
+'''
+
+_SEEDED = '''
+
+def seeded(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return module
+'''
+
+_CLASS = '''
 
 class Program(nn.Module):
     def __init__(self):
@@ -60,9 +105,30 @@ class Program(nn.Module):
         self.sub = nn.Module()
         self.sub.w = nn.Parameter(torch.randn(4, 4, generator=g))
         self.sub.register_buffer("b", torch.randn(3, 4, generator=g))
-
+{modules}
     def forward(self, x0, x1, x2):
 '''
+
+# Submodules a forward may apply more than once, to different inputs, as multi-task code does
+# (an encoder shared by tasks or by the two views of a Siamese model): name -> constructor.
+_MODULES = {
+    "self.enc": "nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))",
+    "self.act": "nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4))",
+}
+
+
+def _header(seed: int, statements: tuple[str, ...] | None = None) -> str:
+    """The program's source up to `forward`'s body; with `statements=None`, every definition."""
+    def uses(word: str) -> bool:
+        return statements is None or any(word in s for s in statements)
+
+    modules = [f"        {name} = seeded({ctor}, {seed} + {i})\n"
+               for i, (name, ctor) in enumerate(_MODULES.items(), 2) if uses(name + "(")]
+    return (_IMPORTS.format(checkpoint="import torch.utils.checkpoint\n" if uses("checkpoint(") else "")
+            + (_FUNCTIONS if uses("Scale") else "")
+            + (_SEEDED if modules else "")
+            + _CLASS.format(seed=seed, modules="".join(modules)))
+
 
 _FOOTER = '''
 
@@ -93,7 +159,7 @@ class Program:
         body = "".join(textwrap.indent(s, " " * 8) + "\n" for s in self.statements)
         ret = ", ".join(f'"{task}": {var}' for task, var in self.outputs)
         return (
-            _HEADER.format(seed=self.seed)
+            _header(self.seed, self.statements)
             + body
             + f"        return {{{ret}}}\n"
             + _FOOTER.format(seed=self.seed)
@@ -129,9 +195,9 @@ class _Live:
 
     def reset(self) -> None:
         glb: dict = {}
-        exec(_compiled(_HEADER.format(seed=self.seed) + "        pass\n" + _FOOTER.format(seed=self.seed)), glb)
+        exec(_compiled(_header(self.seed) + "        pass\n" + _FOOTER.format(seed=self.seed)), glb)
         args, _ = glb["make_inputs"]()
-        self.ns = {"torch": torch, "F": F, "self": glb["Program"](), "x0": args[0], "x1": args[1], "x2": args[2]}
+        self.ns = {**glb, "self": glb["Program"](), "x0": args[0], "x1": args[1], "x2": args[2]}
         for statement in self.statements:
             exec(_compiled(statement), self.ns)
 
@@ -156,6 +222,14 @@ def _compiled(code: str):
     return compile(code, "<gen>", "exec")
 
 
+def _refuses_use(t: torch.Tensor) -> bool:
+    try:
+        torch.mul(t, 1.0)  # a no_grad view whose base changed since refuses any use
+    except RuntimeError:
+        return True
+    return False
+
+
 def _broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
@@ -163,8 +237,9 @@ def _broadcasts_to(shape, target) -> bool:
 
 
 class _Generator:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, rare: bool = True):
         self.rng = random.Random(seed)
+        self.rare = rare
         self.live = _Live(seed)
         self.live.reset()
         self.counter = 0
@@ -384,6 +459,114 @@ class _Generator:
             return None
         return "with torch.no_grad():\n" + "".join(f"    {line}\n" for line in lines).rstrip("\n"), made
 
+    # -- rare constructs ---------------------------------------------------------------
+    def graph_break(self, scope: str) -> tuple[str, list[str]] | None:
+        """A graph break: what was saved, or computed, before it may be written after it."""
+        if not self.live.statements or self.live.statements[-1] == _BREAK:
+            return None
+        # Dynamo hands the locals the rest of `forward` may read to the next graph as inputs,
+        # and reads each one's `grad_fn`: a view PyTorch no longer lets anyone use (see
+        # `tensors`) makes Dynamo itself raise, where eager never touches it again.
+        bound = {n for names in self.live.names.values() for n in names}
+        if any(_refuses_use(self.live.ns[n]) for n in bound if isinstance(self.live.ns.get(n), torch.Tensor)):
+            return None
+        return _BREAK, []
+
+    def function(self, scope: str) -> tuple[str, list[str]] | None:
+        """A custom `autograd.Function` (`Scale`), or its variant that writes its input after
+        saving it, outside autograd (`ScaleFused`, a fused kernel's side effect)."""
+        a = self.pick(self.tensors(scope, lambda t: 0 not in t.stride()))
+        if a is None:
+            return None
+        w = self.operand(scope, self.live.value(a).shape, allow_scalar=False)
+        if w == "1.0":
+            return None
+        fused = self.rng.random() < 0.5
+        if fused:
+            self.targets.append((a, True))  # through `.data`: no version counter moves
+        out = self.new_name(scope)
+        return f"{out} = {'ScaleFused' if fused else 'Scale'}.apply({a}, {w})", [out]
+
+    def checkpointed(self, scope: str) -> tuple[str, list[str]] | None:
+        """A small function of generated ops, maybe with an in-place op on its own
+        intermediate, under non-reentrant `checkpoint`; later statements may write its output.
+
+        The function reads nothing but its arguments: `checkpoint` saves those, and the
+        recomputation in backward reads them, where the oracle's saved-tensor hooks see them;
+        a tensor the function read from its closure would be read again, as it is then, by a
+        recomputation nothing checks (docs/reliability.md).
+        """
+        r = self.rng
+        a = self.pick(self.tensors(scope))
+        if a is None:
+            return None
+        t = self.live.value(a)
+        b = self.operand(scope, t.shape, allow_scalar=False)
+        params, args = ("u", "v"), [a, b]
+        if b == "1.0" or r.random() < 0.3:
+            params, args = ("u",), [a]
+        inner = "u" if len(params) == 1 else f"u {r.choice(['*', '+'])} v"
+        lines = [f"h = {r.choice(['torch.exp', 'torch.sigmoid', 'torch.tanh', 'torch.relu'])}({inner})"]
+        if r.random() < 0.6:
+            other = "v" if len(params) == 2 and r.random() < 0.5 else "0.5"
+            lines.append(r.choice([f"h.add_({other})", f"h.mul_({other})", "h.clamp_(-0.5, 0.5)", "torch.relu_(h)",
+                                   "h.sigmoid_()", "h[0] = 1.0"]))
+        lines.append(r.choice(["return h", "return h", f"return h * {params[-1]}", "return torch.tanh(h)"]))
+        if not self.harmless_inside(params, lines, [self.live.value(x) for x in args]):
+            return None
+        self.counter += 1
+        fn, out = f"block{self.counter}", self.new_name(scope)
+        body = "".join(f"    {line}\n" for line in lines)
+        return (f"def {fn}({', '.join(params)}):\n{body}"
+                f"{out} = torch.utils.checkpoint.checkpoint({fn}, {', '.join(args)}, use_reentrant=False)"), [out]
+
+    @staticmethod
+    def harmless_inside(params: tuple[str, ...], lines: list[str], args: list[torch.Tensor]) -> bool:
+        """Does the function, run plainly, leave every tensor it saves for backward as saved?
+
+        Inside `checkpoint` its saves go to checkpoint's own hooks, not the oracle's (the
+        innermost `saved_tensors_hooks` wins), and its recomputation hands eager and the
+        oracle's reference the same values: an in-place op there that overwrote a saved
+        tensor would go unjudged. So PyTorch checks it here, on copies, and such a function is
+        left out.
+        """
+        glb: dict = {"torch": torch}
+        exec(_compiled(f"def f({', '.join(params)}):\n" + "".join(f"    {line}\n" for line in lines)), glb)
+        changed = []
+
+        def pack(t):
+            return t, t.detach().clone()
+
+        def unpack(saved):
+            changed.append(not torch.equal(saved[0].detach(), saved[1]))
+            return saved[1]
+
+        copies = [x.detach().clone().requires_grad_() for x in args]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                out = glb["f"](*copies)
+            out.sum().backward()
+        except RuntimeError:
+            return False
+        return not any(changed)
+
+    def shared_module(self, scope: str) -> tuple[str, list[str]] | None:
+        """A submodule applied to one input, or to two (`self.enc(a), self.enc(b)`); any module
+        may be applied again by a later statement. `self.act` starts with `ReLU(inplace=True)`:
+        it writes its input."""
+        module = self.rng.choice(list(_MODULES))
+        if module == "self.enc":  # batch norm: a batch of more than one row
+            names = self.tensors(scope, lambda t: t.dim() == 2 and t.shape[0] > 1 and t.shape[1] == 4)
+        else:
+            names = self.tensors(scope, lambda t: t.shape[-1] == 4 and 0 not in t.stride())
+        if not names:
+            return None
+        inputs = [self.pick(names)] + ([self.pick(names)] if self.rng.random() < 0.5 else [])
+        if module == "self.act":
+            self.targets += [(x, False) for x in inputs]
+        outs = [self.new_name(scope) for _ in inputs]
+        return f"{', '.join(outs)} = {', '.join(f'{module}({x})' for x in inputs)}", outs
+
     def step(self, scope: str) -> bool:
         """Add one statement to `scope`; False when none could be added."""
         for _ in range(20):
@@ -420,6 +603,12 @@ class _Generator:
     def candidate(self, scope: str) -> tuple[str, list[str]] | None:
         """(statement, names it binds)."""
         roll = self.rng.random()
+        if self.rare:
+            # Constructs that cost Dynamo a graph or a subgraph each: rare, so the common ones
+            # below stay well covered and a run stays cheap.
+            if roll < _RARE:
+                return self.rng.choice([self.graph_break, self.function, self.checkpointed, self.shared_module])(scope)
+            roll = (roll - _RARE) / (1 - _RARE)
         if roll < 0.32:
             statement = self.producer(scope)
             return (statement, [statement.split(" = ")[0]]) if statement is not None else None
@@ -451,13 +640,7 @@ class _Generator:
 
     def usable(self, name: str) -> bool:
         t = self.live.ns.get(name)
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return False
-        try:
-            torch.mul(t, 1.0)  # a no_grad view whose base changed since refuses any use
-        except RuntimeError:
-            return False
-        return True
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and not _refuses_use(t)
 
     def output_of(self, scope: str) -> str | None:
         """The head's last value that a loss can use and that owns its storage.
@@ -474,9 +657,10 @@ class _Generator:
         return None
 
 
-def generate(seed: int) -> Program:
-    """A random multi-task program, reproducible from `seed`."""
-    gen = _Generator(seed)
+def generate(seed: int, rare: bool = True) -> Program:
+    """A random multi-task program, reproducible from `seed`; `rare=False` leaves out the
+    rare constructs (graph breaks, custom Functions, checkpoint, shared submodules)."""
+    gen = _Generator(seed, rare)
     r = gen.rng
     heads = _HEADS[: r.choice([2, 3])]
     plan = [("trunk", r.randint(3, 7))] + [(h, r.randint(2, 4)) for h in heads]

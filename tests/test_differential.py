@@ -2,20 +2,25 @@
 
 `program_gen.generate(seed)` writes a random module (a trunk, two or three heads, views,
 in-place ops of every spelling, ops that save tensors for backward, writes to parameters,
-buffers, inputs and intermediates); `differential_oracle` asks eager PyTorch what it does
+buffers, inputs and intermediates; rarely a graph break, a custom autograd Function, a
+checkpointed function, a submodule applied twice); `differential_oracle` asks eager PyTorch what it does
 and checks the audit's report against that. `benchmarks/differential.py` runs the same
 check on tens of thousands of programs; docs/reliability.md has the figures.
 """
 
 from __future__ import annotations
 
+import ast
 import collections
 import os
+import re
 
 import pytest
 import torch
 
 import differential_oracle
+import fxinplace
+import program_gen
 from conftest import close_at_scale
 from differential_oracle import check, check_functionalized, eager_verdict, fast_dynamo, outcome, run_seeds
 from program_gen import Program, generate
@@ -28,8 +33,11 @@ def test_random_programs_agree_with_eager_pytorch():
     results = list(run_seeds(range(PROGRAMS), jobs=JOBS))
     assert [r.seed for r in results] == list(range(PROGRAMS))
     bad = {r.seed: r.findings for r in results if r.findings}
-    assert not bad, "the audit and eager PyTorch disagree (reproduce with `python benchmarks/differential.py " \
-        "--seeds SEED --minimize`):\n" + "\n".join(f"  seed {s}: {'; '.join(f)}" for s, f in sorted(bad.items()))
+    expected = set().union(*OPEN_SEEDS.values())
+    new = {s: f for s, f in bad.items() if s not in expected}
+    assert not new, "the audit and eager PyTorch disagree (reproduce with `python benchmarks/differential.py " \
+        "--seeds SEED --minimize`):\n" + "\n".join(f"  seed {s}: {'; '.join(f)}" for s, f in sorted(new.items()))
+    assert set(bad) == expected, f"these now agree, take them off OPEN_SEEDS: {sorted(expected - set(bad))}"
 
     # A generator that drifted into trivial programs would make the agreement above hollow.
     outcomes = collections.Counter(r.outcome for r in results)
@@ -44,19 +52,56 @@ def test_random_programs_agree_with_eager_pytorch():
             "parameter-write", "input-write", "buffer-update", "cross-task-write"} <= codes
 
 
+# Seeds of the run above that disagree today, each for one of the open disagreements below
+# (OPEN, minimized): strict, so a fix that makes one agree fails the run until it comes off.
+OPEN_SEEDS = {
+    "custom Function whose forward writes its input": {
+        27, 76, 83, 101, 102, 123, 162, 247, 295, 331, 352, 364, 365, 387, 405, 472, 481, 504, 509, 537, 574, 648,
+        697, 715, 723, 772, 785, 804, 809, 899, 922, 938, 946, 975, 981},
+    "hidden write to a column beside a saved column": {109},
+    "saved by a Function Dynamo ran itself, written in the next graph": {212},
+    "save live across a graph break, reaching no loss": {389},
+}
+
+
+def test_open_seeds_have_the_construct_they_are_listed_for():
+    assert all("ScaleFused.apply(" in generate(s).source for s in OPEN_SEEDS["custom Function whose forward writes its input"])
+    same_twice = re.compile(r"Scale\.apply\((\w+), \1\)")  # Dynamo breaks the graph there
+    for name in ("saved by a Function Dynamo ran itself, written in the next graph",
+                 "save live across a graph break, reaching no loss"):
+        assert all(same_twice.search(generate(s).source) for s in OPEN_SEEDS[name]), name
+
+
 SPELLINGS = [
     "add_(", "mul_(", "clamp_(", "zero_()", "copy_(", "torch.relu_(", "sigmoid_()", " += ", " *= ", "] = ",
     " > 0] = ", "out=", "inplace=True", "with torch.no_grad():", ".data", ".detach()", ".chunk(", ".unbind(",
     ".expand(", ".t()", ".transpose(", ".view(", "torch.exp(", "torch.sigmoid(", "torch.tanh(", " @ ",
     "torch.softmax(", "F.linear(", "self.w0", "self.sub.w", "self.b0", "self.sub.b", "x0", "x1", "x2",
+    # The rare constructs, in about one program in ten each.
+    "torch._dynamo.graph_break()", " Scale.apply(", "ScaleFused.apply(", "torch.utils.checkpoint.checkpoint(",
+    "self.enc(", "self.act(",
 ]
 
 
 def test_generator_covers_every_construct_and_is_reproducible():
-    sources = [generate(seed).source for seed in range(150)]
+    programs = [generate(seed) for seed in range(150)]
+    sources = [p.source for p in programs]
     missing = [s for s in SPELLINGS if not any(s in src for src in sources)]
     assert not missing
     assert generate(7) == generate(7)
+    # A submodule applied twice in one forward; checkpointed functions with an in-place op
+    # inside, that read nothing but their arguments (test_what_the_oracle_cannot_judge_under_checkpoint).
+    for module in ("self.enc(", "self.act("):
+        assert any(src.count(module) >= 2 for src in sources), module
+    blocks = [node for p in programs for s in p.statements for node in ast.walk(ast.parse(s))
+              if isinstance(node, ast.FunctionDef)]
+    assert any(isinstance(node, ast.Expr) or isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript)
+               for block in blocks for node in block.body)
+    for block in blocks:
+        read = {n.id for n in ast.walk(block) if isinstance(n, ast.Name)}
+        assert read <= {a.arg for a in block.args.args} | {"h", "torch"}, ast.unparse(block)
+    # Only the definitions a program uses are in its header.
+    assert not any("class ScaleFused" in p.source for p in programs if "Scale" not in "".join(p.statements))
 
 
 # Each program below is a minimized reproducer of a disagreement the random programs found;
@@ -190,6 +235,13 @@ KNOWN_LIMITS = {
     "out= into a non-contiguous tensor": Program(
         49, ("t1 = self.w0[:, 0]", "with torch.no_grad():\n    torch.mul(t1, t1, out=t1)", "b = self.w1 * 2.0"),
         (("b", "b"),)),
+    # A view made under no_grad whose base was written since, live across a graph break:
+    # Dynamo reads its `grad_fn` to hand it to the next graph and raises, as it does with the
+    # plain `eager` backend; eager PyTorch, which only detaches it, runs on.
+    "refused view live across a graph break": Program(
+        696, ("t1 = self.sub.w * self.w1", "with torch.no_grad():\n    t2 = t1[:, 3]\n    t1.mul_(2.0)",
+              "torch._dynamo.graph_break()", "a5 = t2.detach()"),
+        (("a", "a5"),)),
 }
 
 
@@ -197,6 +249,196 @@ KNOWN_LIMITS = {
 @pytest.mark.parametrize("program", KNOWN_LIMITS.values(), ids=KNOWN_LIMITS.keys())
 def test_known_limits(program, tmp_path):
     assert check(program, tmp_path).findings == []
+
+
+# The rarer constructs (graph breaks, custom autograd Functions, checkpoint, a submodule
+# applied twice), each alone, with what eager PyTorch does with it; the audit must agree.
+B = "torch._dynamo.graph_break()"
+EXP_BLOCK = "def block1(u, v):\n    h = torch.exp(u * v)\n    return h\n"
+RARE_CONSTRUCTS = {
+    # Training-mode batch norm saves its running statistics, updates them, and its backward
+    # ignores them (the oracle's `_gradients_read`): applied per task, it trains.
+    "batch norm applied to two inputs": (Program(11, ("b7, b8 = self.enc(x1), self.enc(x2)",), (("b", "b8"),)),
+                                         "trains"),
+    "ReLU(inplace=True) module over a tensor sigmoid saved": (
+        Program(1, ("t1 = torch.sigmoid(x2)", "a2 = self.act(t1)"), (("a", "a2"),)), "backward-error"),
+    "ReLU(inplace=True) module applied to two inputs": (
+        Program(1, ("t1 = x2 * 2.0", "t2 = x0 + 1.0", "a3, a4 = self.act(t1), self.act(t2)"), (("a", "a4"),)),
+        "trains"),
+    "custom Function: its saved input written afterwards": (
+        Program(1, ("t1 = x2 * 1.0", "t2 = Scale.apply(t1, self.w1)", "with torch.no_grad():\n    t1.mul_(2.0)",
+                    "a3 = t2 + 1.0"), (("a", "a3"),)),
+        "backward-error"),
+    # `exp` saves its result, but under checkpoint backward recomputes it.
+    "checkpoint: its output written afterwards": (
+        Program(5, ("t0 = x0 * 1.0", EXP_BLOCK + "t2 = torch.utils.checkpoint.checkpoint(block1, t0, self.w1, "
+                    "use_reentrant=False)", "t2.mul_(2.0)", "a = t2 + 1.0"), (("a", "a"),)),
+        "trains"),
+    # ... from its arguments, which checkpoint saves.
+    "checkpoint: its argument written afterwards": (
+        Program(5, ("t0 = x0 * 1.0", EXP_BLOCK + "t2 = torch.utils.checkpoint.checkpoint(block1, t0, self.w1, "
+                    "use_reentrant=False)", "t0.mul_(2.0)", "a = t2 + 1.0"), (("a", "a"),)),
+        "backward-error"),
+    "checkpoint: its argument written through .data afterwards": (
+        Program(5, ("t0 = x0 * 1.0", EXP_BLOCK + "t2 = torch.utils.checkpoint.checkpoint(block1, t0, self.b1, "
+                    "use_reentrant=False)", "self.b1.data.mul_(2.0)", "a = t2 + 1.0"), (("a", "a"),)),
+        "silently-wrong"),
+    "checkpoint: an in-place op on its own intermediate": (
+        Program(5, ("def block1(u, v):\n    h = u * v\n    h.add_(1.0)\n    return torch.sigmoid(h)\n"
+                    "t2 = torch.utils.checkpoint.checkpoint(block1, x0, self.w1, use_reentrant=False)",
+                    "a = t2 + 1.0"), (("a", "a"),)),
+        "trains"),
+    "parameter saved before a graph break, written after it": (
+        Program(1, ("t1 = x0 @ self.w0", B, "with torch.no_grad():\n    self.w0.mul_(2.0)", "a2 = t1 + 1.0"),
+                (("a", "a2"),)),
+        "backward-error"),
+    "buffer saved before a graph break, written through .data after it": (
+        Program(1, ("t1 = x0 @ self.b0", B, "self.b0.data.mul_(2.0)", "a2 = t1 + 1.0"), (("a", "a2"),)),
+        "silently-wrong"),
+    "intermediate saved before a graph break, written after it": (
+        Program(1, ("t1 = torch.sigmoid(x2)", B, "t1.mul_(2.0)", "a2 = t1 + 1.0"), (("a", "a2"),)),
+        "backward-error"),
+    "saved before a graph break, written after it, reaching no loss": (
+        Program(1, ("t1 = torch.sigmoid(x2)", B, "t1.mul_(2.0)", "a2 = x0 * 2.0"), (("a", "a2"),)),
+        "trains"),
+}
+
+
+@pytest.mark.parametrize("program, expected", RARE_CONSTRUCTS.values(), ids=RARE_CONSTRUCTS.keys())
+def test_rare_constructs_agree_with_eager_pytorch(program, expected, tmp_path):
+    checked = check(program, tmp_path)
+    assert outcome(checked.verdict) == expected
+    assert checked.findings == []
+
+
+FUSED = Program(364, ("a4 = ScaleFused.apply(x1, x2)",), (("a", "a4"),))
+
+
+def test_the_oracle_sees_what_a_custom_function_saved_before_its_forward_wrote_it(tmp_path):
+    # PyTorch packs a custom Function's saves after its forward returns: `saved_tensors_hooks`
+    # see `x` already written. (The day this fails, `_function_saves_at_save_time` can go.)
+    cls, _ = FUSED.load(tmp_path)
+    fused = cls.forward.__globals__["ScaleFused"]
+    x, w = torch.ones(3, 4), torch.ones(4, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.clone()) or t, lambda t: t):
+        fused.apply(x, w)
+    assert packed[0].tolist() == [[2.0] * 4] * 3
+    # Eager's gradient of `x2` comes from the doubled `x1`; the reference is its out-of-place
+    # twin's, `Scale`, which writes nothing.
+    verdict = eager_verdict(FUSED, FUSED.load(tmp_path))
+    assert outcome(verdict) == "silently-wrong"
+    twin = Program(364, ("a4 = Scale.apply(x1, x2)",), (("a", "a4"),))
+    assert outcome(eager_verdict(twin, twin.load(tmp_path))) == "trains"
+    reference = differential_oracle._reference_grads(FUSED, FUSED.load(tmp_path))
+    twin_cls, make_inputs = twin.load(tmp_path)
+    args, leaves = make_inputs()
+    differential_oracle._loss(twin_cls()(*args), twin.seed).backward()
+    assert close_at_scale(reference["x2"], leaves["x2"].grad)
+
+
+@pytest.mark.parametrize("program, read", [
+    (RARE_CONSTRUCTS["batch norm applied to two inputs"][0], False),
+    # `relu` saves its result; doubled through `.data`, its signs, all its backward reads, stay.
+    (Program(1, ("t1 = torch.relu(x2)", "t1.data.mul_(2.0)", "a2 = t1 * 1.0"), (("a", "a2"),)), True),
+], ids=["batch norm's running statistics", "relu's result, written through .data"])
+def test_a_save_backward_unpacks_but_never_reads_is_not_stale(program, read, tmp_path):
+    loaded = program.load(tmp_path)
+    stale: list[int] = []
+    reference = differential_oracle._reference_grads(program, loaded, stale)
+    assert stale  # both are unpacked changed
+    assert differential_oracle._gradients_read(program, loaded, reference, set(stale)) == read
+    assert outcome(eager_verdict(program, loaded)) == ("stale-but-same-gradients" if read else "trains")
+    assert check(program, tmp_path).findings == []
+
+
+# Under checkpoint, backward recomputes the function from the arguments checkpoint saved, and
+# the function's own saves go to checkpoint's hooks, not the oracle's (the innermost
+# `saved_tensors_hooks` wins). Two programs the oracle therefore cannot judge: eager and the
+# reference recompute alike, and both differ from the out-of-place twin. The generator makes
+# neither (test_generator_covers_every_construct_and_is_reproducible, `harmless_inside`).
+CHECKPOINT_UNJUDGED = {
+    # The function reads `w1` from its closure, which checkpoint does not save: backward
+    # recomputes with the doubled `w1`.
+    "reads a parameter written afterwards": (
+        "def block1(u):\n    return torch.exp(u * self.w1)\n",
+        "t2 = torch.utils.checkpoint.checkpoint(block1, t0, use_reentrant=False)", "t2 = block1(t0)",
+        ("with torch.no_grad():\n    self.w1.mul_(2.0)",)),
+    # `exp` saves `h`, which `mul_` then halves; the recomputation runs on past that save.
+    "writes a value it saved": (
+        "def block1(u, v):\n    h = torch.exp(u * v)\n    h.mul_(0.5)\n    return h * v\n",
+        "t2 = torch.utils.checkpoint.checkpoint(block1, t0, self.w1, use_reentrant=False)",
+        "t2 = block1(t0, self.w1)", ()),
+}
+
+
+@pytest.mark.parametrize("block, call, plain, after", CHECKPOINT_UNJUDGED.values(), ids=CHECKPOINT_UNJUDGED.keys())
+def test_what_the_oracle_cannot_judge_under_checkpoint(block, call, plain, after, tmp_path):
+    def program(call_line):
+        return Program(5, ("t0 = x0 * 1.0", block + call_line) + after + ("a = t2 + 1.0",), (("a", "a"),))
+
+    def eager_grads(p):
+        cls, make_inputs = p.load(tmp_path)
+        model, (args, leaves) = cls(), make_inputs()
+        differential_oracle._loss(model(*args), p.seed).backward()
+        return differential_oracle._grads(model, leaves)
+
+    checkpointed = program(call)
+    eager = eager_grads(checkpointed)
+    reference = differential_oracle._reference_grads(checkpointed, checkpointed.load(tmp_path))
+    twin = differential_oracle._reference_grads(program(plain), program(plain).load(tmp_path))  # out of place
+    assert all(close_at_scale(eager[n], reference[n]) for n in eager)  # the oracle sees nothing wrong ...
+    assert not all(close_at_scale(eager[n], twin[n]) for n in eager)  # ... yet eager's gradients are wrong
+    assert outcome(eager_verdict(checkpointed, checkpointed.load(tmp_path))) == "trains"
+
+
+def test_the_generator_leaves_out_checkpointed_writes_to_saved_values():
+    harmless = program_gen._Generator.harmless_inside
+    u, v = torch.randn(3, 4), torch.randn(4)
+    assert not harmless(("u", "v"), ["h = torch.exp(u * v)", "h.mul_(0.5)", "return h * v"], [u, v])
+    assert harmless(("u", "v"), ["h = torch.exp(u * v)", "return h * v"], [u, v])
+    assert harmless(("u", "v"), ["h = u * v", "h.add_(1.0)", "return torch.sigmoid(h)"], [u, v])
+
+
+# Disagreements the new constructs found, in the audit, not yet fixed (docs/reliability.md):
+# strict, so a fix shows here; move the program to REGRESSIONS then.
+OPEN = {
+    # Dynamo traces the Function into `autograd_function_apply`, its forward a subgraph the
+    # audit does not look into: it misses the write to `x1` and the silently wrong gradient.
+    "custom Function whose forward writes its input": FUSED,
+    # `apply(t1, t1)`: Dynamo breaks the graph and runs the Function itself; what it saved,
+    # outside any graph, is written in the next graph. Eager's backward raises.
+    "saved by a Function Dynamo ran itself, written in the next graph": Program(
+        212, ("t1 = self.w0 * 1.0", "t3 = Scale.apply(t1, t1)", "with torch.no_grad():\n    t1.mul_(2.0)",
+              "a9 = -t3"),
+        (("a", "a9"),)),
+    # Columns 1 and 2 of `sub.w` interleave in memory without sharing an element; the
+    # hidden-write check compares extents (`_overlaps`). Eager trains.
+    "hidden write to a column beside a saved column": Program(
+        109, ("t4 = self.sub.w[:, 1]", "t5 = self.sub.w[:, 2]", "b10 = t5 * t5", "t4.data.zero_()"), (("b", "b10"),)),
+    # `t1` is live across the break, so the audit takes its save for one a loss may reach;
+    # nothing after the break reads more than `t1.detach()`. Eager trains.
+    "save live across a graph break, reaching no loss": Program(
+        823, ("t1 = torch.sigmoid(self.w1)", "with torch.no_grad():\n    t1.clamp_(-0.5, 0.5)", "a10 = self.w1 * 2.0",
+              B, "a11 = t1.detach()"),
+        (("a", "a10"),)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="open disagreement in the audit, see the comment on each program")
+@pytest.mark.parametrize("program", OPEN.values(), ids=OPEN.keys())
+def test_open_disagreements(program, tmp_path):
+    assert check(program, tmp_path).findings == []
+
+
+@pytest.mark.xfail(strict=True, reason="open: the audit does not look for writes inside a checkpointed function")
+def test_a_checkpointed_write_to_a_value_saved_inside_is_an_error(tmp_path):
+    # Eager's gradients are silently wrong (test_what_the_oracle_cannot_judge_under_checkpoint).
+    block, call, _, after = CHECKPOINT_UNJUDGED["writes a value it saved"]
+    program = Program(5, ("t0 = x0 * 1.0", block + call) + after + ("a = t2 + 1.0",), (("a", "a"),))
+    cls, make_inputs = program.load(tmp_path)
+    args, _ = make_inputs()
+    assert fxinplace.audit(cls(), *args, options={"print": False}).hazards("error")
 
 
 # `functionalize=True` against eager, on a subset (each program compiles through AOTAutograd).
@@ -207,13 +449,46 @@ FUNCTIONALIZE_KNOWN_LIMIT = {35}
 
 
 def test_functionalized_programs_match_eager(tmp_path):
+    # Without the rare constructs: those find what FUNCTIONALIZE_OPEN keeps, not yet looked into.
     with fast_dynamo():
-        results = {seed: check_functionalized(generate(seed), tmp_path) for seed in FUNCTIONALIZE_SEEDS}
+        results = {seed: check_functionalized(generate(seed, rare=False), tmp_path) for seed in FUNCTIONALIZE_SEEDS}
     assert sum(found is not None for found in results.values()) >= 50  # compared with eager
     limited = {seed for seed, found in results.items() if found and all(f.startswith("known-limit:") for f in found)}
     failing = {seed: found for seed, found in results.items() if found and seed not in limited}
     assert failing == {}
     assert limited == FUNCTIONALIZE_KNOWN_LIMIT
+
+
+# `functionalize=True` on programs with the rare constructs (seeds 0-59, 4 disagree):
+# minimized, open. Strict: a fix makes one pass here.
+FUNCTIONALIZE_OPEN = {
+    # `apply(t1, t1)` runs outside any graph and saves `t1`; the next graph's write to its
+    # input `t1` stays a write. That graph's single backward node reaches the Function's even
+    # though no loss does (eager trains): backward raises.
+    "input written after a Function Dynamo ran itself saved it": Program(
+        11, ("t1 = self.w1.sum(0, keepdim=True)", "t2 = Scale.apply(t1, t1)", "t3 = t2 * 0.5", "a6 = -self.w0",
+             "t1.mul_(0.5)", "c10 = ScaleFused.apply(t3, t3)"),
+        (("a", "a6"),)),
+    # After the break `sub.b` and its views `t1`, `t2` arrive as inputs of their own; written
+    # through `t1` and then directly, `sub.b` ends with other values than in eager.
+    "buffer written through a view and directly, after a graph break": Program(
+        22, ("with torch.no_grad():\n    t1 = self.sub.b.t()\n    x0.copy_(x1)", "t2 = t1[0]", B, "a3 = t2.data",
+             "a4 = torch.tanh(a3)", "t1[t1 > 0] = 0.0", "b6 = self.act(self.sub.b)"),
+        (("a", "a4"),)),
+    # The compile fails with the in-place autograd error (HazardError); eager trains.
+    "fused Function beside a checkpoint with an in-place op": Program(
+        27, ("t3 = self.w0.sum(0)", "a6 = ScaleFused.apply(self.b0, t3)", "b7 = t3.sum(0, keepdim=True)",
+             "def block8(u, v):\n    h = torch.exp(u + v)\n    h[0] = 1.0\n    return torch.tanh(h)\n"
+             "b9 = torch.utils.checkpoint.checkpoint(block8, b7, b7.detach(), use_reentrant=False)"),
+        (("b", "b9"),)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="open functionalize disagreement, see the comment on each program")
+@pytest.mark.parametrize("program", FUNCTIONALIZE_OPEN.values(), ids=FUNCTIONALIZE_OPEN.keys())
+def test_functionalize_open(program, tmp_path):
+    with fast_dynamo():
+        assert check_functionalized(program, tmp_path) == []
 
 
 # Disagreements found by the run above, minimized, fixed, and kept.
