@@ -28,16 +28,44 @@ _WALK_LIMIT = 200_000
 
 
 @dataclass
+class _Call:
+    """The latest call of one graph: its outputs, and what became of their autograd nodes."""
+
+    reach: dict[int, weakref.ref] = field(default_factory=dict)  # output position -> that output
+    fns: dict[int, int] = field(default_factory=dict)  # output position -> id() of its grad_fn
+    consumed: set[int] = field(default_factory=set)  # positions a backward has run through
+    released: set[int] = field(default_factory=set)  # positions whose autograd node was freed
+
+
+@dataclass
+class GraphSaves:
+    """One audited graph's saves that a later graph can invalidate, and its latest call."""
+
+    graph_id: str
+    saves: list[_Save] = field(default_factory=list)
+    positions: set[int] = field(default_factory=set)  # outputs some save's backward runs through
+    call: _Call | None = None
+    calls: int = 0
+
+
+@dataclass
 class _Save:
     """A save of an earlier graph that a later write can invalidate."""
 
     description: str  # "`sigmoid` at f.py:7 (fc) in graph 0/0"
     record: SavedTensor  # its fake tensor gives the saved region's geometry
     positions: frozenset[int]  # outputs of that graph whose backward runs through the save
-    reach: list[weakref.ref] = field(default_factory=list)  # those outputs, after the first call
-    reach_fns: set[int] = field(default_factory=set)  # id() of their autograd nodes then
+    graph: GraphSaves
     kept_apart: bool = False  # functionalize gives that graph a clone to save, each call
-    consumed: bool = False  # a backward ran through it since: its saved values are freed
+
+    @property
+    def freed(self) -> bool:
+        """Did the values saved on the graph's latest call go away (a backward ran through
+        them, or nothing can run one any more)?"""
+        call = self.graph.call
+        if call is None:
+            return False
+        return bool(self.positions & call.consumed) or self.positions <= call.released
 
 
 @dataclass
@@ -81,7 +109,7 @@ class CrossGraphState:
     def saved_inputs(
         self, view: LaterView, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, per_op: bool
     ) -> dict[torch.fx.Node, list[_Save]]:
-        """The earlier saves each placeholder's write would invalidate, with their descriptions.
+        """The earlier saves each placeholder's write would invalidate.
 
         `per_op`: the earlier graph ran op by op (compiler "eager"), so a save matters only if
         the loss can still reach it. A compiled graph (AOTAutograd) runs one backward node for
@@ -90,7 +118,7 @@ class CrossGraphState:
         reals = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
         found = {}
         for node, saves in view.saves.items():
-            kept = [s for s in saves if not s.consumed and (not per_op or self._may_reach_loss(s, reals, trace))]
+            kept = [s for s in saves if not s.freed and (not per_op or self._may_reach_loss(s, reals, trace))]
             if kept:
                 found[node] = kept
         return found
@@ -98,41 +126,49 @@ class CrossGraphState:
     def record_inputs(
         self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
         saved: dict[torch.fx.Node, SavedTensor], graph_id: str,
-    ) -> dict[torch.fx.Node, _Save]:
-        """Register `gm`'s placeholders (compile time); returns their saves, to complete later."""
-        new = {}
+    ) -> tuple[GraphSaves, dict[torch.fx.Node, _Save]]:
+        """Register `gm`'s placeholders (compile time): the graph's saves, and its placeholders'."""
+        graph = GraphSaves(graph_id)
+        by_node = {}
         for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
             entry = self._entry(real) or self._add(real, target_of_root(node, trace))
             record = saved.get(node)
             if entry is not None and record is not None:
-                save = _Save(self._describe(record, graph_id), record,
-                             trace.backward_outputs.get(record.node, frozenset()))
-                entry.saves.append(save)
-                new[node] = save
-        return new
+                by_node[node] = self._new_save(entry, record, trace, graph)
+        return graph, by_node
 
-    def record_outputs(
-        self, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace, saved: dict[int, SavedTensor],
-        input_saves: dict[torch.fx.Node, _Save], graph_id: str,
-    ) -> list[_Save]:
-        """Register `gm`'s outputs once the real outputs exist (first call; every call for a graph
-        that ends in a break); returns every save of `gm` a later graph can invalidate."""
-        output_node = next(iter(reversed(gm.graph.nodes)))
-        nodes = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
-        saves = list(input_saves.values())
-        for position, (node, real) in enumerate(zip(nodes, outputs)):
-            if not isinstance(real, torch.Tensor):
+    def after_call(
+        self, graph: GraphSaves, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace,
+        saved: dict[int, SavedTensor],
+    ) -> None:
+        """After a call of `gm` (the first; every one for a graph that ends in a break): its
+        outputs' storages and saves, and autograd hooks that tell when these saves are gone."""
+        nodes = [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
+        for position, record in saved.items():
+            real = outputs[position] if position < len(outputs) else None
+            if not isinstance(real, torch.Tensor) or position >= len(nodes):
                 continue
+            node = nodes[position]
             entry = self._entry(real) or self._add(
-                real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph_id}"))
-            record = saved.get(position)
-            if entry is not None and record is not None:
-                save = _Save(self._describe(record, graph_id), record,
-                             trace.backward_outputs.get(record.node, frozenset()))
-                entry.saves.append(save)
-                saves.append(save)
-        self._prune()
-        return saves
+                real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph.graph_id}"))
+            if entry is not None:
+                self._new_save(entry, record, trace, graph)
+        for position, node in enumerate(nodes):  # intermediates later graphs may receive
+            real = outputs[position] if position < len(outputs) else None
+            if isinstance(real, torch.Tensor) and self._entry(real) is None:
+                self._add(real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph.graph_id}"))
+        graph.call = _watch(graph, outputs)
+        graph.calls += 1
+        if graph.calls == 1 or graph.calls % 32 == 0:
+            self._prune()
+
+    def _new_save(self, entry: _Storage, record: SavedTensor, trace: MutationTrace, graph: GraphSaves) -> _Save:
+        positions = trace.backward_outputs.get(record.node, frozenset())
+        save = _Save(self._describe(record, graph.graph_id), record, positions, graph)
+        entry.saves.append(save)
+        graph.saves.append(save)
+        graph.positions |= positions
+        return save
 
     def _describe(self, record: SavedTensor, graph_id: str) -> str:
         key = (id(record), graph_id)
@@ -140,42 +176,25 @@ class CrossGraphState:
             self._descriptions[key] = f"{describe_save(record)} in graph {graph_id}"
         return self._descriptions[key]
 
-    def refresh(self, saves: list[_Save], outputs: list) -> None:
-        """After each call of the graph that made `saves`: its real outputs, and a backward
-        through them, say whether the values it saved on this call are still to be read."""
-        hooked: dict[int, list[_Save]] = {}
-        for save in saves:
-            save.consumed = False
-            save.reach, save.reach_fns = [], set()
-            for position in save.positions:
-                real = outputs[position] if position < len(outputs) else None
-                if not isinstance(real, torch.Tensor):
-                    continue
-                save.reach.append(weakref.ref(real))
-                fn = real.grad_fn
-                if fn is None:
-                    continue
-                save.reach_fns.add(id(fn))
-                if id(fn) not in hooked:
-                    hooked[id(fn)] = []
-                    fn.register_prehook(_mark_consumed(hooked[id(fn)]))
-                hooked[id(fn)].append(save)
-
     def _may_reach_loss(self, save: _Save, reals: dict[torch.fx.Node, Any], trace: MutationTrace) -> bool:
         # The save is dead only when each output its backward runs through came into this
         # graph and none of this graph's outputs reaches it, and no other input that does
         # reach them has the save's graph in its history (an eager op between the graphs).
         # Anything unknown (an output also returned by the frame, used in a later graph)
         # counts as reaching the loss: see docs/hazards.md.
+        call = save.graph.call
+        if call is None:
+            return True
         by_identity = {id(real): node for node, real in reals.items()}
-        reach = [ref() for ref in save.reach]
+        reach = [call.reach[p]() if p in call.reach else None for p in save.positions]
         if not reach or any(t is None or id(t) not in by_identity for t in reach):
             return True
         if any(trace.placeholder_reach.get(by_identity[id(t)]) for t in reach):
             return True
+        fns = {call.fns[p] for p in save.positions if p in call.fns}
         for node, real in reals.items():
             if trace.placeholder_reach.get(node) and isinstance(real, torch.Tensor) and real.grad_fn is not None:
-                if _history_contains(real.grad_fn, save.reach_fns):
+                if _history_contains(real.grad_fn, fns):
                     return True
         return False
 
@@ -201,15 +220,32 @@ class CrossGraphState:
             del self._storages[key]
 
 
-def _mark_consumed(saves: list[_Save]):
-    # The save's backward runs through this output's node: once that node runs, so does the
-    # save's, and its saved values are gone (a train step compiled whole: `loss.backward()`
-    # breaks the graph, the next graph's optimizer update writes what the forward saved).
-    def hook(grad_outputs):
-        for save in saves:
-            save.consumed = True
+class _Token:
+    """Kept in an autograd node's `metadata`: freed with the node."""
 
-    return hook
+
+def _watch(graph: GraphSaves, outputs: list) -> _Call:
+    # A save's values are gone once a backward ran through an output its backward runs
+    # through (a train step compiled whole: `loss.backward()` breaks the graph, and the next
+    # graph's update writes what the forward saved), or once the autograd nodes of all those
+    # outputs are freed (a forward whose outputs were dropped without a backward).
+    call = _Call()
+    by_fn: dict[int, tuple[Any, list[int]]] = {}
+    for position in graph.positions:
+        real = outputs[position] if position < len(outputs) else None
+        if not isinstance(real, torch.Tensor):
+            continue
+        call.reach[position] = weakref.ref(real)
+        fn = real.grad_fn
+        if fn is not None:
+            call.fns[position] = id(fn)
+            by_fn.setdefault(id(fn), (fn, []))[1].append(position)
+    for fn, positions in by_fn.values():
+        fn.register_prehook(lambda grad_outputs, p=tuple(positions): call.consumed.update(p))
+        token = _Token()
+        fn.metadata[f"fxinplace:{id(call)}"] = token
+        weakref.finalize(token, call.released.update, tuple(positions))
+    return call
 
 
 def _history_contains(root: Any, wanted: set[int]) -> bool:

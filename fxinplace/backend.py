@@ -52,8 +52,8 @@ class _AuditedGraph:
     outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
     saved_outputs: dict[int, Any] = field(default_factory=dict)  # output position -> its save
     saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
-    input_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # this graph's saves of its placeholders
-    saved_placeholders: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
+    cross: Any = None  # `GraphSaves`: this graph's saves a later graph can invalidate
+    placeholder_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
 
 
 class InplaceAudit:
@@ -108,7 +108,7 @@ class InplaceAudit:
         first_call = [True]
         # A graph that ends in a break is followed by more graphs in the same call: each call
         # saves afresh, and a later graph recompiled on a later call must see that call's saves.
-        every_call = getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False)
+        every_call = _ends_in_break(gm)
 
         def run(*args):
             out = compiled(*args)
@@ -125,12 +125,10 @@ class InplaceAudit:
     def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,
         # the backward of this graph fails. Checked when that graph compiles.
-        if graph.trace is None:
+        if graph.trace is None or graph.cross is None:
             return
         try:
-            saves = self._cross_graph.record_outputs(
-                graph.gm, outputs, graph.trace, graph.saved_outputs, graph.input_saves, graph.identity[0])
-            self._cross_graph.refresh(saves, outputs)
+            self._cross_graph.after_call(graph.cross, graph.gm, outputs, graph.trace, graph.saved_outputs)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"could not record the outputs of graph {graph.identity[0]}", "training goes on")
 
@@ -150,12 +148,13 @@ class InplaceAudit:
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             saved_outputs, saved_placeholders = saves_for_later_graphs(gm, trace)
-            input_saves = self._cross_graph.record_inputs(gm, example_inputs, trace, saved_placeholders, identity[0])
+            cross, placeholder_saves = self._cross_graph.record_inputs(
+                gm, example_inputs, trace, saved_placeholders, identity[0])
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
         return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
-                             input_saves=input_saves, saved_placeholders=saved_placeholders)
+                             cross=cross, placeholder_saves=placeholder_saves)
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
         # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
@@ -171,10 +170,10 @@ class InplaceAudit:
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
         from .passes.functionalize import functionalize
 
-        # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
-        saved_earlier = [n for n, saves in graph.saved_inputs.items() if not all(s.kept_apart for s in saves)]
-        kept = _kept_apart(gm, graph)
         try:
+            # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
+            saved_earlier = [n for n, saves in graph.saved_inputs.items() if not all(s.kept_apart for s in saves)]
+            kept = _kept_apart(gm, graph)
             done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, saved_earlier,
                                  kept)
         except Exception as e:  # the user's training comes first
@@ -186,7 +185,7 @@ class InplaceAudit:
             return gm, None
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for i in kept:
-            graph.input_saves[placeholders[i]].kept_apart = True
+            graph.placeholder_saves[placeholders[i]].kept_apart = True
         graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=done.mutations)
         return done.gm, done.wrap
 
@@ -203,7 +202,10 @@ class InplaceAudit:
                     "inplace operation\"). This is why:"
                 )
                 if not errors:
-                    cause += _compiled_checkpoint_note(graph)
+                    try:
+                        cause += _compiled_checkpoint_note(graph)
+                    except Exception:  # never hide the compiler's own error behind ours
+                        log.debug("inplace_audit: no checkpoint note", exc_info=True)
                 raise HazardError(graph.report, errors, cause) from e
             raise
 
@@ -212,23 +214,28 @@ def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
     """Inputs a graph ending in a break saves for backward, and that a later graph may write.
 
     Buffers and inputs without grad only (a parameter keeps its save: cloning every weight a
-    backward reads would cost a copy of the model per step), and none that an output aliases.
+    backward reads would cost a copy of the model per step); none that an output aliases, and
+    none the graph writes itself (batch norm's running statistics would land in the clone).
     """
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    if graph.trace is None or not getattr(reason, "graph_break", False):
+    if graph.trace is None or not _ends_in_break(gm):
         return []
     trace = graph.trace
     returned = set().union(*(trace.storages_made.get(out, set()) for out in _output_nodes(gm)))
+    written = {w.storage for w in trace.writes}
     kept = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        record = graph.saved_placeholders.get(node)
-        if record is None or record.storage in returned:
+        save = graph.placeholder_saves.get(node)
+        if save is None or save.record.storage in returned or save.record.storage in written:
             continue
         target = target_of_root(node, trace)
         value = node.meta.get("example_value")
         if target.kind in ("buffer", "input") and not getattr(value, "requires_grad", True):
             kept.append(i)
     return kept
+
+
+def _ends_in_break(gm: torch.fx.GraphModule) -> bool:
+    return bool(getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False))
 
 
 def _output_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

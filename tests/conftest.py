@@ -16,8 +16,10 @@ import fxinplace
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
     torch._dynamo.reset()
+    fxinplace.inplace_audit.clear()  # the global backend's reports and cross-graph state
     yield
     torch._dynamo.reset()
+    fxinplace.inplace_audit.clear()
 
 
 @dataclass(frozen=True)

@@ -324,10 +324,26 @@ class DataWriteOtherRegion(nn.Module):
         return y
 
 
+class DataWriteOtherColumn(nn.Module):
+    """`.data` write to a column between saved columns: the ranges interleave, no element is shared."""
+
+    def __init__(self, oop=False):
+        super().__init__()
+        self.oop = oop
+        self.trunk = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        w = self.w.clone() if self.oop else self.w
+        y = self.trunk(x) * w[:, 0] + self.trunk(x) * w[:, 2]
+        self.w.data[:, 1] = 0
+        return y
+
+
 def test_safe_in_place_models_get_no_error():
     torch.manual_seed(0)
-    for model in (DataWriteOtherRegion(), ):
-        twin = DataWriteOtherRegion(oop=True)
+    for cls in (DataWriteOtherRegion, DataWriteOtherColumn):
+        model, twin = cls(), cls(oop=True)
         twin.load_state_dict(model.state_dict())
         x = torch.randn(3, 4)
         assert not _pytorch_says_hazardous(model, twin, (x,))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_close_at_scale, assert_grads_close, eager_backward_error, quiet_audit, total_loss
+from conftest import assert_close_at_scale, close_at_scale, assert_grads_close, eager_backward_error, quiet_audit, total_loss
 
 
 class PerCallStats(nn.Module):
@@ -209,7 +209,7 @@ def test_eval_mode_batch_norm_reads_running_statistics():
     twin.load_state_dict(model.state_dict())
     assert eager_backward_error(model, x) is None
     ours, theirs = _grads(model, (x,)), _grads(twin, (x,))
-    assert not torch.allclose(ours["fc.weight"], theirs["fc.weight"]), "PyTorch: gradients silently change"
+    assert not close_at_scale(ours["fc.weight"], theirs["fc.weight"]), "PyTorch: gradients silently change"
     errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
     assert [h.code for h in errors] == ["hidden-write-to-saved"]
 
@@ -237,3 +237,56 @@ def test_functionalize_trains_shared_batch_norm_like_eager(cls, make_args, calls
     assert_grads_close({n: p.grad for n, p in compiled_model.named_parameters()}, expected)
     for (name, got), (_, want) in zip(compiled_model.named_buffers(), eager.named_buffers()):
         assert_close_at_scale(got, want, msg=f"buffer {name}")
+
+
+class AtenBatchNorm(nn.Module):
+    """`torch.batch_norm` takes weight and bias before the running statistics."""
+
+    def __init__(self, clip=False):
+        super().__init__()
+        self.clip = clip
+        self.w = nn.Parameter(torch.rand(4) + 0.5)
+        self.b = nn.Parameter(torch.zeros(4))
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+
+    def forward(self, x):
+        y = torch.batch_norm(x * self.w, self.w, self.b, self.rm, self.rv, True, 0.1, 1e-5, False)
+        if self.clip:
+            self.w.data.mul_(0.5)  # CULPRIT
+        return {"y": y}
+
+
+def test_torch_batch_norm_writes_its_running_statistics_not_its_weight():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, requires_grad=True)
+    report = quiet_audit(AtenBatchNorm(), x)
+    assert {m.target.name for m in report.mutations} == {"rm", "rv"}
+    assert eager_backward_error(AtenBatchNorm(), x) is None
+    assert report.hazards("error") == []
+    # A hidden write to the weight after the call is PyTorch's silent wrong gradient.
+    errors = quiet_audit(AtenBatchNorm(clip=True), x).hazards("error")  # `x * w` and batch norm saved `w`
+    assert errors and {h.code for h in errors} == {"hidden-write-to-saved"}
+
+
+class RebindRunningVar(nn.Module):
+    def __init__(self, rebind=True):
+        super().__init__()
+        self.rebind = rebind
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        if self.rebind:
+            self.bn.running_var.data = self.bn.running_var.data.clamp(min=0.5)
+        return {"y": y}
+
+
+def test_rebinding_running_statistics_a_training_batch_norm_saved_gets_no_error():
+    torch.manual_seed(0)
+    model, x = RebindRunningVar().train(), torch.randn(8, 4)
+    assert eager_backward_error(model, x) is None
+    twin = RebindRunningVar(rebind=False).train()
+    twin.load_state_dict(model.state_dict())
+    assert_grads_close(_grads(model, (x,)), _grads(twin, (x,)))  # backward never read them
+    assert quiet_audit(model, x).hazards("error") == []

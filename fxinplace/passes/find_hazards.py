@@ -72,17 +72,22 @@ def find_hazards(
             read_tasks = set().union(*(split.tasks_of(r) for r in readers)) if readers else set()
             shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
             key = (node, write.inner)
-            hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after,
-                                   saved_by_mutator.get(key, ()), hidden_by_mutator.get(key, ()))
+            stale, hidden = saved_by_mutator.get(key, ()), hidden_by_mutator.get(key, ())
+            if len(writes) > 1:  # `out=(v, i)`: each saved tensor belongs to the write of its storage
+                stale = [r for r in stale if r.storage == write.storage]
+                hidden = [r for r in hidden if r.storage == write.storage]
+            hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after, stale, hidden)
             saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
             # Autograd's counter is per storage, so a visible write anywhere invalidates the
-            # save; a hidden one changes the gradients only where it overlaps the saved region.
+            # save; a hidden one changes the gradients only where it overlaps the saved region,
+            # and only if backward reads the saved values (not batch norm's running statistics).
             # `.data =` leaves a saved view on the old storage: only a tensor saved as itself
             # (not a view of it) reads the new value (see `_record_rebind`).
             region = write.region if write.region is not None else write.tensor
             invalidated = [s.description for s in saved_earlier
                            if write.autograd_visible
-                           or (s.record.tensor._base is None if write.how == "rebind" else overlaps(s.record.tensor, region))]
+                           or (s.record.values_read and (s.record.tensor._base is None if write.how == "rebind"
+                                                         else overlaps(s.record.tensor, region)))]
             if invalidated:
                 hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
             shown = write.inner or node  # the line the user wrote, inside a subgraph too

@@ -116,25 +116,34 @@ class MutationTrace:
         return grouped
 
 
-def _batch_norm_writes(args: tuple, kwargs: dict) -> list[int | str]:
-    # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    # the running stats are updated in training mode, without a version bump even in eager.
-    training = args[5] if len(args) > 5 else kwargs.get("training", False)
-    return [1, 2] if training else []
+def _running_stats(positions: tuple[int, int], flag: str, default: bool) -> Callable[[tuple, dict], list[int | str]]:
+    """The running-statistics arguments a norm call updates: `positions` when its `flag`
+    (argument 5 in every signature below) is set. Eager bumps no version for these writes."""
+
+    def written(args: tuple, kwargs: dict) -> list[int | str]:
+        on = args[5] if len(args) > 5 else kwargs.get(flag, default)
+        names = ("running_mean", "running_var")
+        return [p if p < len(args) else name for p, name in zip(positions, names)] if on else []
+
+    return written
 
 
-def _instance_norm_writes(args: tuple, kwargs: dict) -> list[int | str]:
-    use_input_stats = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
-    return [1, 2] if use_input_stats else []
+# F.batch_norm(input, running_mean, running_var, weight, bias, training, ...) and
+# torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...): the same
+# facts at other positions (likewise instance_norm with `use_input_stats`).
+_batch_norm_writes = _running_stats((1, 2), "training", False)
+_aten_batch_norm_writes = _running_stats((3, 4), "training", False)
+_instance_norm_writes = _running_stats((1, 2), "use_input_stats", True)
+_aten_instance_norm_writes = _running_stats((3, 4), "use_input_stats", True)
 
 
 # Writes that neither the version counter nor the Python-level schema shows; the value
 # says which argument positions are written for the given call.
 _HIDDEN_WRITES: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
     torch.nn.functional.batch_norm: _batch_norm_writes,
-    torch.batch_norm: _batch_norm_writes,
+    torch.batch_norm: _aten_batch_norm_writes,
     torch.nn.functional.instance_norm: _instance_norm_writes,
-    torch.instance_norm: _instance_norm_writes,
+    torch.instance_norm: _aten_instance_norm_writes,
 }
 
 
@@ -176,7 +185,7 @@ def _tensor_args(node: torch.fx.Node, env: dict) -> Iterator[tuple[torch.fx.Node
 # second call updates the running statistics the first call saved, trains correctly.
 _SAVED_UNREAD: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
     torch.nn.functional.batch_norm: _batch_norm_writes,
-    torch.batch_norm: _batch_norm_writes,
+    torch.batch_norm: _aten_batch_norm_writes,
 }
 
 
@@ -260,9 +269,10 @@ class _TracingInterpreter(torch.fx.Interpreter):
         trace.storages_made[n] = made
         for key in made:
             trace.storage_root.setdefault(key, n)
-        for arg in _autograd_function_saved_args(n, self.module):
+        for arg, read in _autograd_function_saved_args(n, self.module, self.env):
             self.current = n
             self.pack(self.env[arg])
+            self.trace.saved[-1].values_read = read
             self.current = None
         if n.op == "placeholder":
             # A leaf's node is its `AccumulateGrad` (found by `variable`); a non-leaf's, its grad_fn now.
@@ -317,7 +327,7 @@ class _TracingInterpreter(torch.fx.Interpreter):
         # (`x * w` saves `w`), `t` is the very tensor rebound: backward reads the new storage.
         for record in list(self._saved_by_storage.get(key, ())):
             if record.tensor is t and record.node is not n:
-                if not visible:
+                if not visible and record.values_read:
                     record.hidden_writes.append(n)
                 if new_key is not None:
                     self._saved_by_storage.setdefault(new_key, []).append(record)
@@ -461,21 +471,44 @@ def _new_grad_fns(roots: list[Any], known: set[Any]) -> list[Any]:
     return found
 
 
-def _autograd_function_saved_args(n: torch.fx.Node, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+def _autograd_function_saved_args(n: torch.fx.Node, gm: torch.fx.GraphModule, env: dict) -> list[tuple[torch.fx.Node, bool]]:
     # A custom autograd.Function becomes `autograd_function_apply(fwd_body, bwd_body, *args)`;
     # at run time it keeps `ctx.save_for_backward` tensors in a closure, out of the hooks'
     # sight. Its fwd body returns (outputs, saved values): saved values that are the body's
-    # own inputs are the caller's tensors, saved as eager PyTorch would save them.
+    # own inputs are the caller's tensors, saved as eager PyTorch would save them. Each comes
+    # with whether the backward reads it for a gradient autograd wants (see `_read_for_grads`).
     if n.op != "call_function" or getattr(n.target, "__name__", "") != "autograd_function_apply":
         return []
     try:
         fwd = getattr(gm, n.args[0].target)
         placeholders = list(fwd.graph.find_nodes(op="placeholder"))
         saved_values = next(iter(reversed(fwd.graph.nodes))).args[0][1]
-        saved = [saved_values[i] for i in n.kwargs.get("saved_for_backward_idx", ())]
-        return [n.args[2 + placeholders.index(v)] for v in saved if v in placeholders]
+        read = _read_for_grads(getattr(gm, n.args[1].target), len(saved_values), n.args[2:], env)
+        picked = [i for i in n.kwargs.get("saved_for_backward_idx", ()) if saved_values[i] in placeholders]
+        return [(n.args[2 + placeholders.index(saved_values[i])], read[i]) for i in picked]
     except (AttributeError, IndexError, TypeError, ValueError):
         return []
+
+
+def _read_for_grads(bwd: torch.fx.GraphModule, n_saved: int, inputs: Sequence, env: dict) -> list[bool]:
+    """Per saved value: does the Function's backward use it for the gradient of an input that
+    requires grad? Autograd drops the others, so their values cannot change a gradient."""
+    placeholders = list(bwd.graph.find_nodes(op="placeholder"))
+    grads = pytree.tree_leaves(bwd.graph.output_node().args)
+    if n_saved > len(placeholders) or len(grads) != len(inputs):
+        return [True] * n_saved  # a layout we do not know: every save counts
+    wanted = {g for g, arg in zip(grads, inputs)
+              if isinstance(g, torch.fx.Node) and getattr(env.get(arg), "requires_grad", True)}
+    read = []
+    for placeholder in placeholders[len(placeholders) - n_saved:]:
+        seen, stack = set(), [placeholder]
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(node.users)
+        read.append(bool(seen & wanted))
+    return read
 
 
 def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: StorageKey) -> torch.Tensor:
@@ -592,7 +625,23 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     except (TypeError, RuntimeError):  # symbolic sizes: stay conservative
         return True
     (a0, a1), (b0, b1) = ranges
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    # Interleaved strided views (two columns of one matrix) share a range but no element.
+    if a.element_size() != b.element_size() or a.numel() + b.numel() > _EXACT_OVERLAP_LIMIT:
+        return True
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
+
+
+_EXACT_OVERLAP_LIMIT = 1 << 22  # elements of both views, up to which they are compared one by one
+
+
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    offsets = torch.tensor([int(t.storage_offset())], dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(int(size), dtype=torch.int64) * int(stride)).flatten()
+    return offsets
 
 
 def _fake_inputs(gm: torch.fx.GraphModule, example_inputs: list, fake_mode) -> list:
@@ -864,7 +913,8 @@ def _subgraph_facts(n, runs: list[_BodyRun], trace: MutationTrace, saved_here: l
                 # Batch norm's running statistics (the writes schemas hide) feed no saved value
                 # in training mode: not a hazard for what the op itself saved.
                 schema_own = w.how == "schema" and id(record) in here
-                if not w.autograd_visible and not plain_here and not schema_own and overlaps(record.tensor, region):
+                if (not w.autograd_visible and not plain_here and not schema_own and record.values_read
+                        and overlaps(record.tensor, region)):
                     facts.hidden_inside.append((record, w.inner))
         if saves == "function":
             _check_function_saves(n, run, writes, saved_here, gm, facts)
@@ -884,12 +934,14 @@ def _outer_writes(n, run: _BodyRun, facts: _SubgraphFacts) -> list[tuple[Write, 
         position = run.copies.get(w.storage)
         if position is not None:
             node, value = run.operands[position]
-            write = Write(n, node, value, storage_key(value), w.autograd_visible, w.grad_enabled, w.how, inner=inner)
+            write = Write(n, node, value, storage_key(value), w.autograd_visible, w.grad_enabled, w.how,
+                          region=w.region, inner=inner)
         else:
             # A tensor the body made: named by the body node that made it.
             root = run.trace.storage_root.get(w.storage, w.arg)
             facts.roots[w.storage] = root
-            write = Write(n, root, w.tensor, w.storage, w.autograd_visible, w.grad_enabled, w.how, inner=inner)
+            write = Write(n, root, w.tensor, w.storage, w.autograd_visible, w.grad_enabled, w.how,
+                          region=w.region, inner=inner)
         if write.storage is not None:
             # The copies share the operands' layout: the region's offsets hold for the operand.
             writes.append((write, w.tensor, run.order[w.node]))
@@ -924,9 +976,11 @@ def _check_function_saves(n, run: _BodyRun, writes, saved_here: list[SavedTensor
     for position in _function_saved_operands(n, gm):
         value = run.operands[position][1]
         record = next((r for r in saved_here if r.tensor is value), None)
-        copy_key = next((k for k, p in run.copies.items() if p == position), None)
-        if record is None or copy_key is None:
-            continue
+        # Operands that alias (`apply(t, t.detach())`) share one copy, keyed by the first of them.
+        copy_key = next((k for k, p in run.copies.items() if storage_key(run.operands[p][1]) == record.storage),
+                        None) if record is not None else None
+        if record is None or copy_key is None or not record.values_read:
+            continue  # `values_read`: used by the backward for a gradient autograd wants
         for w, region, step in writes:
             if w.storage != record.storage or not overlaps(value, region):
                 continue
@@ -935,19 +989,12 @@ def _check_function_saves(n, run: _BodyRun, writes, saved_here: list[SavedTensor
 
 
 def _function_saved_operands(n: torch.fx.Node, gm: torch.fx.GraphModule) -> list[int]:
-    """Operand positions of the Function's saved tensors that its backward body reads."""
-    fwd, bwd = getattr(gm, n.args[0].target), getattr(gm, n.args[1].target)
+    """Operand positions of the Function's saved tensors (`ctx.save_for_backward` of inputs)."""
+    fwd = getattr(gm, n.args[0].target)
     fwd_inputs = list(fwd.graph.find_nodes(op="placeholder"))
     saved_values = list(fwd.graph.output_node().args[0][1])
-    bwd_inputs = list(bwd.graph.find_nodes(op="placeholder"))
-    # The backward body takes the output gradients, then the saved values.
-    saved_inputs = bwd_inputs[len(bwd_inputs) - len(saved_values):]
-    positions = []
-    for i in n.kwargs.get("saved_for_backward_idx", ()):
-        value = saved_values[i]
-        if value in fwd_inputs and saved_inputs[i].users:
-            positions.append(fwd_inputs.index(value))
-    return positions
+    return [fwd_inputs.index(saved_values[i]) for i in n.kwargs.get("saved_for_backward_idx", ())
+            if saved_values[i] in fwd_inputs]
 
 
 def _read_before(run: _BodyRun, key: StorageKey, step: int) -> bool:
