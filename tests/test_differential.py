@@ -424,7 +424,7 @@ def test_the_generator_leaves_out_checkpointed_writes_to_saved_values():
 OPEN = {
     # `apply(t1, t1)`: Dynamo breaks the graph and runs the Function itself; what it saved,
     # outside any graph, is written in the next graph. Eager's backward raises.
-    "saved by a Function Dynamo ran itself, written in the next graph": Program(
+    "saved by a Function Dynamo ran itself": Program(
         212, ("t1 = self.w0 * 1.0", "t3 = Scale.apply(t1, t1)", "with torch.no_grad():\n    t1.mul_(2.0)",
               "a9 = -t3"),
         (("a", "a9"),)),
@@ -434,6 +434,18 @@ OPEN = {
         823, ("t1 = torch.sigmoid(self.w1)", "with torch.no_grad():\n    t1.clamp_(-0.5, 0.5)", "a10 = self.w1 * 2.0",
               B, "a11 = t1.detach()"),
         (("a", "a10"),)),
+    # `exp` saved `h`; `h[0] = 1.0` overwrites row 0, whose gradient the write zeroes, so the
+    # recomputed backward reads the new values harmlessly. Eager trains; the audit has an error.
+    "value-preserving write inside a checkpoint region": Program(
+        553, ("t1 = self.act(x1)", "def block9(u, v):\n    h = torch.exp(u + v)\n    h[0] = 1.0\n"
+              "    return torch.tanh(h)\nc10 = torch.utils.checkpoint.checkpoint(block9, t1, t1, use_reentrant=False)"),
+        (("c", "c10"),)),
+    # `sub.w` passed explicitly is taken for lifted module state; eager saves it, and raises.
+    "parameter passed to a checkpoint region, written after it": Program(
+        600, ("def block3(u):\n    h = torch.exp(u)\n    return torch.tanh(h)\n"
+              "t4 = torch.utils.checkpoint.checkpoint(block3, self.sub.w, use_reentrant=False)",
+              "self.sub.w.detach().tanh_()", "b9 = torch.tanh(t4)"),
+        (("b", "b9"),)),
 }
 
 
