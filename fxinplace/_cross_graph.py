@@ -46,6 +46,7 @@ class GraphSaves:
     positions: set[int] = field(default_factory=set)  # outputs some save's backward runs through
     call: _Call | None = None
     calls: int = 0
+    output_nodes: list[torch.fx.Node] | None = None
 
 
 @dataclass
@@ -143,7 +144,10 @@ class CrossGraphState:
     ) -> None:
         """After a call of `gm` (the first; every one for a graph that ends in a break): its
         outputs' storages and saves, and autograd hooks that tell when these saves are gone."""
-        nodes = [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
+        if graph.output_nodes is None:
+            graph.output_nodes = [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args)
+                                  if isinstance(a, torch.fx.Node)]
+        nodes = graph.output_nodes
         for position, record in saved.items():
             real = outputs[position] if position < len(outputs) else None
             if not isinstance(real, torch.Tensor) or position >= len(nodes):
