@@ -723,3 +723,75 @@ def test_compiled_write_to_a_checkpoint_input_inside_the_region_trains():
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+# -- checkpoint: writes over what an elementwise op saved of its own result ---------------
+
+def _overwrite_row(u, oop):
+    h = torch.exp(u)
+    h = h.clone() if oop else h
+    h[0] = 1.0
+    return torch.tanh(h)
+
+
+def _relu_tanh(u, oop):
+    h = torch.tanh(u)
+    h = h.clone() if oop else h
+    h.relu_()
+    return torch.tanh(h)
+
+
+def _clamp_sigmoid(u, oop):
+    h = torch.sigmoid(u)
+    h = h.clone() if oop else h
+    h.clamp_(0.3, 0.6)
+    return torch.tanh(h)
+
+
+def _scale_exp(u, oop):
+    h = torch.exp(u)
+    h = h.clone() if oop else h
+    h.mul_(2.0)
+    return torch.tanh(h)
+
+
+def _read_between(u, oop):
+    h = torch.exp(u)
+    z = h * 3.0
+    h = h.clone() if oop else h
+    h[0] = 1.0
+    return torch.tanh(h) + z
+
+
+INSIDE_REGION = {
+    # `exp` saves its result; `h[0] = 1.0` zeroes the gradient of row 0, where it changed `h`.
+    "overwrite a row of exp's result": (_overwrite_row, "trains"),
+    "relu_ on a tanh result": (_relu_tanh, "trains"),
+    "clamp_ on a sigmoid result": (_clamp_sigmoid, "trains"),
+    # Scaling changes `h` where its gradient is not zero: exp's backward reads the new values.
+    "scale exp's result": (_scale_exp, "wrong gradients"),
+    # `z` read `h` before the write: its gradient reaches exp unmasked.
+    "a read between save and write": (_read_between, "wrong gradients"),
+}
+
+
+class MaskInsideRegion(nn.Module):
+    def __init__(self, body, oop=False):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.body, self.oop = body, oop
+
+    def forward(self, x):
+        return checkpoint(self.body, self.fc(x), self.oop, use_reentrant=False)
+
+
+@pytest.mark.parametrize("body, expected", INSIDE_REGION.values(), ids=INSIDE_REGION.keys())
+def test_a_mask_over_an_elementwise_result_inside_a_checkpoint_is_judged_as_eager(body, expected):
+    torch.manual_seed(0)
+    model, x = MaskInsideRegion(body), torch.randn(3, 4)
+    twin = MaskInsideRegion(body, oop=True)
+    twin.load_state_dict(model.state_dict())
+    assert eager_verdict(model, twin, (x,)) == expected
+    report = quiet_audit(copy.deepcopy(model), x.clone())
+    assert any(m.op != "checkpoint" for m in report.mutations)  # the body's write is listed
+    assert bool(report.hazards("error")) == (expected != "trains")

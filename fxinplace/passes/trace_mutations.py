@@ -1044,6 +1044,44 @@ def _check_recomputed_saves(n, run: _BodyRun, facts: _SubgraphFacts) -> None:
         _check_body_saves(n, run, facts, recomputed=True, before_step=max(steps))
 
 
+# Ops whose backward reads only their own result, element by element (grad * f(result)): a
+# zero output gradient gives a zero input gradient, whatever the saved value holds.
+_OWN_RESULT_SAVERS = frozenset({torch.exp, torch.sigmoid, torch.tanh, torch.relu, torch.nn.functional.relu,
+                                torch.nn.functional.sigmoid, torch.nn.functional.tanh, "exp", "sigmoid", "tanh", "relu"})
+# In-place ops whose own backward gives zero gradient wherever they changed a value: they
+# overwrite a region (`h[i] = v`, `fill_`, `zero_`, `masked_fill_`, `copy_`) or clip to a range.
+_MASKING_WRITES = frozenset({operator.setitem, torch.relu_, torch.clamp_, "relu_", "clamp_", "clamp_min_",
+                             "clamp_max_", "fill_", "zero_", "masked_fill_", "copy_", "hardtanh_", "threshold_"})
+_MASKING_INPLACE = frozenset({torch.nn.functional.relu, torch.nn.functional.hardtanh, torch.nn.functional.threshold})
+
+
+def _masks_own_result(run: _BodyRun, record: SavedTensor, writer: torch.fx.Node) -> bool:
+    """Does a visible write over an elementwise op's saved result leave its gradient alone?
+
+    In a checkpoint region eager checks no versions, so the recomputed backward reads the
+    written values. For `h = exp(u); h[0] = 1.0` (or `relu_`, `clamp_`) that is harmless: where
+    the write changed `h`, autograd already zeroes `h`'s gradient, and `exp`'s backward is
+    `grad * h`, element by element. Only if nothing else read `h` in between (its gradient would
+    reach `exp` unmasked).
+    """
+    saver = record.node
+    if _op_key(saver) not in _OWN_RESULT_SAVERS or saver.kwargs.get("inplace"):
+        return False
+    if record.storage not in run.trace.storages_made.get(saver, ()):
+        return False  # it saved its input, not its result
+    masking = _op_key(writer) in _MASKING_WRITES or (
+        _op_key(writer) in _MASKING_INPLACE and writer.kwargs.get("inplace") is True)
+    if not masking or writer not in run.order or saver not in run.order:
+        return False
+    between = [m for m, i in run.order.items() if run.order[saver] < i < run.order[writer]]
+    return not any(record.storage in run.trace.storages_read.get(m, ())
+                   and record.storage not in run.trace.storages_made.get(m, ()) for m in between)
+
+
+def _op_key(node: torch.fx.Node) -> Any:
+    return str(node.target) if node.op == "call_method" else node.target
+
+
 def _check_body_saves(n, run: _BodyRun, facts: _SubgraphFacts, recomputed: bool, before_step: int | None) -> None:
     """Saved-then-written pairs inside the body, on tensors the body made, as saved tensors of `n`."""
     for inner in run.trace.saved:
@@ -1052,7 +1090,9 @@ def _check_body_saves(n, run: _BodyRun, facts: _SubgraphFacts, recomputed: bool,
         visible = [(inner.mutated_by, inner.mutated_inside or inner.mutated_by)] if inner.mutated_by else []
         hidden = [(node, node) for node in inner.hidden_writes] + list(inner.hidden_inside)
         if recomputed:
-            # Both kinds only replace the recomputed value: no error, silently wrong values.
+            # Both kinds only replace the recomputed value: no error, silently wrong values,
+            # unless the write is a mask over what an elementwise op saved of its own result.
+            visible = [(at, node) for at, node in visible if not _masks_own_result(run, inner, node)]
             hidden = [(at, node) for at, node in visible + hidden if run.order.get(at, before_step) < before_step]
             visible = []
         if not visible and not hidden:
