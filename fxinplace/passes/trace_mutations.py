@@ -1017,14 +1017,34 @@ def _sort_checkpoint_inputs(run: _BodyRun, saved_here: list[SavedTensor], trace:
         facts.unsaved += saved_here
         return
     saved_inside = {r.storage for r in run.trace.saved}
+    feeding = _operands_feeding_saves(run)
     for record in saved_here:
         if not _is_module_state(record.storage, trace):
             continue
         copies = {k for k, p in run.copies.items() if storage_key(run.operands[p][1]) == record.storage}
-        if copies & saved_inside:
-            facts.recomputed.append(record)  # the recomputation reads it as it is then
+        positions = {p for p, (_, value) in enumerate(run.operands) if storage_key(value) == record.storage}
+        if copies & saved_inside or positions & feeding:
+            # The recomputation reads it as it is then: saved itself (`linear` saves its
+            # weight), or computed into what the region saves (`exp(u * w)` saves its result).
+            facts.recomputed.append(record)
         else:
             facts.unsaved.append(record)  # `num_batches_tracked`: nothing saved depends on it
+
+
+def _operands_feeding_saves(run: _BodyRun) -> set[int]:
+    """Operand positions whose values flow, in the body, into something the body saves."""
+    placeholders = {node: i for i, node in enumerate(run.body.graph.find_nodes(op="placeholder"))}
+    stack = [r.node for r in run.trace.saved if r.node in run.order]
+    seen, feeding = set(), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in placeholders:
+            feeding.add(placeholders[node])
+        stack.extend(node.all_input_nodes)
+    return feeding
 
 
 def _is_module_state(key: StorageKey | None, trace: MutationTrace) -> bool:
