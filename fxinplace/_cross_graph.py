@@ -19,7 +19,7 @@ import torch.fx
 
 from .passes.find_hazards import describe_save
 from .passes.resolve_aliases import Target, describe_op, target_of_root
-from .passes.trace_mutations import MutationTrace, SavedTensor, storage_key
+from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
 __all__ = ["CrossGraphState"]
 
@@ -145,22 +145,15 @@ class CrossGraphState:
         """After a call of `gm` (the first; every one for a graph that ends in a break): its
         outputs' storages and saves, and autograd hooks that tell when these saves are gone."""
         if graph.output_nodes is None:
-            graph.output_nodes = [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args)
-                                  if isinstance(a, torch.fx.Node)]
-        nodes = graph.output_nodes
-        for position, record in saved.items():
-            real = outputs[position] if position < len(outputs) else None
-            if not isinstance(real, torch.Tensor) or position >= len(nodes):
+            graph.output_nodes = output_nodes(gm)
+        for position, (node, real) in enumerate(zip(graph.output_nodes, outputs)):
+            if not isinstance(real, torch.Tensor):
                 continue
-            node = nodes[position]
+            # An intermediate later graphs may receive, named as this graph's.
             entry = self._entry(real) or self._add(
                 real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph.graph_id}"))
-            if entry is not None:
-                self._new_save(entry, record, trace, graph)
-        for position, node in enumerate(nodes):  # intermediates later graphs may receive
-            real = outputs[position] if position < len(outputs) else None
-            if isinstance(real, torch.Tensor) and self._entry(real) is None:
-                self._add(real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph.graph_id}"))
+            if entry is not None and position in saved:
+                self._new_save(entry, saved[position], trace, graph)
         graph.call = _watch(graph, outputs)
         graph.calls += 1
         if graph.calls == 1 or graph.calls % 32 == 0:

@@ -25,7 +25,7 @@ from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
 from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
-from .passes.trace_mutations import MutationTrace, trace_mutations
+from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations
 from .report import GraphReport, HazardError, Report, severity_rank
 
 __all__ = ["InplaceAudit", "inplace_audit", "AnalysisError", "AnalysisWarning"]
@@ -220,26 +220,20 @@ def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
     if graph.trace is None or not _ends_in_break(gm):
         return []
     trace = graph.trace
-    returned = set().union(*(trace.storages_made.get(out, set()) for out in _output_nodes(gm)))
+    returned = set().union(*(trace.storages_made.get(out, set()) for out in output_nodes(gm)))
     written = {w.storage for w in trace.writes}
     kept = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         save = graph.placeholder_saves.get(node)
         if save is None or save.record.storage in returned or save.record.storage in written:
             continue
-        target = target_of_root(node, trace)
-        value = node.meta.get("example_value")
-        if target.kind in ("buffer", "input") and not getattr(value, "requires_grad", True):
+        if target_of_root(node, trace).kind in ("buffer", "input") and not trace.requires_grad.get(node, True):
             kept.append(i)
     return kept
 
 
 def _ends_in_break(gm: torch.fx.GraphModule) -> bool:
     return bool(getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False))
-
-
-def _output_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [a for a in torch.utils._pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
 
 
 def _compiled_checkpoint_note(graph: _AuditedGraph) -> str:

@@ -66,6 +66,30 @@ def eager_backward_error(model: torch.nn.Module, *args) -> str | None:
     return None
 
 
+def eager_grads(model: torch.nn.Module, args, with_inputs: bool = False) -> dict[str, torch.Tensor | None]:
+    """The gradients one eager forward and backward (`total_loss`) gives, on copies of both."""
+    model = copy.deepcopy(model)
+    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    total_loss(model(*args)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if with_inputs:
+        grads.update({f"input {i}": a.grad for i, a in enumerate(args)})
+    return grads
+
+
+def eager_verdict(model: torch.nn.Module, twin: torch.nn.Module, args) -> str:
+    """PyTorch's verdict: "raises" (the in-place error), "wrong gradients" (they differ from the
+    out-of-place twin's, at their own scale) or "trains"."""
+    error = eager_backward_error(model, *args)
+    if error is not None:
+        assert "modified by an inplace operation" in error, error
+        return "raises"
+    assert eager_backward_error(twin, *args) is None
+    ours, theirs = eager_grads(model, args, with_inputs=True), eager_grads(twin, args, with_inputs=True)
+    assert ours.keys() == theirs.keys()
+    return "trains" if all(close_at_scale(ours[n], theirs[n]) for n in theirs) else "wrong gradients"
+
+
 def total_loss(out) -> torch.Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     return sum(t.float().sum() for t in leaves)

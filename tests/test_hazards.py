@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
-from conftest import close_at_scale, eager_backward_error, eager_effects, marked_line, quiet_audit, total_loss
+from conftest import close_at_scale, eager_backward_error, eager_effects, eager_grads, marked_line, quiet_audit
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -249,19 +249,13 @@ HAZARDOUS = {
 }
 
 
-def _grads(model, args):
-    model = copy.deepcopy(model)
-    total_loss(model(*[a.clone() for a in args])).backward()
-    return {n: p.grad for n, p in model.named_parameters()}
-
-
 def _pytorch_says_hazardous(model, twin, args) -> bool:
     """Eager backward raises the version-counter error, or gradients silently differ."""
     error = eager_backward_error(model, *args)
     if error is not None:
         assert AUTOGRAD_ERROR in error, error
         return True
-    ours, theirs = _grads(model, args), _grads(twin, args)
+    ours, theirs = eager_grads(model, args), eager_grads(twin, args)
     return any(not close_at_scale(ours[n], theirs[n]) for n in theirs if theirs[n] is not None)
 
 

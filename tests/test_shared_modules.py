@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_close_at_scale, close_at_scale, assert_grads_close, eager_backward_error, quiet_audit, total_loss
+from conftest import assert_close_at_scale, assert_grads_close, close_at_scale, eager_backward_error, eager_grads, quiet_audit, total_loss
 
 
 class PerCallStats(nn.Module):
@@ -145,12 +145,6 @@ SHARED = {
 }
 
 
-def _grads(model, args):
-    model = copy.deepcopy(model)
-    total_loss(model(*[a.clone() for a in args])).backward()
-    return {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("cls, make_args, calls", SHARED.values(), ids=SHARED.keys())
 def test_batch_norm_applied_per_task_trains_and_gets_no_error(cls, make_args, calls):
     torch.manual_seed(0)
@@ -158,8 +152,8 @@ def test_batch_norm_applied_per_task_trains_and_gets_no_error(cls, make_args, ca
     # PyTorch's verdict: eager trains, with the gradients of per-call running statistics.
     assert eager_backward_error(model, *args) is None
     twin = per_call_twin(model)
-    ours = _grads(model, args)
-    theirs = dict(zip(ours, _grads(twin, args).values()))  # same parameters, same order, nested names
+    ours = eager_grads(model, args)
+    theirs = dict(zip(ours, eager_grads(twin, args).values()))  # same parameters, same order, nested names
     assert_grads_close(ours, theirs)
 
     report = quiet_audit(copy.deepcopy(model), *[a.clone() for a in args])
@@ -208,7 +202,7 @@ def test_eval_mode_batch_norm_reads_running_statistics():
     twin = EvalThenDataWrite(oop=True).eval()
     twin.load_state_dict(model.state_dict())
     assert eager_backward_error(model, x) is None
-    ours, theirs = _grads(model, (x,)), _grads(twin, (x,))
+    ours, theirs = eager_grads(model, (x,)), eager_grads(twin, (x,))
     assert not close_at_scale(ours["fc.weight"], theirs["fc.weight"]), "PyTorch: gradients silently change"
     errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
     assert [h.code for h in errors] == ["hidden-write-to-saved"]
@@ -230,7 +224,7 @@ def test_functionalize_trains_shared_batch_norm_like_eager(cls, make_args, calls
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, backend="inplace_audit",
                              options={"compiler": "aot_eager", "functionalize": True, "print": False})
-    expected = _grads(model, args)
+    expected = eager_grads(model, args)
     eager = copy.deepcopy(model)
     eager(*[a.clone() for a in args])
     total_loss(compiled(*[a.clone() for a in args])).backward()
@@ -288,5 +282,5 @@ def test_rebinding_running_statistics_a_training_batch_norm_saved_gets_no_error(
     assert eager_backward_error(model, x) is None
     twin = RebindRunningVar(rebind=False).train()
     twin.load_state_dict(model.state_dict())
-    assert_grads_close(_grads(model, (x,)), _grads(twin, (x,)))  # backward never read them
+    assert_grads_close(eager_grads(model, (x,)), eager_grads(twin, (x,)))  # backward never read them
     assert quiet_audit(model, x).hazards("error") == []

@@ -20,33 +20,9 @@ from torch._higher_order_ops.wrap import wrap
 from torch.utils.checkpoint import checkpoint
 
 import fxinplace
-from conftest import close_at_scale, eager_backward_error, marked_line, quiet_audit, total_loss
+from conftest import eager_verdict, marked_line, quiet_audit, total_loss
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
-
-
-def _grads(model, args) -> dict[str, torch.Tensor | None]:
-    model = copy.deepcopy(model)
-    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
-    total_loss(model(*args)).backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    grads.update({f"input {i}": a.grad for i, a in enumerate(args)})
-    return grads
-
-
-def eager_verdict(model, twin, args) -> str:
-    """"raises", "wrong gradients" (differ from the out-of-place twin's) or "trains"."""
-    error = eager_backward_error(model, *args)
-    if error is not None:
-        assert AUTOGRAD_ERROR in error, error
-        return "raises"
-    assert eager_backward_error(twin, *args) is None
-    ours, theirs = _grads(model, args), _grads(twin, args)
-    assert ours.keys() == theirs.keys()
-    for name, grad in theirs.items():
-        if (grad is None) != (ours[name] is None) or (grad is not None and not close_at_scale(ours[name], grad)):
-            return "wrong gradients"
-    return "trains"
 
 
 # -- custom autograd.Function --------------------------------------------------------------

@@ -8,13 +8,12 @@ norm writes two buffers from one node) and returns them in graph order.
 from __future__ import annotations
 
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from .._sources import module_path_of, source_of
 from ..report import Hazard, Mutation
 from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
-from .trace_mutations import MutationTrace, SavedTensor, Write, overlaps
+from .trace_mutations import MutationTrace, SavedTensor, Write, output_nodes, overlaps
 
 __all__ = ["find_hazards", "HAZARD_CODES"]
 
@@ -122,10 +121,8 @@ def saves_for_later_graphs(
     # What a checkpoint region saved is recomputed in backward: a later write cannot reach it.
     live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None and not r.recomputed
             and trace.backward_outputs.get(r.node)]
-    output_node = next(iter(reversed(gm.graph.nodes)))
-    outputs = [a for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
     by_output = {}
-    for position, out in enumerate(outputs):
+    for position, out in enumerate(output_nodes(gm)):
         made = trace.storages_made.get(out, set())
         record = next((r for r in live if r.storage in made), None)
         if record is not None:

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .._sources import qualified_name_of, state_names
-from .trace_mutations import MutationTrace, Write
+from .trace_mutations import MutationTrace, Write, is_data_assignment
 
 __all__ = ["resolve_target", "root_of", "target_of_root", "name_placeholders", "Target", "describe_op"]
 
@@ -66,9 +66,7 @@ def describe_op(node: torch.fx.Node) -> str:
             name = str(node.target)
         elif name == "_get_data_attr":
             name = ".data"
-        elif node.target is torch.Tensor.set_ and any(
-            getattr(u.target, "__name__", None) == "_lower_version_count_by_1" for u in node.users
-        ):
+        elif node.target is torch.Tensor.set_ and is_data_assignment(node):
             return ".data = v"  # Dynamo's spelling of `t.data = v`: `set_`, then a version fix-up
     else:
         return f"{node.op} {node.target}"

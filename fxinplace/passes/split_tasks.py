@@ -16,11 +16,10 @@ import os
 from dataclasses import dataclass
 
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from .._sources import module_path_of
 from .resolve_aliases import target_of_root
-from .trace_mutations import MutationTrace, StorageKey
+from .trace_mutations import MutationTrace, StorageKey, output_nodes
 
 __all__ = ["split_tasks", "TaskSplit"]
 
@@ -48,8 +47,7 @@ def split_tasks(
     task_prefixes: dict[str, str] | None = None,
 ) -> TaskSplit:
     nodes = list(gm.graph.nodes)
-    output_node = nodes[-1]
-    outputs = [leaf for leaf in pytree.tree_leaves(output_node.args) if isinstance(leaf, torch.fx.Node)]
+    outputs = output_nodes(gm)
     written: dict[torch.fx.Node, set[StorageKey]] = {}
     for w in trace.writes:
         written.setdefault(w.node, set()).add(w.storage)

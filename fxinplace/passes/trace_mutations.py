@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .._sources import qualified_name_of
 
-__all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor"]
+__all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor", "output_nodes", "is_data_assignment"]
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +308,12 @@ class _TracingInterpreter(torch.fx.Interpreter):
         # `t.set_(v)` (and `t.data = v`, which Dynamo spells `set_` plus a version fix-up) makes
         # `t` point at `v`'s storage: a write of `t`, whose old storage is what names it. Eager
         # `.data =` leaves the version counter alone (hidden from autograd); `set_` bumps it.
-        if _is_data_assignment(n) and version is not None:
+        if is_data_assignment(n) and version is not None:
             torch._C._autograd._unsafe_set_version_counter((t,), (version,))
         visible = version is not None and _version(t) != version
         grad_enabled = self.trace.grad_enabled[n]
         after = n.next
-        if _is_data_assignment(n) and after.op == "call_function" and after.target is torch._C._set_grad_enabled:
+        if is_data_assignment(n) and after.op == "call_function" and after.target is torch._C._set_grad_enabled:
             grad_enabled = bool(after.args[0])  # Dynamo wraps the `set_` in no_grad; the user's mode comes back
         self.trace.writes.append(Write(n, n.args[0], t, key, visible, grad_enabled, "rebind", self._rebound.get(key)))
         owner = self._rebound.get(key) or self.trace.storage_root.get(key)
@@ -582,7 +582,8 @@ def _is_version_fixup(target: Any) -> bool:
     return getattr(target, "__name__", None) == "_lower_version_count_by_1"
 
 
-def _is_data_assignment(n: torch.fx.Node) -> bool:
+def is_data_assignment(n: torch.fx.Node) -> bool:
+    """Is this `set_` Dynamo's spelling of `t.data = v` (followed by a version fix-up)?"""
     return any(u.op == "call_function" and _is_version_fixup(u.target) for u in n.users)
 
 
@@ -708,10 +709,13 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     with fake_mode, unbacked, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
-    output_node = next(iter(reversed(gm.graph.nodes)))
-    outputs = [interpreter.env.get(a) for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
-    interpreter.record_backward_reach(outputs)
+    interpreter.record_backward_reach([interpreter.env.get(a) for a in output_nodes(gm)])
     return interpreter.trace
+
+
+def output_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes a graph returns, flattened, in output position order."""
+    return [a for a in pytree.tree_leaves(gm.graph.output_node().args) if isinstance(a, torch.fx.Node)]
 
 
 # -- Subgraphs of higher-order ops ------------------------------------------------------------
@@ -803,9 +807,7 @@ def _dry_run(body, values: list, nodes: list, layout: _Layout, fake_mode) -> _Bo
     # `set_grad_enabled` restores the mode on exit, whatever `_set_grad_enabled` nodes did.
     with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(nested.pack, nested.unpack):
         nested.run(*copies)
-    output_node = body.graph.output_node()
-    outputs = [nested.env.get(a) for a in pytree.tree_leaves(output_node.args) if isinstance(a, torch.fx.Node)]
-    nested.record_backward_reach(outputs)
+    nested.record_backward_reach([nested.env.get(a) for a in output_nodes(body)])
     order = {node: i for i, node in enumerate(body.graph.nodes)}
     kept = [copies, nested.env, nested.trace.subgraph_values]
     return _BodyRun(layout, body, nested.trace, order, list(zip(nodes, values)), of_storage, kept)
