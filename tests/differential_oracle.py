@@ -469,12 +469,12 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
     hides = any(".data" in s or ".detach()" in s or "torch.no_grad()" in s for s in program.statements)
     if verdict.broken and hides:
         return _known_limit(found, aliases)
-    loss = _loss(got, program.seed)
-    if loss is not None:
-        try:
+    try:
+        loss = _loss(got, program.seed)  # reading an output can raise too (a multi-output view written)
+        if loss is not None:
             loss.backward()
-        except RuntimeError as e:  # the rewrite left a write that backward refuses
-            return _known_limit(found + [f"functionalize-backward-raised: {str(e).splitlines()[0]}"], aliases)
+    except RuntimeError as e:  # the rewrite left a write that autograd refuses
+        return _known_limit(found + [f"functionalize-backward-raised: {str(e).splitlines()[0]}"], aliases)
     grads = _grads(model, leaves)
     reference = _reference_grads(program, loaded)
     plain = None  # the compiler's own gradients, computed at the first mismatch
