@@ -54,6 +54,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .._sources import qualified_name_of
 from ..report import Hazard, Mutation
 from .resolve_aliases import Target
+from .trace_mutations import storage_key
 
 __all__ = ["functionalize", "FunctionalizedGraph"]
 
@@ -107,6 +108,12 @@ def functionalize(
     saved_by_batch_norm = _read_by_functional_batch_norm(new_gm)
     written, kept = _outputs_for_writes(
         new_gm, keep=lambda i: not grads[i] and not read[i] and i not in saved_by_batch_norm)
+    shared = _sharing_storage(example_inputs, [i for i, _ in written] + kept + reinplaced)
+    if shared:
+        # The functional trace takes every input as a tensor of its own: a write through one
+        # input would not reach another view of its storage (nor their write-backs each other).
+        return _unchanged(gm, mutations, f"kept in place: written input `{placeholders[shared[0]].name}` shares "
+                                         f"memory with input `{placeholders[shared[1]].name}`", keep_saved)
     new_gm.graph.lint()
     new_gm.recompile()
 
@@ -138,6 +145,16 @@ def _is_hop(node: torch.fx.Node, name: str) -> bool:
 def _opaque_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
     return [node.target.name() for node in gm.graph.nodes
             if isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() not in _INLINABLE_HOPS]
+
+
+def _sharing_storage(example_inputs: Sequence[Any], written: Collection[int]) -> tuple[int, int] | None:
+    """(a written input, another input with the same storage), or None."""
+    keys = [storage_key(t) for t in example_inputs]
+    for i in written:
+        for j, key in enumerate(keys):
+            if j != i and key is not None and key == keys[i]:
+                return i, j
+    return None
 
 
 def _unchanged(
