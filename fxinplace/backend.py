@@ -91,16 +91,28 @@ class InplaceAudit:
             log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))
         graph = self._audit(gm, example_inputs, opts)
         self.graphs.append(graph)
+        audited = graph.report
         wrap = None
         if opts.functionalize_mode:
             gm, wrap = self._functionalize(gm, example_inputs, opts, graph)
-        if not self.defer_tables:
-            emit_tables(graph.report, opts)
         if opts.raise_on is not None:
             found = [h for h in graph.report.all_hazards() if severity_rank(h.severity) >= severity_rank(opts.raise_on)]
             if found:
+                self._emit(graph, opts)
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
-        compiled = self._compile(gm, example_inputs, opts, mode, graph)
+        try:
+            compiled = self._compile(gm, example_inputs, opts, mode, graph)
+        except Exception as e:
+            # Dynamo may fall back (a graph break, then eager): the report must not claim a
+            # rewrite that never ran, nor hide the hazards it would have removed.
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            mutations = audited.mutations
+            if graph.report.functionalized:
+                mutations = tuple(dataclasses.replace(m, rewrite="not applied: the compiler failed") for m in mutations)
+            graph.report = dataclasses.replace(graph.report, mutations=mutations, compile_error=error)
+            self._emit(graph, opts)
+            raise
+        self._emit(graph, opts)
         if wrap is not None:
             compiled = wrap(compiled)
         if not self.capture_outputs and graph.trace is None:
@@ -121,6 +133,10 @@ class InplaceAudit:
             return out
 
         return run
+
+    def _emit(self, graph: _AuditedGraph, opts: AuditOptions) -> None:
+        if not self.defer_tables:
+            emit_tables(graph.report, opts)
 
     def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,

@@ -83,6 +83,7 @@ class GraphReport:
     hazards: tuple[Hazard, ...] = ()  # hazards not tied to a mutation node (e.g. tracing failures)
     analysis_error: str | None = None
     functionalized: bool = False
+    compile_error: str | None = None  # the compiler failed on this graph: it never ran as audited
 
     def all_hazards(self) -> list[Hazard]:
         return [h for m in self.mutations for h in m.hazards] + list(self.hazards)
@@ -98,6 +99,7 @@ class GraphReport:
             "hazards": [h.to_dict() for h in self.hazards],
             "analysis_error": self.analysis_error,
             "functionalized": self.functionalized,
+            "compile_error": self.compile_error,
         }
 
     def render(self, compact: bool = False) -> str:
@@ -106,6 +108,9 @@ class GraphReport:
         if self.analysis_error:
             return f"{head}: analysis failed ({self.analysis_error}); compiled without it"
         lines = [head]
+        if self.compile_error:
+            lines.append(f"not compiled: the compiler failed ({self.compile_error}); what runs instead is "
+                         "Dynamo's fallback, with the in-place writes as written")
         if self.tasks:
             lines.append("tasks: " + ", ".join(self.tasks))
         if self.shared_parameters:

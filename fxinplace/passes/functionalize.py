@@ -94,9 +94,10 @@ def functionalize(
     if opaque:
         return _unchanged(gm, mutations, f"kept in place: `{opaque[0]}` in this graph has a backward of its own, "
                                          "which the rewrite would lose", keep_saved)
-    new_gm = _trace_functional(gm, example_inputs)
-    if new_gm is None:
+    traced = _trace_functional(gm, example_inputs)
+    if traced is None:
         return _unchanged(gm, mutations, "kept in place: no write at ATen level", keep_saved)
+    new_gm, written_at_aten = traced
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grads = [_example_requires_grad(p.meta.get("example_value")) for p in placeholders]
     read = _read_by_backward(new_gm, grads)
@@ -124,7 +125,8 @@ def functionalize(
     clone = {i for i in indices if read[i]} | set(keep_saved)
     keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
-    marked = tuple(_mark(m, names, saved_earlier) for m in mutations)
+    unwritten = {_target_of(p) for i, p in enumerate(placeholders) if i not in written_at_aten}
+    marked = tuple(_mark(m, names, saved_earlier, unwritten) for m in mutations)
     if any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes):
         # The ATen trace inlines checkpoint regions: gradients stay right, memory does not.
         note = "; checkpoint regions inlined: their activations are kept, not recomputed"
@@ -167,8 +169,11 @@ def _unchanged(
     return FunctionalizedGraph(gm, wrap, tuple(dataclasses.replace(m, rewrite=why) for m in mutations))
 
 
-def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule | None:
-    """The functional ATen graph of `gm`, or None when `gm` writes nothing."""
+def _trace_functional(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> tuple[torch.fx.GraphModule, set[int]] | None:
+    """The functional ATen graph of `gm` and the indices of the inputs its ATen ops write, or
+    None when `gm` writes nothing."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None:
         raise AssertionError("fxinplace: functionalize needs Dynamo's fake mode; none was found")
@@ -192,11 +197,15 @@ def _trace_functional(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
     if not any(_mutates(node) for node in aten.graph.nodes):
         return None
     _restore_grad_mode(aten, _grad_modes(gm))
+    _respell(aten)
     _keep_eager_histories(aten, gm)
     functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"),
                        {torch.ops.aten.copy.default: _copy_out_of_place})
     _restore_grad_mode(functional, _grad_modes(aten))
-    return functional
+    inputs = list(aten.graph.find_nodes(op="placeholder"))
+    written = {inputs.index(root) for node in aten.graph.nodes if node.op == "call_function" and _mutates(node)
+               for w in _written_args(node) if (root := _view_chain(w)[-1]).op == "placeholder"}
+    return functional, written
 
 
 def _copy_out_of_place(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
@@ -206,6 +215,86 @@ def _copy_out_of_place(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool 
         return torch.full_like(dst, src)
     value = src.to(dtype=dst.dtype, device=dst.device, non_blocking=non_blocking, copy=True)
     return value if value.shape == dst.shape else value.expand(dst.shape).clone()
+
+
+_aten = torch.ops.aten
+
+# In-place ops whose out-of-place twin gets autograd wrong (derivatives.yaml), by how eager
+# records them. Each is respelled in the ATen graph before `functionalize`, with ops whose
+# derivatives give eager's gradients (tests/test_functionalize.py checks every entry against
+# eager):
+# - "compare": a new value with a zero gradient to `self` and to a tensor `other`; the twin
+#   returns bool and records no history. Spelled `self.copy_(where(False, other, twin(...)))`.
+# - "fill": a random fill, a zero gradient to `self`; `normal_functional` and `bernoulli.p`
+#   have no derivative at all. Spelled `self.copy_(op(empty_like(self)))`: same draws.
+# - "untracked": autograd records nothing and `self` keeps its old history (the logical ops
+#   are composites of `out=` ops). Spelled `self.detach().copy_(twin(...))`, a hidden write.
+# - rrelu with noise, training: the twin's derivative reads the noise it was given, not the
+#   noise it drew. Spelled `rrelu_with_noise(self.detach(), noise)` (same draws, `noise`
+#   written), then `self * noise`: the kernel's values exactly, and eager's derivative.
+# - "real no-op": `conj_physical_` of a real tensor writes no value (eager only bumps the
+#   version); `functionalize` drops it and leaves no write-back to find. Dropped here.
+_RESPELLED = {
+    **{getattr(getattr(_aten, f"{name}_"), overload): "compare"
+       for name in ("eq", "ne", "gt", "ge", "lt", "le") for overload in ("Scalar", "Tensor")},
+    _aten.normal_.default: "fill", _aten.bernoulli_.float: "fill",
+    **{getattr(_aten, f"logical_{name}_").default: "untracked" for name in ("not", "xor", "and", "or")},
+    _aten.rrelu_with_noise_.default: "rrelu", _aten.rrelu_with_noise.default: "rrelu",
+    _aten.conj_physical_.default: "real no-op",
+}
+
+
+def _twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """`aten.gt.Scalar` for `aten.gt_.Scalar`."""
+    return getattr(getattr(_aten, op._schema.name.split("::")[1].removesuffix("_")), op._overloadname)
+
+
+def _respell(gm: torch.fx.GraphModule) -> None:
+    """Respell the ops of `_RESPELLED` (see there) with ops whose functional twins compute
+    eager's values and gradients."""
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _RESPELLED]:
+        how, self_ = _RESPELLED[node.target], node.args[0]
+        training = node.args[4] if len(node.args) > 4 else node.kwargs.get("training", False)
+        if how == "rrelu" and not training:
+            continue  # in eval mode: leaky relu, whose twin's derivative is right
+        if how == "real no-op":
+            val = self_.meta.get("val")
+            if isinstance(val, torch.Tensor) and not val.is_complex():
+                node.replace_all_uses_with(self_)
+                graph.erase_node(node)
+            continue
+
+        def call(target, *args, **kwargs):
+            new = graph.call_function(target, args, kwargs)
+            new.meta = dict(node.meta)  # `from_node` and the stack trace of the op respelled
+            return new
+
+        with graph.inserting_before(node):
+            if how == "compare":
+                value = call(_twin(node.target), *node.args, **node.kwargs)
+                for other in node.args[1:]:
+                    val = other.meta.get("val") if isinstance(other, torch.fx.Node) else None
+                    if isinstance(val, torch.Tensor) and val.is_floating_point():
+                        false = call(_aten.scalar_tensor.default, False, dtype=torch.bool, device=val.device)
+                        value = call(_aten.where.self, false, other, value)
+                call(_aten.copy_.default, self_, value)
+            elif how == "fill":
+                fresh = call(_aten.empty_like.default, self_)
+                call(_aten.copy_.default, self_, call(node.target, fresh, *node.args[1:], **node.kwargs))
+            elif how == "untracked":
+                value = call(_twin(node.target), *node.args, **node.kwargs)
+                call(_aten.copy_.default, call(_aten.detach.default, self_), value)
+            else:
+                noise = node.args[1]
+                call(_aten.rrelu_with_noise.default, call(_aten.detach.default, self_), *node.args[1:], **node.kwargs)
+                result = call(_aten.mul_.Tensor if node.target is _aten.rrelu_with_noise_.default else _aten.mul.Tensor,
+                              self_, noise)
+        # An in-place op returns `self`; its readers read `self`, which now holds the new value.
+        node.replace_all_uses_with(result if how == "rrelu" and node.target is _aten.rrelu_with_noise.default else self_)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
 
 
 # In-place ops whose new value does not depend on the old one: out of place, the result
@@ -632,9 +721,16 @@ def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
     return qualified_name_of(source) if source is not None else ("input", placeholder.name)
 
 
-def _mark(mutation: Mutation, written: set[tuple[str, str]], saved_earlier: set[tuple[str, str]]) -> Mutation:
+def _mark(
+    mutation: Mutation, written: set[tuple[str, str]], saved_earlier: set[tuple[str, str]],
+    unwritten: set[tuple[str, str]],
+) -> Mutation:
     target = mutation.target
     key = (target.kind, target.name)
+    if key in unwritten and key not in written:
+        # Eager bumps the version and writes no value (`conj_physical_` of a real tensor).
+        return dataclasses.replace(mutation, rewrite=f"nothing to write back: no ATen op writes {target.kind} "
+                                                     f"{target.name}")
     if key in saved_earlier:
         # The write-back lands in the storage the earlier graph's backward reads, as in eager.
         return dataclasses.replace(mutation, rewrite=f"written back to {target.kind} (an earlier graph saved it)")

@@ -1,0 +1,153 @@
+"""Ops whose out-of-place twin gets autograd wrong, respelled by functionalize; checked against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxinplace
+from conftest import assert_close_at_scale, assert_grads_close
+from fxinplace.passes.functionalize import _RESPELLED
+
+aten = torch.ops.aten
+
+# One write per entry of `_RESPELLED`, on a float tensor `t` with history and a float `o`.
+WRITES = {
+    **{f"{name}_.Scalar": (lambda name: lambda t, o: getattr(t, f"{name}_")(0.0))(name)
+       for name in ("eq", "ne", "gt", "ge", "lt", "le")},
+    **{f"{name}_.Tensor": (lambda name: lambda t, o: getattr(t, f"{name}_")(o))(name)
+       for name in ("eq", "ne", "gt", "ge", "lt", "le")},
+    "logical_not_.default": lambda t, o: t.logical_not_(),
+    **{f"logical_{name}_.default": (lambda name: lambda t, o: getattr(t, f"logical_{name}_")(o))(name)
+       for name in ("xor", "and", "or")},
+    "normal_.default": lambda t, o: t.normal_(0, 5),
+    "bernoulli_.float": lambda t, o: t.bernoulli_(0.5),
+    "rrelu_with_noise_.default": lambda t, o: F.rrelu(t, training=True, inplace=True),
+    "rrelu_with_noise.default": lambda t, o: t.copy_(F.rrelu(t * 1.5, training=True)),
+    "conj_physical_.default": lambda t, o: t.conj_physical_(),
+}
+
+
+def _key(op: torch._ops.OpOverload) -> str:
+    return f"{op._schema.name.split('::')[1]}.{op._overloadname}"
+
+
+def test_every_respelled_op_has_a_write_here():
+    assert {_key(op) for op in _RESPELLED} == WRITES.keys()
+
+
+def _record(write):
+    """What eager records for `write` on a tensor with history: "zero" (a new history with a zero
+    gradient to `self` and to `o`), "untracked" (the old history kept), or "other"."""
+    w = torch.randn(6, requires_grad=True)
+    o = torch.randn(6, requires_grad=True)
+    t = w * 1.0
+    before = t.grad_fn
+    write(t, o)
+    (t * 3.0).sum().backward()
+    if t.grad_fn is before:
+        return "untracked"
+    zero = torch.count_nonzero(w.grad) == 0 and (o.grad is None or torch.count_nonzero(o.grad) == 0)
+    return "zero" if zero else "other"
+
+
+EAGER_RECORDS = {"compare": "zero", "fill": "zero", "untracked": "untracked", "rrelu": "other", "real no-op": "other"}
+
+
+@pytest.mark.parametrize("op", list(_RESPELLED), ids=_key)
+def test_the_respelling_table_says_what_eager_records(op):
+    assert _record(WRITES[_key(op)]) == EAGER_RECORDS[_RESPELLED[op]]
+
+
+def _program(write, part: bool):
+    def program(w, o):
+        t = w * 1.0
+        write(t[2:] if part else t, o[2:] if part else o)
+        return t * t + t, t
+
+    return program
+
+
+def _run(program, compiled: bool):
+    torch.manual_seed(0)
+    w = torch.randn(6, requires_grad=True)
+    o = torch.randn(6, requires_grad=True)
+    if compiled:
+        audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True, strict=True)
+        program = torch.compile(program, backend=audit)
+    torch.manual_seed(1)
+    out = program(w, o)
+    if out[0].requires_grad:
+        out[0].sum().backward()
+    return [t.detach() for t in out], [t.requires_grad for t in out], {"w": w.grad, "o": o.grad}
+
+
+@pytest.mark.parametrize("part", [False, True], ids=["whole", "view"])
+@pytest.mark.parametrize("name", list(WRITES))
+def test_respelled_ops_train_with_eager_values_and_gradients(name, part):
+    # Same seeds, same draws: random fills and rrelu's noise are compared value for value.
+    expected, expected_grad, expected_grads = _run(_program(WRITES[name], part), compiled=False)
+    got, got_grad, got_grads = _run(_program(WRITES[name], part), compiled=True)
+    for ours, theirs in zip(got, expected):
+        assert_close_at_scale(ours, theirs)
+    assert got_grad == expected_grad
+    assert_grads_close(got_grads, expected_grads)  # None only where eager gives None
+
+
+class RealBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("b", torch.randn(3))
+        self.register_buffer("c", torch.randn(3))
+        self.w = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        self.b.conj_physical_()
+        self.c.mul_(2.0)
+        return self.b * self.w + self.c * x
+
+
+def test_a_write_no_aten_op_performs_needs_no_write_back():
+    # `conj_physical_` of a real buffer: eager bumps its version and writes no value.
+    eager, compiled = RealBuffer(), RealBuffer()
+    compiled.load_state_dict(eager.state_dict())
+    version = eager.b._version
+    x = torch.randn(3)
+    expected = eager(x)
+    assert eager.b._version == version + 1
+    audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True, strict=True)
+    got = torch.compile(compiled, backend=audit)(x)
+    assert_close_at_scale(got, expected)
+    assert_close_at_scale(compiled.b, eager.b)
+    assert_close_at_scale(compiled.c, eager.c)
+    rewrites = {m.op: m.rewrite for m in audit.report.mutations}
+    assert rewrites["conj_physical_"].startswith("nothing to write back")
+    assert rewrites["mul_"].startswith("written back to buffer")
+
+
+def _fill_after_save(x, v):
+    t = x * 2
+    y = t * t
+    t.index_fill_(0, torch.tensor([0, 2]), v)
+    return y + t
+
+
+@pytest.mark.filterwarnings("ignore:Error detected in")
+def test_a_graph_the_compiler_fails_on_claims_no_rewrite():
+    # The compiler cannot trace index_fill_'s derivative for a tensor value (a data-dependent
+    # op); Dynamo falls back and the hazard runs in eager, as the report must then say.
+    x = torch.randn(4, requires_grad=True)
+    v = torch.tensor(3.0, requires_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _fill_after_save(x, v).sum().backward()
+    audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
+    out = torch.compile(_fill_after_save, backend=audit)(x, v)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    first = audit.report.graphs[0]
+    assert first.compile_error is not None
+    [mutation] = first.mutations
+    assert mutation.rewrite == "not applied: the compiler failed"
+    assert [h.severity for h in mutation.hazards if h.code == "saved-then-mutated"] == ["error"]
+    assert "not compiled: the compiler failed" in first.render()
