@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from ._compat import tested_range, torch_is_tested, warn_untested_once
 from ._cross_graph import CrossGraphState
 from ._sources import root_modules, source_of
 from .options import AuditOptions, parse_options
@@ -89,9 +90,11 @@ class InplaceAudit:
         mode = kwargs.pop("mode", None)
         if kwargs:
             log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))
+        if not torch_is_tested():
+            warn_untested_once()
         graph = self._audit(gm, example_inputs, opts)
         self.graphs.append(graph)
-        audited = graph.report
+        audited, original = graph.report, gm
         wrap = None
         if opts.functionalize_mode:
             gm, wrap = self._functionalize(gm, example_inputs, opts, graph)
@@ -106,9 +109,10 @@ class InplaceAudit:
             # Dynamo may fall back (a graph break, then eager): the report must not claim a
             # rewrite that never ran, nor hide the hazards it would have removed.
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            mutations = audited.mutations
-            if graph.report.functionalized:
-                mutations = tuple(dataclasses.replace(m, rewrite="not applied: the compiler failed") for m in mutations)
+            mutations = graph.report.mutations
+            if gm is not original:  # a rewrite that never ran
+                mutations = tuple(dataclasses.replace(m, rewrite="not applied: the compiler failed")
+                                  for m in audited.mutations)
             graph.report = dataclasses.replace(graph.report, mutations=mutations, compile_error=error)
             self._emit(graph, opts)
             raise
@@ -186,6 +190,12 @@ class InplaceAudit:
         """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
         from .passes.functionalize import functionalize
 
+        if not torch_is_tested() and not opts.untested_torch:
+            why = (f"kept in place: torch {torch.__version__} is outside the tested range (torch {tested_range()}); "
+                   "options={'untested_torch': True} rewrites anyway")
+            mutations = tuple(dataclasses.replace(m, rewrite=why) for m in graph.report.mutations)
+            graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
+            return gm, None
         try:
             # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
             saved_earlier = [n for n, saves in graph.saved_inputs.items() if not all(s.kept_apart for s in saves)]

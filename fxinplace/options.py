@@ -26,6 +26,8 @@ OPTION_HELP = {
     '(every mutation), "hazards" (only graphs with an error-level hazard are rewritten; other graphs keep '
     'their in-place ops)',
     "explain": "replace the compiler's in-place autograd error with fxinplace's explanation (default True)",
+    "untested_torch": "let `functionalize` rewrite graphs on a torch release outside the tested range "
+    "(default False: there it compiles them unchanged, since a changed torch internal shows as wrong gradients)",
     "table": '"full" (default) or "compact": the compact table leaves out the code, module and view-chain columns',
 }
 
@@ -41,6 +43,7 @@ class AuditOptions:
     functionalize: bool | str = False
     explain: bool = True
     table: str = "full"
+    untested_torch: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +79,7 @@ def _check(key: str, value: Any) -> None:
     def bad(expected: str) -> ValueError:
         return ValueError(f"inplace_audit: option `{key}` must be {expected}, got {value!r}. ({OPTION_HELP[key]})")
 
-    if key in ("print", "strict", "explain"):
+    if key in ("print", "strict", "explain", "untested_torch"):
         if not isinstance(value, bool):
             raise bad("True or False")
     elif key == "table":
