@@ -34,11 +34,14 @@ derivative exactly when the op is homogeneous in its input for fixed noise
 A result is one `Outcome` category (`CATEGORIES`): "ok"; "mismatch" (with what: output,
 requires_grad, grad, None-vs-zeros, buffer, backward); "functionalize crashed"; "backward
 raised" (under functionalize, where the oracle trains); "eager refuses" (eager's forward
-raises: nothing to hold the rewrite to); "aot_eager fails too" (programs `a` and `b`: plain
+raises, or its backward cannot differentiate the op in place or out of place: nothing to
+hold the rewrite to; where only the in-place variant has no derivative, e.g. `acosh_`, the
+rewrite is held to the out-of-place twin instead); "aot_eager fails too" (programs `a` and `b`: plain
 `torch.compile(backend="aot_eager")` crashes or mismatches eager the same way, so the
 finding is not functionalize's; for `c` plain aot_eager is expected to raise, that is the
-hazard); "op not compiled" (the audit saw no mutation in any graph: Dynamo broke the graph
-and the op ran eagerly, so nothing was tested).
+hazard); "op not compiled" (Dynamo broke the graph, e.g. after the backend failed on a
+data-dependent op such as a boolean-mask `index_put_`, and the op ran eagerly: nothing was
+tested).
 
     python tests/opinfo_functionalize.py            # float32, 3 samples an op
     python tests/opinfo_functionalize.py --long     # every sample; float64, bfloat16, complex64 too
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import re
 import sys
 import time
 import traceback
@@ -102,7 +106,7 @@ class Intermediate(torch.nn.Module):  # program a
     def forward(self, x, *tensors):
         args, kwargs = self.rebuild(tensors)
         t = x * 2
-        self.op(t, *args, **kwargs)
+        t = self.op(t, *args, **kwargs)
         return t * 3, t
 
 
@@ -128,12 +132,22 @@ class SavedThenWritten(torch.nn.Module):  # program c
         args, kwargs = self.rebuild(tensors)
         t = x * 2
         y = t * t
-        self.op(t, *args, **kwargs)
+        t = self.op(t, *args, **kwargs)
         return y, t
 
 
 def _call(op: Callable, *args, **kwargs):
     return op(*args, **kwargs)
+
+
+def in_place(op: Callable) -> Callable:
+    """The in-place op as `t -> t` (what some in-place variants return is not `t`)."""
+
+    def write(t, *args, **kwargs):
+        op(t, *args, **kwargs)
+        return t
+
+    return write
 
 
 def traceable(op: Callable) -> Callable:
@@ -177,6 +191,19 @@ class Run:
     inputs: dict = field(default_factory=dict)  # leaf name -> value before the call
     graphs: int = 0  # graphs the audit compiled
     mutations: int = 0  # mutations the audit found in them
+    graph_breaks: list = field(default_factory=list)  # Dynamo's reasons (a backend failure on a
+    # data-dependent op falls back to eager with a graph break too)
+
+
+def _graph_breaks() -> list[str]:
+    """Dynamo's graph breaks in the last call, and the frames it gave up on after a backend
+    failure (a data-dependent op such as `nonzero` makes the whole frame run eagerly)."""
+    counters = torch._dynamo.utils.counters
+    found = [reason.splitlines()[0] for reason in counters["graph_break"]]
+    for reason in counters["unimplemented"]:
+        lines = [line.strip() for line in reason.splitlines()]
+        found.append(next((line for line in lines if line.startswith("Explanation:")), lines[0]))
+    return found
 
 
 def first_line(e: BaseException) -> str:
@@ -218,6 +245,7 @@ def execute(case: Case, program: str, op: Callable, backend: Any, arg_grad: bool
     run.inputs = {n: t.detach().clone() for n, t in leaves.items()}
     fn = model
     audit = None
+    torch._dynamo.utils.counters.clear()
     if backend == "functionalize":
         audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True, strict=True)
         fn = torch.compile(model, backend=audit)
@@ -236,6 +264,7 @@ def execute(case: Case, program: str, op: Callable, backend: Any, arg_grad: bool
             if audit is not None:
                 run.graphs = len(audit.graphs)
                 run.mutations = sum(len(g.report.mutations) for g in audit.graphs)
+            run.graph_breaks = _graph_breaks()
         if weights is None:
             weights = _weights(case, program, outputs)
         run.outputs = [o.detach().clone() for o in outputs]
@@ -350,7 +379,7 @@ def _is_random(case: Case) -> bool:
         torch.manual_seed(seed)
         try:
             with torch.no_grad():
-                traceable(case.inplace)(t, *args, **kwargs)
+                in_place(traceable(case.inplace))(t, *args, **kwargs)
         except Exception:
             return False
         results.append(t)
@@ -365,7 +394,7 @@ def _is_homogeneous(case: Case) -> bool:
         args, kwargs = case.arguments()
         torch.manual_seed(0)
         with torch.no_grad():
-            traceable(case.inplace)(t, *args, **kwargs)
+            in_place(traceable(case.inplace))(t, *args, **kwargs)
         results.append(t)
     return bool(torch.allclose(results[1], 2 * results[0], equal_nan=True))
 
@@ -375,7 +404,7 @@ def _eager(case: Case, program: str) -> tuple[Run, list, bool]:
     oracle = program == "c"
     first = None
     for arg_grad in (True, False):
-        run, weights = execute(case, program, traceable(case.inplace), None, arg_grad, oracle=oracle)
+        run, weights = execute(case, program, in_place(traceable(case.inplace)), None, arg_grad, oracle=oracle)
         first = first or run
         if run.forward_error is None and run.backward_error is None:
             return run, weights, arg_grad
@@ -418,9 +447,21 @@ def check_case(case: Case, program: str, random: bool | None = None) -> Outcome:
     eager, weights, arg_grad = _eager(case, program)
     if eager.forward_error is not None:
         return outcome("eager refuses", eager.forward_error)
+    oracle_note = ""
+    if eager.backward_error is not None and program != "b":
+        # Eager cannot differentiate the in-place variant ("the derivative for 'inplace version
+        # of acosh' is not implemented"): the rewrite is held to the out-of-place twin instead,
+        # the program it is meant to be.
+        twin, _ = execute(case, program, traceable(case.opinfo.op), None, arg_grad, weights=weights)
+        if twin.forward_error is None and twin.backward_error is None:
+            eager, oracle_note = twin, f"(oracle: out-of-place twin; eager backward: {eager.backward_error})"
+        elif "modified by an inplace operation" not in eager.backward_error:
+            # Neither variant differentiates ("derivative for aten::floor_divide_ is not
+            # implemented"): there are no gradients to hold the rewrite to.
+            return outcome("eager refuses", f"backward: {eager.backward_error}")
     random = _is_random(case) if random is None else random
-    ours, _ = execute(case, program, traceable(case.inplace), "functionalize", arg_grad, weights=weights)
-    note = ""
+    ours, _ = execute(case, program, in_place(traceable(case.inplace)), "functionalize", arg_grad, weights=weights)
+    note = oracle_note
     category, detail, what = _categorize(ours, eager, True, None)
     rnd = ""
     if random:
@@ -432,10 +473,23 @@ def check_case(case: Case, program: str, random: bool | None = None) -> Outcome:
             else:
                 replay, rnd = None, "grads vs eager"
             category, detail, what = _categorize(ours, eager, False, replay)
-    if ours.forward_error is None and not ours.mutations:  # a graph break: eager ran the op, nothing was tested
-        return outcome("op not compiled", detail or "no mutation reached a compiled graph", what, random=rnd)
+    if ours.forward_error is None and ours.graph_breaks:  # eager ran the op: nothing was tested
+        plain, _ = execute(case, program, in_place(traceable(case.inplace)), "aot_eager", arg_grad, weights=weights)
+        also = "plain aot_eager breaks too" if plain.graph_breaks else "plain aot_eager compiles it"
+        reason = re.sub(r" object at 0x[0-9a-f]+", "", ours.graph_breaks[0])
+        return outcome("op not compiled", f"graph break: {reason[:200]}", what, random=rnd,
+                       note=f"({also}; comparison: {category} {detail})" if category != "ok" else f"({also})")
+    if ours.forward_error is None and not ours.mutations:
+        note = f"{note} (the audit reported no mutation)".strip()
+    if category == "functionalize crashed" and program == "c":
+        # Plain aot_eager is expected to raise the in-place error on `c` (that is the hazard);
+        # one that raises this same other error (an ATen op AOTAutograd cannot differentiate)
+        # shows the crash is not functionalize's.
+        plain, _ = execute(case, program, in_place(traceable(case.inplace)), "aot_eager", arg_grad, weights=weights)
+        if plain.forward_error == detail and "modified by an inplace operation" not in detail:
+            return outcome("aot_eager fails too", detail, what, random=rnd, note=note)
     if category != "ok" and program in ("a", "b"):
-        plain, _ = execute(case, program, traceable(case.inplace), "aot_eager", arg_grad, weights=weights)
+        plain, _ = execute(case, program, in_place(traceable(case.inplace)), "aot_eager", arg_grad, weights=weights)
         p_category, p_detail, p_what = _categorize(plain, eager, not random, None)
         if random and p_category == "mismatch" and set(p_what) <= {"output", "buffer", "grad"}:
             p_category = "ok"  # plain aot_eager is not held to the replay: its values differ only by RNG
