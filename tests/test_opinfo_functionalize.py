@@ -47,6 +47,16 @@ KNOWN = {
     **{op: Known("ac", _KEEPS_HISTORY) for op in ("logical_not", "logical_and", "logical_or", "logical_xor")},
 }
 
+# Seen only in the long mode (`--long`, 2026-12-01), so not checked here:
+# - as_strided[3], [4] (overlapping strides, e.g. `t.as_strided_((2, 2), (1, 1))` after `y = t * t`),
+#   program c, every dtype: wrong gradient of x (eager under allow_mutation_on_saved_tensors agrees with
+#   the out-of-place twin; functionalize does not);
+# - zero_, uniform, nn.functional.silu.complex on complex64, programs a and c: functionalize crashes,
+#   "<op> does not support automatic differentiation for outputs with complex dtype" (eager trains);
+# - celu, elu, selu bfloat16 (a), addcdiv, addcmul bfloat16 (c): gradients off by bfloat16 rounding;
+# - dropout, alpha_dropout, rrelu float64, program b: grad of w vs eager where the draws differ (the
+#   harness has no replay for buffers yet: not evidence of a bug).
+
 
 def _by_op() -> dict[str, list]:
     cases: dict[str, list] = {}
