@@ -23,6 +23,15 @@ WRITES = {
        for name in ("xor", "and", "or")},
     "normal_.default": lambda t, o: t.normal_(0, 5),
     "bernoulli_.float": lambda t, o: t.bernoulli_(0.5),
+    "uniform_.default": lambda t, o: t.uniform_(-2, 3),
+    "cauchy_.default": lambda t, o: t.cauchy_(),
+    "exponential_.default": lambda t, o: t.exponential_(),
+    "geometric_.default": lambda t, o: t.geometric_(0.3),
+    "log_normal_.default": lambda t, o: t.log_normal_(),
+    "random_.default": lambda t, o: t.random_(),
+    "random_.to": lambda t, o: t.random_(7),
+    "random_.from": lambda t, o: t.random_(-3, 7),
+    "zero_.default": lambda t, o: t.zero_(),
     "rrelu_with_noise_.default": lambda t, o: F.rrelu(t, training=True, inplace=True),
     "rrelu_with_noise.default": lambda t, o: t.copy_(F.rrelu(t * 1.5, training=True)),
     "conj_physical_.default": lambda t, o: t.conj_physical_(),
@@ -31,6 +40,10 @@ WRITES = {
 
 def _key(op: torch._ops.OpOverload) -> str:
     return f"{op._schema.name.split('::')[1]}.{op._overloadname}"
+
+
+# Fills whose functional twin has no derivative for complex outputs (`zero`, `uniform`).
+COMPLEX_WRITES = ("zero_.default", "uniform_.default", "normal_.default")
 
 
 def test_every_respelled_op_has_a_write_here():
@@ -69,17 +82,17 @@ def _program(write, part: bool):
     return program
 
 
-def _run(program, compiled: bool):
+def _run(program, compiled: bool, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    w = torch.randn(6, requires_grad=True)
-    o = torch.randn(6, requires_grad=True)
+    w = torch.randn(6, dtype=dtype, requires_grad=True)
+    o = torch.randn(6, dtype=dtype, requires_grad=True)
     if compiled:
         audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True, strict=True)
         program = torch.compile(program, backend=audit)
     torch.manual_seed(1)
     out = program(w, o)
     if out[0].requires_grad:
-        out[0].sum().backward()
+        (torch.view_as_real(out[0]) if out[0].is_complex() else out[0]).sum().backward()
     return [t.detach() for t in out], [t.requires_grad for t in out], {"w": w.grad, "o": o.grad}
 
 
@@ -93,6 +106,16 @@ def test_respelled_ops_train_with_eager_values_and_gradients(name, part):
         assert_close_at_scale(ours, theirs)
     assert got_grad == expected_grad
     assert_grads_close(got_grads, expected_grads)  # None only where eager gives None
+
+
+@pytest.mark.parametrize("name", COMPLEX_WRITES)
+def test_fills_of_complex_tensors_train_with_eager_values_and_gradients(name):
+    expected = _run(_program(WRITES[name], part=False), compiled=False, dtype=torch.complex64)
+    got = _run(_program(WRITES[name], part=False), compiled=True, dtype=torch.complex64)
+    for ours, theirs in zip(got[0], expected[0]):
+        assert_close_at_scale(ours, theirs)
+    assert got[1] == expected[1]
+    assert_grads_close(got[2], expected[2])
 
 
 class RealBuffer(torch.nn.Module):

@@ -225,8 +225,9 @@ _aten = torch.ops.aten
 # eager):
 # - "compare": a new value with a zero gradient to `self` and to a tensor `other`; the twin
 #   returns bool and records no history. Spelled `self.copy_(where(False, other, twin(...)))`.
-# - "fill": a random fill, a zero gradient to `self`; `normal_functional` and `bernoulli.p`
-#   have no derivative at all. Spelled `self.copy_(op(empty_like(self)))`: same draws.
+# - "fill": a random fill (or `zero_`), a zero gradient to `self`; `normal_functional` and
+#   `bernoulli.p` have no derivative at all, `zero` and `uniform` none for complex outputs.
+#   Spelled `self.copy_(op(empty_like(self)))`: same draws.
 # - "untracked": autograd records nothing and `self` keeps its old history (the logical ops
 #   are composites of `out=` ops). Spelled `self.detach().copy_(twin(...))`, a hidden write.
 # - rrelu with noise, training: the twin's derivative reads the noise it was given, not the
@@ -237,7 +238,10 @@ _aten = torch.ops.aten
 _RESPELLED = {
     **{getattr(getattr(_aten, f"{name}_"), overload): "compare"
        for name in ("eq", "ne", "gt", "ge", "lt", "le") for overload in ("Scalar", "Tensor")},
-    _aten.normal_.default: "fill", _aten.bernoulli_.float: "fill",
+    **{op: "fill" for op in (_aten.normal_.default, _aten.bernoulli_.float, _aten.uniform_.default,
+                             _aten.cauchy_.default, _aten.exponential_.default, _aten.geometric_.default,
+                             _aten.log_normal_.default, _aten.random_.default, _aten.random_.to,
+                             getattr(_aten.random_, "from"), _aten.zero_.default)},
     **{getattr(_aten, f"logical_{name}_").default: "untracked" for name in ("not", "xor", "and", "or")},
     _aten.rrelu_with_noise_.default: "rrelu", _aten.rrelu_with_noise.default: "rrelu",
     _aten.conj_physical_.default: "real no-op",
