@@ -136,12 +136,19 @@ def _call_text(fn: str, first: str | None, case: Case, spell: _Spelling, out: st
     return f"{fn}({', '.join(parts)})"
 
 
-def _out_shape(case: Case) -> tuple[int, bool]:
-    """(number of out tensors, whether the op returns a list): eager decides."""
-    result = case.opinfo.op(case.input(), *case.arguments()[0], **case.arguments()[1])
+def _eager_result(case: Case) -> Any:
+    """What the functional op returns for the sample: the out tensors are shaped like it."""
+    return case.opinfo.op(case.input(), *case.arguments()[0], **case.arguments()[1])
+
+
+def _out_text(result: Any, prefix: str, counter: list[int]) -> str:
+    # The out= argument spelled like the result: one tensor bare, a tuple or list of them as
+    # such (nested as the op nests them: `histogramdd` returns a tensor and a list).
     if isinstance(result, torch.Tensor):
-        return 0, False  # one tensor, passed bare
-    return len(result), isinstance(result, list)
+        counter[0] += 1
+        return f"{prefix}{counter[0] - 1}"
+    inner = [_out_text(r, prefix, counter) for r in result]
+    return "[" + ", ".join(inner) + "]" if isinstance(result, list) else "(" + "".join(i + ", " for i in inner) + ")"
 
 
 def build(case: Case, target: str) -> tuple[Program, list]:
@@ -176,11 +183,11 @@ def build(case: Case, target: str) -> tuple[Program, list]:
             line = len(lines)
             lines += {"intermediate": ["    return t"], "intermediate view": ["    return base"]}.get(target, [])
     else:
-        count, as_list = _out_shape(case)
-        n_outs = max(count, 1)
         names = {"intermediate out": "o", "input out": "z", "buffer out": "self.o"}[target]
+        counter = [0]
+        out = _out_text(_eager_result(case), names, counter)
+        n_outs = counter[0]
         outs = [f"{names}{i}" for i in range(n_outs)]
-        out = outs[0] if count == 0 else ("[" + ", ".join(outs) + "]" if as_list else "(" + ", ".join(outs) + ",)")
         call = _call_text("op", "x", case, spell, out=out)
         params = ["x"] + [f"a{i}" for i in range(len(spell.tensors))]
         if target == "buffer out":
@@ -259,9 +266,8 @@ class _Instance:
         assert len(self.args) == program.n_args, (program.id, len(self.args), program.n_args)
         self.outs: list[torch.Tensor] = []
         if case.kind == "out":
-            like = case.out_like()
-            like = [like] if isinstance(like, torch.Tensor) else list(like)
-            self.outs = [_sentinel(o) for o in like]
+            like = torch.utils._pytree.tree_leaves(_eager_result(case))
+            self.outs = [_sentinel(o) for o in like if isinstance(o, torch.Tensor)]
         self.module: torch.nn.Module | None = None
         self.candidates: dict[tuple[str, str], torch.Tensor] = {}
         if program.target in ("buffer", "buffer view", "parameter"):
@@ -368,12 +374,13 @@ class _GraphWrites:
 
         def run(*args):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            versions = [t._version for t in tensors]
+            before = [_snapshot(t) for t in tensors]
             recorder = WriteRecorder(user_file=None)
             with recorder:
                 out = compiled(*args)
             self.storages |= {s for s, _ in recorder.writes}
-            self.storages |= {_storage(t) for t, v in zip(tensors, versions) if t._version != v}
+            # Writes no schema shows (`native_batch_norm`'s running statistics) move bytes.
+            self.storages |= {_storage(t) for t, b in zip(tensors, before) if _was_written(t, b)}
             return out
 
         return run
