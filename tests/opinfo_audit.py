@@ -30,6 +30,8 @@ Each program lands in one category (`CATEGORIES`):
 - `wrong line`: the right target, at another line than the user's;
 - `audit raised`: compiling or running with the audit raised, or a graph has an `analysis_error`;
 - `compile raised`: Dynamo itself fails on the program, with the plain `eager` backend too;
+- `compiled differs`: eager wrote a target the compiled program (graphs and eager code between
+  them) did not write at all: Dynamo changed the program, the audit saw what ran;
 - `eager refuses`: eager PyTorch raises on the program (a result dtype the op cannot cast into);
 - `outside the graph`: Dynamo graph-broke around the op, which ran in eager between graphs, so
   no graph holds the write the audit misses. Decided at run time: a dispatch mode, entered only
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch._dynamo.utils import counters
 from torch.multiprocessing.reductions import StorageWeakRef
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,11 +69,11 @@ from conftest import WriteRecorder, identical  # noqa: E402
 from differential_oracle import fast_dynamo  # noqa: E402
 from opinfo_cases import Case, inplace_cases, out_cases, seeded_share  # noqa: E402
 
-__all__ = ["CATEGORIES", "EXCLUDED", "Program", "Outcome", "programs", "run_program", "sweep", "summary",
-           "SHORT_PER_OP", "LONG_PER_OP"]
+__all__ = ["CATEGORIES", "EXCLUDED", "Program", "Outcome", "build", "programs", "run_program", "sweep", "summary",
+           "short_cases", "long_cases", "report_of", "SHORT_PER_OP", "LONG_PER_OP"]
 
 CATEGORIES = ("ok", "missed target", "wrong target", "wrong line", "audit raised", "compile raised",
-              "eager refuses", "outside the graph")
+              "compiled differs", "eager refuses", "outside the graph")
 # Honest exclusions: eager itself refuses, or no graph holds the write.
 EXCLUDED = ("eager refuses", "outside the graph")
 
@@ -208,7 +211,8 @@ def build(case: Case, target: str) -> tuple[Program, list]:
     return Program(case, target, source, line, len(spell.tensors), n_outs), spell.constants
 
 
-def programs(cases: list[Case]) -> Iterator[Program]:
+def programs(cases: list[Case]) -> Iterator[tuple[Case, str]]:
+    """(case, target) for every program of `cases`."""
     for case in cases:
         if case.kind == "inplace":
             for target in INPLACE_TARGETS:
@@ -252,7 +256,9 @@ def _was_written(t: torch.Tensor, before: tuple) -> bool:
 
 def _sentinel(like: torch.Tensor) -> torch.Tensor:
     # An out tensor with known bytes: -7 is a value few ops return, and a write shows anyway.
-    return torch.full_like(like, True if like.dtype == torch.bool else -7)
+    # Contiguous, as a user allocates it: eager's result may be column-major (`cholesky`), and
+    # Dynamo graph-breaks on a non-contiguous `out=` tensor.
+    return torch.full_like(like, True if like.dtype == torch.bool else -7, memory_format=torch.contiguous_format)
 
 
 class _Instance:
@@ -396,6 +402,22 @@ def _compiled(program: Program, namespace: dict, backend: Callable):
     return _effects(program, inst, result, before)
 
 
+def report_of(audit: fxinplace.InplaceAudit) -> fxinplace.Report:
+    # One place the sweep reads the audit: the perturbation tests hand it a doctored report.
+    return audit.report
+
+
+def _graph_breaks() -> str:
+    # Dynamo's own account of why it broke the graph (or skipped the frame), first lines only.
+    reasons = [r for key in ("graph_break", "unimplemented") for r in counters.get(key, {})]
+    return "; ".join(sorted({_reason(r) for r in reasons}))
+
+
+def _reason(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0][:160] if lines else ""
+
+
 def _audit_key(mutation) -> tuple[str, str]:
     return mutation.target.kind, mutation.target.name
 
@@ -410,6 +432,7 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
         return Outcome(program.id, "eager refuses", refused)
 
     torch._dynamo.reset()
+    counters.clear()
     audit = fxinplace.InplaceAudit(compiler="eager", print=False)
     backend = _GraphWrites(audit)
     try:
@@ -426,10 +449,12 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
         return Outcome(program.id, "audit raised", message + "\n" + traceback.format_exc(limit=-3))
     finally:
         torch._dynamo.reset()
-    report = audit.report
+    breaks = _graph_breaks()
+    report = report_of(audit)
     if program.id in SHOW:
         print(f"--- {program.id} ({path}, line {program.line})\n{program.source}\n{report.render()}\n"
-              f"eager wrote {sorted(truth.written, key=str)}; graphs wrote {len(backend.storages)} storages")
+              f"eager wrote {sorted(truth.written, key=str)}; graphs wrote {len(backend.storages)} storages; "
+              f"compiled run wrote {sorted(ran.written, key=str)}; graph breaks: {breaks}")
     failed = [g.analysis_error for g in report.graphs if g.analysis_error]
     if failed:
         return Outcome(program.id, "audit raised", "; ".join(failed))
@@ -446,6 +471,8 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
         if not found:
             if ran.storages[key] in backend.storages:
                 problems["missed target"].append(f"{key[0]} {key[1]}")
+            elif key not in ran.written:  # Dynamo's program does not do what eager's does
+                problems["compiled differs"].append(f"{key[0]} {key[1]} written in eager only")
             else:
                 outside.append(f"{key[0]} {key[1]}")
             continue
@@ -462,11 +489,14 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
             problems["wrong target"].append(f"{m.target} ({m.op}) at line {m.source.line if m.source else '?'}")
         elif _audit_key(m) not in named:
             problems["wrong target"].append(f"{m.target.kind} {m.target.name} ({m.op}), eager did not write it")
-    for category in ("missed target", "wrong target", "wrong line"):
+    for category in ("missed target", "wrong target", "wrong line", "compiled differs"):
         if problems[category]:
             return Outcome(program.id, category, "; ".join(problems[category]))
+    if outside and not breaks:  # a write outside every graph, and Dynamo admits no break?
+        return Outcome(program.id, "missed target", f"{', '.join(outside)}: no graph wrote it, yet no graph break")
     if outside:
-        return Outcome(program.id, "outside the graph", f"{', '.join(outside)} ({backend.graphs} graphs)")
+        return Outcome(program.id, "outside the graph",
+                       f"{', '.join(outside)} ({backend.graphs} graphs; graph breaks: {breaks or 'none'})")
     return Outcome(program.id, "ok")
 
 
