@@ -13,10 +13,10 @@ import opinfo_audit
 from opinfo_audit import EXCLUDED, Outcome, build, run_program, summary, sweep
 from opinfo_cases import inplace_cases, out_cases, seeded_share
 
-# Half the short mode's cases beyond the first sample of every op (`seeded_share` keeps that
-# one): about 2,900 of its 3,746 programs, about 70 s with one thread on the 2-core machine
-# (the whole short mode: about 90 s).
-CI_SHARE = 0.5
+# 30 % of the short mode's cases beyond the first sample of every op (`seeded_share` keeps
+# that one): about two thirds of its 3,746 programs, about 70 s with one thread on the shared
+# 2-core machine (the whole short mode: 85 s alone, 100 s beside other jobs).
+CI_SHARE = 0.3
 CI_SEED = 0
 
 # Where Dynamo itself breaks the graph around the write, so that no graph holds it (the
@@ -34,7 +34,6 @@ KNOWN_OUTSIDE = {
     "transpose": _INPUT_VIEW,
     "t": _INPUT_VIEW,
     "resize_": _INPUT_VIEW + ("Unsupported Tensor.resize_() call",),
-    "resize_as_": _INPUT_VIEW + ("Unsupported Tensor.resize_as_() call",),
     "nn.functional.rrelu": _SKIPPED,
     "nn.functional.dropout3d": _SKIPPED,
     "nn.functional.feature_alpha_dropout.with_train": _SKIPPED,
@@ -43,6 +42,7 @@ KNOWN_OUTSIDE = {
     "bernoulli": _SKIPPED,
     "masked_select": ("Dynamic shape operator",),
     "nonzero": ("Dynamic shape operator",),
+    "linalg.lstsq": ("Dynamic shape operator",),
 }
 
 
