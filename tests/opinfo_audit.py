@@ -325,8 +325,8 @@ def _effects(program: Program, inst: _Instance, result, before: dict) -> _Effect
     initial = inst.initial_intermediates(program)
     for i, (t, at_start) in enumerate(zip(_intermediates(program, result), initial)):
         fresh = _snapshot(at_start)
-        # Made by `clone`/`stack` at version 0; the bytes of a fresh copy are its initial bytes.
-        if t._version != 0 or not identical(_storage_bytes(t), fresh[1]):
+        # Made by `clone`/`stack` at the version a fresh one has (0), with its bytes.
+        if t._version != at_start._version or not identical(_storage_bytes(t), fresh[1]):
             written.add(("intermediate", i))
         storages["intermediate", i] = _storage(t)
     return _Effects(written, storages)
@@ -422,7 +422,13 @@ def _audit_key(mutation) -> tuple[str, str]:
     return mutation.target.kind, mutation.target.name
 
 
-_MADE_BY = {"intermediate": "clone", "intermediate view": "stack", "intermediate out": "clone"}
+def _is_own(mutation, program: Program, i: int) -> bool:
+    """Is `mutation`'s target the program's intermediate `i`: the node Dynamo named after the
+    program's variable (`t`, `base`, `o0`, ...), made by the op that made it?"""
+    name, made_by = {"intermediate": ("t", "clone"), "intermediate view": ("base", "stack"),
+                     "intermediate out": (f"o{i}", "clone")}[program.target]
+    target = mutation.target
+    return target.kind == "intermediate" and target.name == name and target.produced_by == made_by
 
 
 def run_program(program: Program, constants: list, directory: str) -> Outcome:
@@ -460,12 +466,11 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
         return Outcome(program.id, "audit raised", "; ".join(failed))
 
     mutations = report.mutations
-    made_by = _MADE_BY.get(program.target)
     problems: dict[str, list[str]] = collections.defaultdict(list)
     outside: list[str] = []
     for key in sorted(truth.written, key=str):
         if key[0] == "intermediate":
-            found = [m for m in mutations if m.target.kind == "intermediate" and m.target.produced_by == made_by]
+            found = [m for m in mutations if _is_own(m, program, key[1])]
         else:
             found = [m for m in mutations if _audit_key(m) == key]
         if not found:
@@ -481,10 +486,10 @@ def run_program(program: Program, constants: list, directory: str) -> Outcome:
                 where = f"{m.source.file}:{m.source.line}" if m.source else "no line"
                 problems["wrong line"].append(f"{key[0]} {key[1]} ({m.op}) at {where}, not line {program.line}")
     named = {key for key in truth.written if key[0] != "intermediate"}
-    own = made_by is not None and ("intermediate", 0) in truth.written
+    own = [key for key in truth.written if key[0] == "intermediate"]
     for m in mutations:
         if m.target.kind == "intermediate":
-            if (own and m.target.produced_by == made_by) or truth.other_writes:
+            if any(_is_own(m, program, i) for _, i in own) or truth.other_writes:
                 continue
             problems["wrong target"].append(f"{m.target} ({m.op}) at line {m.source.line if m.source else '?'}")
         elif _audit_key(m) not in named:
