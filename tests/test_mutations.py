@@ -542,3 +542,38 @@ def test_without_the_model_dynamos_names_stay():
     torch.compile(step, backend=backend)(torch.randn(3, 4))
     (row,) = backend.report.mutations
     assert (row.target.kind, row.target.name, row.target.aliases) == ("input", "scale", ())
+
+
+# -- batch norm's ATen ops: running statistics written, no counter or schema run shows it ----
+
+
+class AtenBatchNorm(nn.Module):
+    def __init__(self, op, out):
+        super().__init__()
+        self.op, self.out = op, out
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        for name in ("o0", "o1", "o2"):
+            self.register_buffer(name, torch.zeros(3, 4) if name == "o0" else torch.zeros(4))
+
+    def forward(self, x):
+        if self.out:
+            self.op(x, None, None, self.rm, self.rv, True, 0.5, 1e-5, out=(self.o0, self.o1, self.o2))
+            return self.o0.sum()
+        return self.op(x, None, None, self.rm, self.rv, True, 0.5, 1e-5)[0].sum()
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["functional", "out="])
+@pytest.mark.parametrize("op", [torch.native_batch_norm, torch._native_batch_norm_legit], ids=lambda op: op.__name__)
+def test_aten_batch_norm_running_stats_are_found(op, out):
+    # Found by tests/opinfo_audit.py: `native_batch_norm(out=)` and `_native_batch_norm_legit(out=)`
+    # with running statistics as inputs; the audit named the out tensors only.
+    torch.manual_seed(0)
+    model, x = AtenBatchNorm(op, out), torch.randn(3, 4)
+    effects = eager_effects(model, {"x": x})
+    stats = {("buffer", "rm"), ("buffer", "rv")}
+    assert stats <= effects.changed and not stats & effects.version_moved
+    report = quiet_audit(model, x)
+    found = {(m.target.kind, m.target.name) for m in report.mutations}
+    assert found == set(effects.changed), report.render()
+    assert all(not m.autograd_visible for m in report.mutations if (m.target.kind, m.target.name) in stats)

@@ -130,7 +130,11 @@ def _running_stats(positions: tuple[int, int], flag: str, default: bool) -> Call
 
 # F.batch_norm(input, running_mean, running_var, weight, bias, training, ...) and
 # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...): the same
-# facts at other positions (likewise instance_norm with `use_input_stats`).
+# facts at other positions (likewise instance_norm with `use_input_stats`). The ATen ops
+# `torch.native_batch_norm` and `torch._native_batch_norm_legit` take torch.batch_norm's
+# positions; eager bumps no version for them either, with or without `out=` (measured on
+# torch 2.13, though the latter's schema marks `running_mean(a!)`). Its `no_stats` overload
+# has a bool at position 3: no tensor argument, nothing picked.
 _batch_norm_writes = _running_stats((1, 2), "training", False)
 _aten_batch_norm_writes = _running_stats((3, 4), "training", False)
 _instance_norm_writes = _running_stats((1, 2), "use_input_stats", True)
@@ -142,6 +146,8 @@ _aten_instance_norm_writes = _running_stats((3, 4), "use_input_stats", True)
 _HIDDEN_WRITES: dict[Any, Callable[[tuple, dict], list[int | str]]] = {
     torch.nn.functional.batch_norm: _batch_norm_writes,
     torch.batch_norm: _aten_batch_norm_writes,
+    torch.native_batch_norm: _aten_batch_norm_writes,
+    torch._native_batch_norm_legit: _aten_batch_norm_writes,
     torch.nn.functional.instance_norm: _instance_norm_writes,
     torch.instance_norm: _aten_instance_norm_writes,
 }
