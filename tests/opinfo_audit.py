@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -81,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxinplace  # noqa: E402
 from conftest import WriteRecorder, identical  # noqa: E402
 from differential_oracle import fast_dynamo  # noqa: E402
-from opinfo_cases import Case, inplace_cases, out_cases, seeded_share  # noqa: E402
+from opinfo_cases import Case, inplace_cases, out_cases, seeded_share, traceable  # noqa: E402
 
 __all__ = ["CATEGORIES", "EXCLUDED", "Program", "Outcome", "build", "programs", "run_program", "sweep", "summary",
            "short_cases", "long_cases", "report_of", "SHORT_PER_OP", "LONG_PER_OP"]
@@ -351,7 +350,7 @@ def _load(program: Program, constants: list, directory: str) -> tuple[dict, str]
     path = os.path.join(directory, name)
     with open(path, "w") as f:
         f.write(program.source)
-    namespace = {"inplace": program.case.inplace, "op": program.case.opinfo.op, "C": constants,
+    namespace = {"inplace": traceable(program.case.inplace), "op": traceable(program.case.opinfo.op), "C": constants,
                  "__name__": f"opinfo_program_{abs(hash(path))}"}
     exec(compile(program.source, path, "exec"), namespace)
     return namespace, path

@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 import inspect
 import random
+import types
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Case", "inplace_cases", "out_cases", "seeded_share", "op_db"]
+__all__ = ["Case", "inplace_cases", "out_cases", "seeded_share", "op_db", "traceable"]
 
 LONG_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64)
 
@@ -68,6 +69,25 @@ class Case:
         if isinstance(result, torch.Tensor):
             return torch.empty_like(result)
         return tuple(torch.empty_like(r) for r in result)
+
+
+def traceable(op: Callable) -> Callable:
+    """`op` without OpInfo's `wrapper_set_seed` (it saves and restores the RNG state, which
+    Dynamo cannot trace: the op would run eagerly after a graph break). Runs seed themselves."""
+    code = getattr(op, "__code__", None)
+    if code is None or "wrapper_set_seed" not in code.co_names:
+        return op
+    return types.FunctionType(code, {**op.__globals__, "wrapper_set_seed": _call_in(code.co_filename)}, op.__name__,
+                              op.__defaults__, op.__closure__)
+
+
+@functools.cache
+def _call_in(filename: str) -> Callable:
+    # The stand-in for `wrapper_set_seed` is compiled as part of the file that holds OpInfo's
+    # lambda (torch's own), as the original is: the user's line stays the one calling `op`.
+    namespace: dict = {}
+    exec(compile("def call(op, *args, **kwargs):\n    return op(*args, **kwargs)\n", filename, "exec"), namespace)
+    return namespace["call"]
 
 
 def _cloned(value: Any) -> Any:

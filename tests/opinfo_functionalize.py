@@ -67,9 +67,9 @@ import torch.utils._pytree as pytree
 import fxinplace
 
 try:
-    from opinfo_cases import Case, inplace_cases, seeded_share
+    from opinfo_cases import Case, inplace_cases, seeded_share, traceable
 except ImportError:  # run as `python tests/opinfo_functionalize.py` from the repository root
-    from tests.opinfo_cases import Case, inplace_cases, seeded_share
+    from tests.opinfo_cases import Case, inplace_cases, seeded_share, traceable
 
 __all__ = ["CATEGORIES", "PROGRAMS", "Outcome", "Run", "check_case", "compare", "float_cases", "sweep", "summarize"]
 
@@ -136,10 +136,6 @@ class SavedThenWritten(torch.nn.Module):  # program c
         return y, t
 
 
-def _call(op: Callable, *args, **kwargs):
-    return op(*args, **kwargs)
-
-
 def in_place(op: Callable) -> Callable:
     """The in-place op as `t -> t` (what some in-place variants return is not `t`)."""
 
@@ -148,19 +144,6 @@ def in_place(op: Callable) -> Callable:
         return t
 
     return write
-
-
-def traceable(op: Callable) -> Callable:
-    """`op` without OpInfo's `wrapper_set_seed` (it saves and restores the RNG state, which
-    Dynamo cannot trace: the op would run eagerly after a graph break). The runs seed
-    themselves instead."""
-    code = getattr(op, "__code__", None)
-    if code is None or "wrapper_set_seed" not in code.co_names:
-        return op
-    import types
-
-    return types.FunctionType(code, {**op.__globals__, "wrapper_set_seed": _call}, op.__name__, op.__defaults__,
-                              op.__closure__)
 
 
 def _build(program: str, case: Case, op: Callable) -> torch.nn.Module:
