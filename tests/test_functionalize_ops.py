@@ -42,8 +42,9 @@ def _key(op: torch._ops.OpOverload) -> str:
     return f"{op._schema.name.split('::')[1]}.{op._overloadname}"
 
 
-# Fills whose functional twin has no derivative for complex outputs (`zero`, `uniform`).
-COMPLEX_WRITES = ("zero_.default", "uniform_.default", "normal_.default")
+# Complex tensors: fills whose functional twin has no derivative for complex outputs (`zero`,
+# `uniform`), and comparisons whose complex `other` gets eager's zero gradient.
+COMPLEX_WRITES = ("zero_.default", "uniform_.default", "normal_.default", "eq_.Tensor", "ne_.Tensor")
 
 
 def test_every_respelled_op_has_a_write_here():
@@ -109,7 +110,7 @@ def test_respelled_ops_train_with_eager_values_and_gradients(name, part):
 
 
 @pytest.mark.parametrize("name", COMPLEX_WRITES)
-def test_fills_of_complex_tensors_train_with_eager_values_and_gradients(name):
+def test_complex_tensors_train_with_eager_values_and_gradients(name):
     expected = _run(_program(WRITES[name], part=False), compiled=False, dtype=torch.complex64)
     got = _run(_program(WRITES[name], part=False), compiled=True, dtype=torch.complex64)
     for ours, theirs in zip(got[0], expected[0]):

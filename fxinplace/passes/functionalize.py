@@ -277,9 +277,12 @@ def _respell(gm: torch.fx.GraphModule) -> None:
         with graph.inserting_before(node):
             if how == "compare":
                 value = call(_twin(node.target), *node.args, **node.kwargs)
+                written = self_.meta.get("val")
                 for other in node.args[1:]:
                     val = other.meta.get("val") if isinstance(other, torch.fx.Node) else None
-                    if isinstance(val, torch.Tensor) and val.is_floating_point():
+                    # (a complex `other` only into a complex `self`: `copy_` would drop its imaginary part)
+                    if isinstance(val, torch.Tensor) and (val.is_floating_point() or (
+                            val.is_complex() and isinstance(written, torch.Tensor) and written.is_complex())):
                         false = call(_aten.scalar_tensor.default, False, dtype=torch.bool, device=val.device)
                         value = call(_aten.where.self, false, other, value)
                 call(_aten.copy_.default, self_, value)
