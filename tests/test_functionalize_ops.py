@@ -43,8 +43,10 @@ def _key(op: torch._ops.OpOverload) -> str:
 
 
 # Complex tensors: fills whose functional twin has no derivative for complex outputs (`zero`,
-# `uniform`), and comparisons whose complex `other` gets eager's zero gradient.
-COMPLEX_WRITES = ("zero_.default", "uniform_.default", "normal_.default", "eq_.Tensor", "ne_.Tensor")
+# `uniform`), comparisons whose complex `other` gets eager's zero gradient, logical ops whose
+# complex twins are composites.
+COMPLEX_WRITES = ("zero_.default", "uniform_.default", "normal_.default", "eq_.Tensor", "ne_.Tensor",
+                  "logical_not_.default", "logical_and_.default", "logical_or_.default", "logical_xor_.default")
 
 
 def test_every_respelled_op_has_a_write_here():
@@ -212,3 +214,22 @@ def test_an_overlapping_as_strided_output_is_the_compilers_limit_not_the_rewrite
     # What the known limit above rests on: the rewrite gives what plain aot_eager gives the
     # out-of-place program.
     assert_close_at_scale(_overlapping_grads("functionalize", write=True), _overlapping_grads("aot_eager", write=False))
+
+
+def _scaled_without_grad(w, o):
+    t = w * 1.0
+    with torch.no_grad():
+        t.mul_(2.0)  # hidden from autograd: t keeps its history
+    return t * t + t, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64], ids=["float32", "complex64"])
+def test_a_write_hidden_from_autograd_keeps_the_history_of_a_complex_tensor_too(dtype):
+    # The rewrite's NaN-safe history graft used complex `isfinite`, a composite whose own
+    # in-place temporaries the functional trace could not remove.
+    expected = _run(_scaled_without_grad, compiled=False, dtype=dtype)
+    got = _run(_scaled_without_grad, compiled=True, dtype=dtype)
+    for ours, theirs in zip(got[0], expected[0]):
+        assert_close_at_scale(ours, theirs)
+    assert got[1] == expected[1]
+    assert_grads_close(got[2], expected[2])

@@ -253,6 +253,11 @@ def _twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
     return getattr(getattr(_aten, op._schema.name.split("::")[1].removesuffix("_")), op._overloadname)
 
 
+def _is_complex(arg: Any) -> bool:
+    val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_complex()
+
+
 def _respell(gm: torch.fx.GraphModule) -> None:
     """Respell the ops of `_RESPELLED` (see there) with ops whose functional twins compute
     eager's values and gradients."""
@@ -290,7 +295,10 @@ def _respell(gm: torch.fx.GraphModule) -> None:
                 fresh = call(_aten.empty_like.default, self_)
                 call(_aten.copy_.default, self_, call(node.target, fresh, *node.args[1:], **node.kwargs))
             elif how == "untracked":
-                value = call(_twin(node.target), *node.args, **node.kwargs)
+                # For complex operands the twin is a composite whose in-place temporaries the
+                # next trace would leave below `functionalize`; nonzero-ness is all it reads.
+                operands = [call(_aten.ne.Scalar, a, 0) if _is_complex(a) else a for a in node.args]
+                value = call(_twin(node.target), *operands, **node.kwargs)
                 call(_aten.copy_.default, call(_aten.detach.default, self_), value)
             else:
                 noise = node.args[1]
@@ -392,7 +400,11 @@ def _covers(view: torch.fx.Node, root: torch.fx.Node) -> bool:
 def _graft(call: Callable, root: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
     aten = torch.ops.aten
     delta = call(aten.sub.Tensor, old, call(aten.detach.default, old))  # zero, with `old`'s gradient
-    delta = call(aten.where.ScalarOther, call(aten.isfinite.default, old), delta, 0.0)
+    if _is_complex(root):  # complex `isfinite` is a composite writing temporaries in place; its parts are not
+        finite = call(aten.all.dim, call(aten.isfinite.default, call(aten.view_as_real.default, old)), -1)
+    else:
+        finite = call(aten.isfinite.default, old)
+    delta = call(aten.where.ScalarOther, finite, delta, 0.0)
     return call(aten.add.Tensor, call(aten.detach.default, root), delta)
 
 
