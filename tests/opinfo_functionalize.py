@@ -39,7 +39,7 @@ hold the rewrite to; where only the in-place variant has no derivative, e.g. `ac
 rewrite is held to the out-of-place twin instead); "aot_eager fails too" (programs `a` and `b`: plain
 `torch.compile(backend="aot_eager")` crashes or mismatches eager the same way, so the
 finding is not functionalize's; for `c` plain aot_eager is expected to raise, that is the
-hazard); "op not compiled" (Dynamo broke the graph, e.g. after the backend failed on a
+hazard, so it is asked about the out-of-place twin instead); "op not compiled" (Dynamo broke the graph, e.g. after the backend failed on a
 data-dependent op such as a boolean-mask `index_put_`, and the op ran eagerly: nothing was
 tested).
 

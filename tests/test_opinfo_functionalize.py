@@ -38,15 +38,10 @@ class Known:
 # keeps a minimized regression for each). An entry here is an op that fails today, by a library bug.
 KNOWN: dict[str, Known] = {}
 
-# Seen only in the long mode (`--long`, 2026-12-01), so not checked here:
-# - as_strided[3], [4] (overlapping strides, e.g. `t.as_strided_((2, 2), (1, 1))` after `y = t * t`),
-#   program c, every dtype: wrong gradient of x (eager under allow_mutation_on_saved_tensors agrees with
-#   the out-of-place twin; functionalize does not);
-# - zero_, uniform, nn.functional.silu.complex on complex64, programs a and c: functionalize crashes,
-#   "<op> does not support automatic differentiation for outputs with complex dtype" (eager trains);
-# - celu, elu, selu bfloat16 (a), addcdiv, addcmul bfloat16 (c): gradients off by bfloat16 rounding;
-# - dropout, alpha_dropout, rrelu float64, program b: grad of w vs eager where the draws differ (the
-#   harness has no replay for buffers yet: not evidence of a bug).
+# The long mode's remaining findings (`--long`; docs/reliability.md, "PyTorch's operator
+# catalogue"): nn.functional.silu.complex (no correct out-of-place program to rewrite to: kept in
+# place, with a warning), bfloat16 rounding in elu/celu/selu/addcdiv/addcmul, and program b of
+# random ops whose draws differ (no buffer replay yet).
 
 
 def _by_op() -> dict[str, list]:
