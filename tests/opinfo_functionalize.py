@@ -98,11 +98,13 @@ def _split_arguments(case: Case) -> tuple[list, Callable[[tuple], tuple[list, di
     return [leaves[i] for i in positions], rebuild
 
 
-class Intermediate(torch.nn.Module):  # program a
+class _Program(torch.nn.Module):
     def __init__(self, op: Callable, rebuild: Callable):
         super().__init__()
         self.op, self.rebuild = op, rebuild
 
+
+class Intermediate(_Program):  # program a
     def forward(self, x, *tensors):
         args, kwargs = self.rebuild(tensors)
         t = x * 2
@@ -110,10 +112,9 @@ class Intermediate(torch.nn.Module):  # program a
         return t * 3, t
 
 
-class BufferWrite(torch.nn.Module):  # program b
+class BufferWrite(_Program):  # program b
     def __init__(self, op: Callable, rebuild: Callable, buffer: torch.Tensor):
-        super().__init__()
-        self.op, self.rebuild = op, rebuild
+        super().__init__(op, rebuild)
         self.register_buffer("buf", buffer)
         self.w = torch.nn.Parameter(torch.full((), 1.5, dtype=buffer.dtype))
 
@@ -123,11 +124,7 @@ class BufferWrite(torch.nn.Module):  # program b
         return (self.buf * self.w,)
 
 
-class SavedThenWritten(torch.nn.Module):  # program c
-    def __init__(self, op: Callable, rebuild: Callable):
-        super().__init__()
-        self.op, self.rebuild = op, rebuild
-
+class SavedThenWritten(_Program):  # program c
     def forward(self, x, *tensors):
         args, kwargs = self.rebuild(tensors)
         t = x * 2

@@ -315,7 +315,7 @@ def _respell(gm: torch.fx.GraphModule) -> None:
 # In-place ops whose new value does not depend on the old one: out of place, the result
 # loses the old tensor's history, which eager keeps (with a zero gradient).
 _OVERWRITES = frozenset({
-    torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor, torch.ops.aten.zero_.default,
+    torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,  # `zero_`: see `_RESPELLED`
 })
 
 
@@ -333,7 +333,7 @@ def _keep_eager_histories(aten: torch.fx.GraphModule, gm: torch.fx.GraphModule) 
       exactly (the difference is zero, kept zero where `old` is not finite) with `t`'s history.
     - The same write into a tensor that does not require grad, from a value that does
       (`buf.detach().mul_(x)`): in eager `buf` still requires no grad; `t` becomes `t.detach()`.
-    - An overwrite (`copy_`, `fill_`, `zero_`) of a whole tensor that requires grad keeps
+    - An overwrite (`copy_`, `fill_`; `zero_` and random fills arrive as `copy_`) of a whole tensor that requires grad keeps
       requiring grad in eager (a zero gradient to the old history): `t` becomes
       `where(False, old, t)`, the new value with that zero gradient.
 
