@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 from .api import audit
-from .backend import AnalysisError, AnalysisWarning, InplaceAudit, inplace_audit
+from .backend import InplaceAudit, inplace_audit
+from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
 from .report import GraphReport, Hazard, HazardError, Mutation, Report
 from .training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
 
@@ -24,6 +25,8 @@ __all__ = [
     "Mutation",
     "Hazard",
     "HazardError",
+    "FxInplaceError",
+    "FxInplaceWarning",
     "AnalysisError",
     "AnalysisWarning",
     "guard",

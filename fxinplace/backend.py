@@ -22,6 +22,7 @@ import torch.fx
 from ._compat import tested_range, torch_is_tested, warn_untested_once
 from ._cross_graph import CrossGraphState
 from ._sources import root_modules, source_of
+from .errors import AnalysisError, AnalysisWarning
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
 from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
@@ -34,14 +35,6 @@ __all__ = ["InplaceAudit", "inplace_audit", "AnalysisError", "AnalysisWarning"]
 log = logging.getLogger(__name__)
 
 _AUTOGRAD_ERROR = "modified by an inplace operation"
-
-
-class AnalysisError(RuntimeError):
-    """The audit itself failed on a graph and `strict` was set."""
-
-
-class AnalysisWarning(UserWarning):
-    """The audit itself failed on a graph; the graph was compiled without it."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 from tabulate import tabulate
 
 from ._sources import SourceLocation
+from .errors import FxInplaceError
 from .passes.resolve_aliases import Target
 
 __all__ = ["Hazard", "Mutation", "GraphReport", "Report", "HazardError", "SEVERITIES"]
@@ -188,7 +189,7 @@ class Report:
         return self.render()
 
 
-class HazardError(RuntimeError):
+class HazardError(FxInplaceError):
     """In-place hazards that will break (or silently corrupt) training, with the table."""
 
     def __init__(self, report: Report | GraphReport, hazards: Iterable[Hazard], cause: str | None = None):

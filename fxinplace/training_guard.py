@@ -76,6 +76,7 @@ from torch.optim.optimizer import (
 from torch.overrides import TorchFunctionMode
 
 from ._sources import SourceLocation, is_internal_file, known_internal_files
+from .errors import FxInplaceError, FxInplaceWarning
 
 __all__ = [
     "guard",
@@ -146,7 +147,7 @@ class StaleSavedTensor:
         return self.writes[0].source if self.writes else None
 
 
-class StaleSavedTensorError(RuntimeError):
+class StaleSavedTensorError(FxInplaceError):
     """A backward needed a saved tensor that had been changed since it was saved.
 
     ``.stale`` holds the facts as a `StaleSavedTensor`.
@@ -157,7 +158,7 @@ class StaleSavedTensorError(RuntimeError):
         super().__init__(_explain(stale))
 
 
-class StaleSavedTensorWarning(UserWarning):
+class StaleSavedTensorWarning(FxInplaceWarning):
     """`guard(on_stale="warn")`: the same finding as `StaleSavedTensorError`, not raised."""
 
 
