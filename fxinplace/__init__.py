@@ -13,7 +13,8 @@ from __future__ import annotations
 from .api import audit
 from .backend import InplaceAudit, inplace_audit
 from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
-from .report import GraphReport, Hazard, HazardError, Mutation, Report
+from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Saved, Severity, Site, Target
+from .report import SEVERITIES, GraphReport, HazardError, Report
 from .training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
 
 __all__ = [
@@ -24,6 +25,17 @@ __all__ = [
     "GraphReport",
     "Mutation",
     "Hazard",
+    "HazardCode",
+    "Severity",
+    "SEVERITIES",
+    "Detail",
+    "Fix",
+    "Site",
+    "Saved",
+    "Target",
+    "Rewrite",
+    "RewriteKind",
+    "KeptReason",
     "HazardError",
     "FxInplaceError",
     "FxInplaceWarning",

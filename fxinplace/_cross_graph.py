@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from .passes.find_hazards import describe_save
+from .facts import Site
+from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
 from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
@@ -53,7 +54,7 @@ class GraphSaves:
 class _Save:
     """A save of an earlier graph that a later write can invalidate."""
 
-    description: str  # "`sigmoid` at f.py:7 (fc) in graph 0/0"
+    saved_by: Site  # the op that saved it, in graph `saved_by.graph`
     record: SavedTensor  # its fake tensor gives the saved region's geometry
     positions: frozenset[int]  # outputs of that graph whose backward runs through the save
     graph: GraphSaves
@@ -89,11 +90,11 @@ class CrossGraphState:
 
     def __init__(self) -> None:
         self._storages: dict[Any, _Storage] = {}
-        self._descriptions: dict[tuple[int, str], str] = {}  # the same save, described once
+        self._sites: dict[tuple[int, str], Site] = {}  # the same save, one site
 
     def clear(self) -> None:
         self._storages.clear()
-        self._descriptions.clear()
+        self._sites.clear()
 
     def look_up(self, gm: torch.fx.GraphModule, example_inputs: list) -> LaterView:
         """Names and earlier saves for `gm`'s placeholders whose storage an earlier graph saw."""
@@ -161,17 +162,17 @@ class CrossGraphState:
 
     def _new_save(self, entry: _Storage, record: SavedTensor, trace: MutationTrace, graph: GraphSaves) -> _Save:
         positions = trace.backward_outputs.get(record.node, frozenset())
-        save = _Save(self._describe(record, graph.graph_id), record, positions, graph)
+        save = _Save(self._site(record, graph.graph_id), record, positions, graph)
         entry.saves.append(save)
         graph.saves.append(save)
         graph.positions |= positions
         return save
 
-    def _describe(self, record: SavedTensor, graph_id: str) -> str:
+    def _site(self, record: SavedTensor, graph_id: str) -> Site:
         key = (id(record), graph_id)
-        if key not in self._descriptions:
-            self._descriptions[key] = f"{describe_save(record)} in graph {graph_id}"
-        return self._descriptions[key]
+        if key not in self._sites:  # the body node, for a save inside a subgraph
+            self._sites[key] = site_of(record.inner or record.node, graph=graph_id)
+        return self._sites[key]
 
     def _may_reach_loss(self, save: _Save, reals: dict[torch.fx.Node, Any], trace: MutationTrace) -> bool:
         # The save is dead only when each output its backward runs through came into this

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ._sources import SourceLocation, is_internal_file, source_of
-from .backend import InplaceAudit, analyze, emit_tables
-from .passes.functionalize import carry_rewrites
-from .report import GraphReport, Hazard, Report
+from .backend import InplaceAudit, emit_tables
+from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, Site
+from .options import parse_options
+from .report import GraphReport, Report
 
 __all__ = ["audit"]
 
-_VIEW_INPLACE = (
-    "view-inplace",
-    "in-place op on a view that autograd forbids modifying (a view created in no_grad mode, or one of "
-    "several views returned by one op such as unbind/split/chunk): clone the view first, or write the op "
-    "out of place",
-)
+# Autograd refuses these while Dynamo traces; we turn them into report entries.
 _TRACE_FAILURES = {
-    # Autograd refuses these while Dynamo traces; we turn them into report entries.
-    "a leaf Variable that requires grad is being used in an in-place operation": (
-        "leaf-inplace",
-        "in-place op on a leaf tensor that requires grad (a parameter or an input with "
-        "requires_grad=True) while grad mode is on: autograd forbids it. Wrap it in `torch.no_grad()` if it is "
-        "a deliberate update, or write `x = x * 2` instead of `x.mul_(2)`",
-    ),
-    "is a view and is being modified inplace": _VIEW_INPLACE,
-    "A view was created in no_grad mode and is being modified inplace": _VIEW_INPLACE,
+    "a leaf Variable that requires grad is being used in an in-place operation": HazardCode.LEAF_INPLACE,
+    "is a view and is being modified inplace": HazardCode.VIEW_INPLACE,
+    "A view was created in no_grad mode and is being modified inplace": HazardCode.VIEW_INPLACE,
 }
 
 
@@ -43,41 +32,29 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     `options={"print": False}`. The call runs the model for real: parameters, buffers and
     inputs are updated as in any forward call.
     """
+    if not isinstance(model, torch.nn.Module) and not callable(model):
+        raise TypeError(f"fxinplace.audit: `model` must be a torch.nn.Module or a callable, got {type(model).__name__}")
     options = {"compiler": "eager", **(options or {})}
-    backend = InplaceAudit(**options)
-    backend.defer_tables = True
-    backend.capture_outputs = True
+    backend = InplaceAudit(**{**options, "print": False, "file": None})  # tables come once tasks have names
     backend.model = model if isinstance(model, torch.nn.Module) else None
+    shown = parse_options(options)
     compiled = torch.compile(model, backend=backend)
     try:
         result = compiled(*args, **kwargs)
     except Exception as e:
-        failure = _trace_failure(e, [g.gm for g in backend.graphs])
+        failure = _trace_failure(e, [gm for g in backend.graphs if g.gm is not None and (gm := g.gm()) is not None])
         if failure is None:
             raise
-        report = Report((failure,))
-        emit_tables(failure, backend.options)
-        return report
+        emit_tables(failure, shown)
+        return Report((failure,))
     finally:
         torch._dynamo.reset()  # the audit's compiled code must not stay in the user's cache
 
     names = _output_names(result)
     graphs = []
     for graph in backend.graphs:
-        report = graph.report
-        if graph.trace is not None and graph.outputs:
-            output_names = [_task_name(names.get(i), backend.options.tasks) for i in graph.outputs]
-            if any(output_names):
-                fresh = analyze(
-                    graph.gm, graph.trace, graph.identity, backend.options, output_names, graph.saved_inputs
-                )
-                if report.functionalized:
-                    fresh = dataclasses.replace(
-                        fresh, functionalized=True, mutations=carry_rewrites(report.mutations, fresh.mutations)
-                    )
-                report = fresh
-                graph.report = report
-        emit_tables(report, backend.options)
+        report = graph.report.named([_task_name(names.get(i), shown.tasks) for i in graph.outputs])
+        emit_tables(report, shown)
         graphs.append(report)
     return Report(tuple(graphs))
 
@@ -100,12 +77,11 @@ def _task_name(key: str | None, tasks: dict[str, str]) -> str | None:
 
 def _trace_failure(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -> GraphReport | None:
     text = str(e)
-    for needle, (code, advice) in _TRACE_FAILURES.items():
+    for needle, code in _TRACE_FAILURES.items():
         if needle in text:
             source = _user_frame(e, graphs)
-            where = f" at {source}" if source else ""
-            message = f"{advice}. PyTorch said: {needle}{where}"
-            hazard = Hazard(code, "error", message, source)
+            site = Site("?", source) if source is not None else None
+            hazard = Hazard(code, DEFAULT_SEVERITY[code], mutated_by=site, pytorch_said=needle)
             return GraphReport("?", "?", "tracing failed", hazards=(hazard,))
     return None
 

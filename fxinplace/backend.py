@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,15 +23,18 @@ import torch.fx
 from ._compat import tested_range, torch_is_tested, warn_untested_once
 from ._cross_graph import CrossGraphState
 from ._sources import root_modules, source_of
+from ._rewrites import mark_kept, mark_rewrites
 from .errors import AnalysisError, AnalysisWarning
+from .facts import KeptReason, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
+from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
 from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations
-from .report import GraphReport, HazardError, Report, severity_rank
+from .report import GraphReport, HazardError, Report
 
-__all__ = ["InplaceAudit", "inplace_audit", "AnalysisError", "AnalysisWarning"]
+__all__ = ["InplaceAudit", "inplace_audit", "GraphRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,34 @@ _AUTOGRAD_ERROR = "modified by an inplace operation"
 
 
 @dataclass
+class GraphRecord:
+    """What the backend keeps of a graph for as long as it lives: the report, not the graph."""
+
+    report: GraphReport
+    outputs: tuple[int, ...] = ()  # id() of each tensor the latest call returned (`fxinplace.audit` names tasks)
+    gm: weakref.ref | None = None  # the graph module, while Dynamo keeps it
+
+
+@dataclass
 class _AuditedGraph:
+    """One graph while its compiled code lives (the wrapper keeps it): facts later graphs need."""
+
     gm: torch.fx.GraphModule
     identity: tuple[str, str, str]
     trace: MutationTrace | None
-    report: GraphReport
-    outputs: list[Any] = field(default_factory=list)  # ids of the last outputs, when captured
+    record: GraphRecord
     saved_outputs: dict[int, Any] = field(default_factory=dict)  # output position -> its save
     saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
     cross: Any = None  # `GraphSaves`: this graph's saves a later graph can invalidate
     placeholder_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
+
+    @property
+    def report(self) -> GraphReport:
+        return self.record.report
+
+    @report.setter
+    def report(self, report: GraphReport) -> None:
+        self.record.report = report
 
 
 class InplaceAudit:
@@ -63,11 +85,9 @@ class InplaceAudit:
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(options)
-        self.graphs: list[_AuditedGraph] = []
-        self.defer_tables = False  # `fxinplace.audit` prints after it has named the tasks
+        self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
-        self.capture_outputs = False
-        self.model: torch.nn.Module | None = None  # `fxinplace.audit`'s model: it names parameters, buffers
+        self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
 
     @property
     def report(self) -> Report:
@@ -86,13 +106,14 @@ class InplaceAudit:
         if not torch_is_tested():
             warn_untested_once()
         graph = self._audit(gm, example_inputs, opts)
-        self.graphs.append(graph)
+        self.graphs.append(graph.record)
         audited, original = graph.report, gm
         wrap = None
         if opts.functionalize_mode:
             gm, wrap = self._functionalize(gm, example_inputs, opts, graph)
         if opts.raise_on is not None:
-            found = [h for h in graph.report.all_hazards() if severity_rank(h.severity) >= severity_rank(opts.raise_on)]
+            least = Severity(opts.raise_on).rank
+            found = [h for h in graph.report.all_hazards() if h.severity.rank >= least]
             if found:
                 self._emit(graph, opts)
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
@@ -104,36 +125,32 @@ class InplaceAudit:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             mutations = graph.report.mutations
             if gm is not original:  # a rewrite that never ran
-                mutations = tuple(dataclasses.replace(m, rewrite="not applied: the compiler failed")
-                                  for m in audited.mutations)
+                mutations = mark_kept(audited.mutations, RewriteKind.NOT_APPLIED)
             graph.report = dataclasses.replace(graph.report, mutations=mutations, compile_error=error)
             self._emit(graph, opts)
             raise
         self._emit(graph, opts)
         if wrap is not None:
             compiled = wrap(compiled)
-        if not self.capture_outputs and graph.trace is None:
-            return compiled
         first_call = [True]
         # A graph that ends in a break is followed by more graphs in the same call: each call
         # saves afresh, and a later graph recompiled on a later call must see that call's saves.
         every_call = _ends_in_break(gm)
+        record = graph.record
 
         def run(*args):
             out = compiled(*args)
-            if self.capture_outputs or first_call[0] or every_call:
-                flat = list(out) if isinstance(out, (list, tuple)) else [out]
-                if self.capture_outputs:
-                    graph.outputs = [id(t) for t in flat]
-                self._remember_outputs(graph, flat, opts)
+            flat = out if isinstance(out, (list, tuple)) else (out,)
+            record.outputs = tuple(map(id, flat))
+            if graph.trace is not None and (first_call[0] or every_call):
+                self._remember_outputs(graph, list(flat), opts)
                 first_call[0] = False
             return out
 
         return run
 
     def _emit(self, graph: _AuditedGraph, opts: AuditOptions) -> None:
-        if not self.defer_tables:
-            emit_tables(graph.report, opts)
+        emit_tables(graph.report, opts)
 
     def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,
@@ -165,8 +182,9 @@ class InplaceAudit:
                 gm, example_inputs, trace, saved_placeholders, identity[0])
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
-            return _AuditedGraph(gm, identity, None, GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}"))
-        return _AuditedGraph(gm, identity, trace, report, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
+            failed = GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}")
+            return _AuditedGraph(gm, identity, None, GraphRecord(failed, gm=weakref.ref(gm)))
+        return _AuditedGraph(gm, identity, trace, GraphRecord(report, gm=weakref.ref(gm)), saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
@@ -180,33 +198,50 @@ class InplaceAudit:
             log.debug("inplace_audit: could not name parameters from the model", exc_info=True)
 
     def _functionalize(self, gm, example_inputs, opts: AuditOptions, graph: _AuditedGraph):
-        """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites."""
-        from .passes.functionalize import functionalize
+        """(graph to compile, wrapper doing the write-backs or None); marks the report's rewrites.
 
+        The policy is here: on an untested torch nothing is rewritten (unless asked), and with
+        option functionalize="hazards" only graphs with an error-level hazard are. That is all or
+        nothing per graph: rewriting some mutations would mean re-inplacing the others after
+        `torch.func.functionalize`, and Inductor already re-inplaces what is safe.
+        """
+        report = graph.report
         if not torch_is_tested() and not opts.untested_torch:
-            why = (f"kept in place: torch {torch.__version__} is outside the tested range (torch {tested_range()}); "
-                   "options={'untested_torch': True} rewrites anyway")
-            mutations = tuple(dataclasses.replace(m, rewrite=why) for m in graph.report.mutations)
-            graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
+            mutations = mark_kept(report.mutations, RewriteKind.KEPT_IN_PLACE, KeptReason.UNTESTED_TORCH,
+                                  (torch.__version__, tested_range()))
+            graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
             return gm, None
         try:
-            # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
-            saved_earlier = [n for n, saves in graph.saved_inputs.items() if not all(s.kept_apart for s in saves)]
             kept = _kept_apart(gm, graph)
-            done = functionalize(gm, example_inputs, opts.functionalize_mode, graph.report.mutations, saved_earlier,
-                                 kept)
+            if opts.functionalize_mode == "hazards" and not any(m.severity == "error" for m in report.mutations):
+                done = unchanged(gm, KeptReason.NO_ERROR_HAZARD, (), kept)
+            else:
+                done = functionalize(gm, example_inputs, kept)
+            mutations = self._mark(gm, graph, done)
         except Exception as e:  # the user's training comes first
             what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
             _fall_back(opts, e, what, "compiling it unchanged")
-            kept = f"kept in place: functionalize failed ({type(e).__name__})"
-            mutations = tuple(dataclasses.replace(m, rewrite=kept) for m in graph.report.mutations)
-            graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=mutations)
+            mutations = mark_kept(report.mutations, RewriteKind.KEPT_IN_PLACE, KeptReason.FAILED, (type(e).__name__,))
+            graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
             return gm, None
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for i in kept:
             graph.placeholder_saves[placeholders[i]].kept_apart = True
-        graph.report = dataclasses.replace(graph.report, functionalized=True, mutations=done.mutations)
+        graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
         return done.gm, done.wrap
+
+    @staticmethod
+    def _mark(gm: torch.fx.GraphModule, graph: _AuditedGraph, done: FunctionalizedGraph):
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        if graph.trace is None:
+            targets = [Target("input", p.name) for p in placeholders]
+        else:
+            targets = [target_of_root(p, graph.trace) for p in placeholders]
+        # Saves an earlier graph keeps apart (a clone) no longer see this graph's write-back.
+        by_node = dict(zip(placeholders, targets))
+        saved_earlier = [by_node[n] for n, saves in graph.saved_inputs.items()
+                         if not all(s.kept_apart for s in saves)]
+        return mark_rewrites(graph.report.mutations, done, targets, saved_earlier)
 
     def _compile(self, gm, example_inputs, opts: AuditOptions, mode, graph: _AuditedGraph) -> Callable:
         compiler = _resolve_compiler(opts.compiler, mode)
@@ -296,13 +331,12 @@ def analyze(
     trace: MutationTrace,
     identity: tuple[str, str, str],
     opts: AuditOptions,
-    output_names: list[str | None] | None = None,
     saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> GraphReport:
     """Split tasks and classify hazards on an already traced graph (cheap: no tensor runs)."""
-    split = split_tasks(gm, trace, output_names, opts.tasks)
+    split = split_tasks(gm, trace, opts.tasks)
     mutations = find_hazards(gm, trace, split, saved_inputs or {})
-    return GraphReport(*identity, mutations=tuple(mutations), tasks=split.tasks, shared_parameters=split.shared_parameters)
+    return GraphReport(*identity, mutations=tuple(mutations), task_names=split.names, shared=split.shared_parameters)
 
 
 def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:

@@ -18,7 +18,6 @@ from torch import nn
 
 import fxinplace
 from conftest import assert_close_at_scale, close_at_scale, eager_backward_error, total_loss
-from fxinplace.passes.functionalize import functionalize
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -443,7 +442,7 @@ def test_hazardous_models_train_like_their_twin(cls, make):
     report = backend.report
     assert report.graphs and all(g.functionalized for g in report.graphs)
     assert not report.hazards("error")
-    removed = [m for m in report.mutations if "removes" in (m.rewrite or "")]
+    removed = [m for m in report.mutations if m.removed]
     assert removed, report.render()
 
 
@@ -463,7 +462,8 @@ def test_data_write_after_use_is_hidden_from_eager_but_not_from_functionalize():
     _assert_same(_train(model, _clone(inputs), torch.compile(model, backend=backend)), expected)
     _assert_same_state(model, twin)
     (mutation,) = backend.report.mutations
-    assert mutation.rewrite == "written back to parameter (removes hidden-write-to-saved)"
+    assert (mutation.rewrite.kind, mutation.target.kind, mutation.removed) == (
+        fxinplace.RewriteKind.WRITTEN_BACK, "parameter", ("hidden-write-to-saved",))
 
 
 def test_data_rebind_after_use_trains_like_its_twin_once_functionalized():
@@ -479,7 +479,8 @@ def test_data_rebind_after_use_trains_like_its_twin_once_functionalized():
     _assert_same_state(model, twin)
     (mutation,) = backend.report.mutations
     assert (mutation.target.name, mutation.op) == ("gain", ".data = v")
-    assert mutation.rewrite == "written back to parameter (removes hidden-write-to-saved)"
+    assert (mutation.rewrite.kind, mutation.target.kind, mutation.removed) == (
+        fxinplace.RewriteKind.WRITTEN_BACK, "parameter", ("hidden-write-to-saved",))
 
 
 # -- (ii) models that work in eager -----------------------------------------------------
@@ -507,11 +508,12 @@ def test_safe_models_match_eager_outputs_grads_and_state(cls, make, mode, reques
     for step, step_e in zip(compiled_inputs, eager_inputs):
         for t, e in zip(step, step_e):
             assert_close_at_scale(t, e)
-    expected_rewrites = {"rewritten", "written back to parameter", "written back to buffer", "written back to input",
-                         "written back to intermediate"}  # an earlier graph's, after a break
+    # Written back: parameters, buffers, inputs, and an earlier graph's intermediates after a break.
+    expected_rewrites = {fxinplace.Rewrite(fxinplace.RewriteKind.REWRITTEN), fxinplace.Rewrite(fxinplace.RewriteKind.WRITTEN_BACK)}
     if mode == "hazards":
-        expected_rewrites = {"kept in place: no error-level hazard in this graph"}
+        expected_rewrites = {fxinplace.Rewrite(fxinplace.RewriteKind.KEPT_IN_PLACE, fxinplace.KeptReason.NO_ERROR_HAZARD)}
     assert {m.rewrite for m in backend.report.mutations} <= expected_rewrites
+    assert not any(m.removed for m in backend.report.mutations)  # eager trains these: nothing to remove
 
 
 # -- structure: what the compiler receives, and the report -------------------------------
@@ -578,9 +580,11 @@ def test_table_shows_the_rewrite_and_removed_hazards_are_not_errors():
     torch.compile(model, backend=backend)(torch.randn(4, 6))  # raise_on="error" does not fire
     (graph,) = backend.report.graphs
     (mutation,) = graph.mutations
-    assert mutation.rewrite == "written back to parameter (removes saved-then-mutated)"
-    assert {h.code: h.severity for h in mutation.hazards}["saved-then-mutated"] == "info"
-    assert all(h.message.startswith("removed by functionalize: ") for h in mutation.hazards if h.code == "saved-then-mutated")
+    assert (mutation.rewrite.kind, mutation.target.kind, mutation.removed) == (
+        fxinplace.RewriteKind.WRITTEN_BACK, "parameter", ("saved-then-mutated",))
+    removed = [h for h in mutation.hazards if h.code == "saved-then-mutated"]
+    assert removed and all(h.severity == "info" and h.removed_by_rewrite and h.fix is fxinplace.Fix.NONE for h in removed)
+    assert all(graph.message(h).startswith("removed by functionalize: ") for h in removed)
     table = graph.render()
     header = next(line for line in table.splitlines() if line.lstrip().startswith("#"))
     assert header.split()[-1] == "rewrite"
@@ -604,12 +608,6 @@ def test_a_returned_input_is_the_callers_tensor_as_in_eager():
     _, out = torch.compile(model, backend=_backend(functionalize=True))(x)
     assert out is x
     assert_close_at_scale(x, expected)
-
-
-def test_functionalize_rejects_an_unknown_mode():
-    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="`functionalize` mode"):
-        functionalize(gm, [torch.randn(1, 2)], mode="some")
 
 
 # -- (iv) dynamic shapes and graph breaks -----------------------------------------------
@@ -705,7 +703,8 @@ def test_a_write_to_what_an_earlier_graph_saved_is_not_claimed_removed():
         torch.compile(model, backend=backend)(x)
     assert isinstance(failure.value.inner_exception, fxinplace.HazardError)
     mutation = backend.report.graphs[-1].mutations[0]
-    assert mutation.rewrite == "written back to intermediate (an earlier graph saved it)"
+    assert mutation.rewrite == fxinplace.Rewrite(fxinplace.RewriteKind.WRITTEN_BACK, saved_earlier=True)
+    assert mutation.target.kind == "intermediate" and not mutation.removed
     assert mutation.severity == "error"
 
 
@@ -771,7 +770,7 @@ def test_audit_with_functionalize_keeps_the_rewrite_column():
     report = fxinplace.audit(Model(), x, options={"functionalize": True, "print": False})
     (mutation,) = report.mutations
     assert report.graphs[0].functionalized and report.graphs[0].tasks == ("s",)
-    assert mutation.rewrite == "rewritten (removes saved-then-mutated)"
+    assert (mutation.rewrite.kind, mutation.removed) == (fxinplace.RewriteKind.REWRITTEN, ("saved-then-mutated",))
     assert report.hazards("error") == []
 
 
@@ -860,9 +859,11 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert_close_at_scale(p.grad, q.grad, msg=name)
     (mutation,) = backend.report.mutations
-    assert mutation.rewrite.startswith("rewritten") == rewritten, mutation.rewrite
-    if not rewritten:
-        assert "autograd_function_apply" in mutation.rewrite
+    if rewritten:
+        assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN, mutation.rewrite
+    else:
+        assert mutation.rewrite == fxinplace.Rewrite(fxinplace.RewriteKind.KEPT_IN_PLACE, fxinplace.KeptReason.OWN_BACKWARD,
+                                                     ("autograd_function_apply",))
 
 
 def test_a_parameter_written_under_its_second_name_is_written_back_under_its_first():
@@ -871,4 +872,5 @@ def test_a_parameter_written_under_its_second_name_is_written_back_under_its_fir
     torch.compile(model, backend=backend)(torch.randn(4, 6))
     (mutation,) = backend.report.mutations
     assert (mutation.target.name, mutation.target.aliases) == ("scale", ("gain",))
-    assert mutation.rewrite == "written back to parameter (removes saved-then-mutated)"
+    assert (mutation.rewrite.kind, mutation.target.kind, mutation.removed) == (
+        fxinplace.RewriteKind.WRITTEN_BACK, "parameter", ("saved-then-mutated",))

@@ -512,8 +512,8 @@ def test_registered_twice_is_named_as_named_parameters_names_it(how):
     # Dynamo reaches the tensors through `second` and `again`: not the names PyTorch gives.
     assert {m.target.name for m in report.mutations} == {"shared_scale", "lin.weight", "first.table"}
     (row,) = [m for m in report.mutations if m.target.name == "shared_scale"]
-    assert row.to_dict()["target"] == {"kind": "parameter", "name": "shared_scale",
-                                       "aliases": ["first.scale", "second.scale"]}
+    rows = [m for g in report.to_dict()["graphs"] for m in g["mutations"] if m["target"]["name"] == "shared_scale"]
+    assert rows[0]["target"] == {"kind": "parameter", "name": "shared_scale", "aliases": ["first.scale", "second.scale"]}
     assert "parameter shared_scale (also first.scale, second.scale)" in report.render()
 
 

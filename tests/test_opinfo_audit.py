@@ -88,7 +88,7 @@ def _doctored(monkeypatch, change):
 
 
 def _moved(m):
-    return dataclasses.replace(m, source=dataclasses.replace(m.source, line=m.source.line + 1))
+    return dataclasses.replace(m, site=dataclasses.replace(m.site, source=dataclasses.replace(m.source, line=m.source.line + 1)))
 
 
 def _extra_input(ms):

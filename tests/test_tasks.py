@@ -50,8 +50,9 @@ def test_shared_parameters_match_the_gradients_of_each_task():
 
 def test_a_write_belongs_to_the_tasks_that_read_it():
     torch.manual_seed(0)
-    (mutation,) = quiet_audit(ThreeTasks(), torch.randn(5, 4)).mutations
-    assert set(mutation.tasks) == {"seg", "depth"} and mutation.shared
+    (graph,) = quiet_audit(ThreeTasks(), torch.randn(5, 4)).graphs
+    (mutation,) = graph.mutations
+    assert graph.tasks_of(mutation) == ("depth", "seg") and mutation.shared
 
 
 def test_without_output_keys_tasks_are_named_by_head_module():

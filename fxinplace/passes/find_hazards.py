@@ -1,36 +1,23 @@
-"""Classify every write: safe, or a named hazard with the user's lines and tasks.
+"""Classify every write: safe, or a hazard, as records (`fxinplace.facts`) with no words.
 
 Expects the `MutationTrace` of `trace_mutations` and the `TaskSplit` of `split_tasks`;
-writes one `Mutation` per written target to `node.meta["fxinplace"]` (a list, since batch
-norm writes two buffers from one node) and returns them in graph order.
+returns one `Mutation` per written target, in graph order (batch norm writes two buffers from
+one node). Tasks are output positions; `fxinplace.render` names them and writes the messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx
 
 from .._sources import module_path_of, source_of
-from ..report import Hazard, Mutation
+from ..facts import DEFAULT_SEVERITY, Detail, Hazard, HazardCode, Mutation, Saved, Severity, Site, Target
 from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
 from .trace_mutations import MutationTrace, SavedTensor, Write, output_nodes, overlaps
 
-__all__ = ["find_hazards", "HAZARD_CODES"]
-
-# code -> default severity; the catalogue in docs/hazards.md explains each one.
-HAZARD_CODES = {
-    "saved-then-mutated": "error",
-    "hidden-write-to-saved": "error",
-    "leaf-inplace": "error",
-    "view-inplace": "error",
-    "cross-task-write": "warning",
-    "parameter-write": "warning",
-    "input-write": "warning",
-    "buffer-update": "info",
-    "safe-inplace": "info",
-}
-
-_AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
+__all__ = ["find_hazards", "saves_for_later_graphs", "site_of"]
 
 
 def find_hazards(
@@ -40,7 +27,7 @@ def find_hazards(
     saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> list[Mutation]:
     """`saved_inputs`: placeholders an earlier graph saved for backward (graph breaks), each
-    save with its `description` and `record` (a `SavedTensor` of that graph)."""
+    save with its `saved_by` site and `record` (a `SavedTensor` of that graph)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # Keyed by (graph node, body node or None): a write inside a higher-order op's subgraph
     # is the op's call and the body node that wrote (`Write.inner`).
@@ -61,51 +48,46 @@ def find_hazards(
 
     mutations = []
     for node, writes in trace.writes_by_node().items():
-        facts = []
         for write in writes:
             target, chain = resolve_target(write, trace)
-            writer_tasks = _writer_tasks(write, split)
+            writers = _writer_tasks(write, split)
             readers = [r for r in split.readers.get(write.storage, ()) if r is not node]
-            before = [r for r in readers if order[r] < order[node]]
-            after = [r for r in readers if order[r] > order[node]]
-            read_tasks = set().union(*(split.tasks_of(r) for r in readers)) if readers else set()
-            shared = len(writer_tasks | read_tasks) > 1 or target.name in split.shared_parameters
+            read = frozenset().union(*(split.tasks_of(r) for r in readers))
             key = (node, write.inner)
             stale, hidden = saved_by_mutator.get(key, ()), hidden_by_mutator.get(key, ())
             if len(writes) > 1:  # `out=(v, i)`: each saved tensor belongs to the write of its storage
                 stale = [r for r in stale if r.storage == write.storage]
                 hidden = [r for r in hidden if r.storage == write.storage]
-            hazards = _hazards_for(write, target, trace, split, writer_tasks, before, after, stale, hidden)
-            saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
-            # Autograd's counter is per storage, so a visible write anywhere invalidates the
-            # save; a hidden one changes the gradients only where it overlaps the saved region,
-            # and only if backward reads the saved values (not batch norm's running statistics).
-            # `.data =` leaves a saved view on the old storage: only a tensor saved as itself
-            # (not a view of it) reads the new value (see `_record_rebind`).
-            region = write.region if write.region is not None else write.tensor
-            invalidated = [s.description for s in saved_earlier
-                           if write.autograd_visible
-                           or (s.record.values_read and (s.record.tensor._base is None if write.how == "rebind"
-                                                         else overlaps(s.record.tensor, region)))]
-            if invalidated:
-                hazards.insert(0, _saved_in_earlier_graph(write, target, invalidated[0]))
             shown = write.inner or node  # the line the user wrote, inside a subgraph too
-            facts.append(Mutation(
+            site = Site(
+                op=describe_op(shown), source=source_of(shown), module=module_path_of(shown) or module_path_of(node),
+                tasks=writers | (read if target.kind == "intermediate" else frozenset()),
+                hidden=not write.autograd_visible, no_grad=not write.grad_enabled,
+            )
+            mutated_by = dataclasses.replace(site, tasks=writers)
+            hazards = _saved_hazards(write, target, mutated_by, trace, split, stale, hidden)
+            cross = _cross_task(target, mutated_by, split, readers, order, node)
+            if cross is not None:
+                hazards.append(cross)
+            kind = _kind_hazard(write, target, mutated_by, trace, bool(hazards))
+            if kind is not None:
+                hazards.append(kind)
+            saved_earlier = (saved_inputs or {}).get(trace.storage_root.get(write.storage), ())
+            invalidated = _invalidated(write, saved_earlier)
+            if invalidated:
+                hazards.insert(0, _crossed_break(write, target, mutated_by, invalidated[0]))
+            mutations.append(Mutation(
                 node=node.name if write.inner is None else f"{node.name}.{write.inner.name}",
-                op=describe_op(shown),
-                target=target,
-                view_chain=chain,
-                source=source_of(shown),
-                module=module_path_of(shown) or module_path_of(node),
-                tasks=tuple(sorted(writer_tasks | (read_tasks if target.kind == "intermediate" else set()))),
-                shared=shared,
-                autograd_visible=write.autograd_visible,
-                under_no_grad=not write.grad_enabled,
+                target=target, site=site, view_chain=chain,
+                shared=split.spans_tasks(writers | read) or target.name in split.shared_parameters,
                 hazards=tuple(hazards),
             ))
-        node.meta["fxinplace"] = facts
-        mutations.extend(facts)
     return mutations
+
+
+def site_of(node: torch.fx.Node, tasks: frozenset[int] = frozenset(), graph: str | None = None) -> Site:
+    """The op `node` runs, as a site: its spelling, the user's line, its module."""
+    return Site(describe_op(node), source_of(node), module_path_of(node), tasks, graph)
 
 
 def saves_for_later_graphs(
@@ -135,106 +117,77 @@ def saves_for_later_graphs(
     return by_output, by_placeholder
 
 
-def describe_save(record: SavedTensor) -> str:
-    saver = record.inner or record.node  # the body node, for a save inside a subgraph
-    return f"`{describe_op(saver)}` at {_at(saver)}"
+def _invalidated(write: Write, saved_earlier) -> list:
+    # Autograd's counter is per storage, so a visible write anywhere invalidates the save; a
+    # hidden one changes the gradients only where it overlaps the saved region, and only if
+    # backward reads the saved values (not batch norm's running statistics). `.data =` leaves
+    # a saved view on the old storage: only a tensor saved as itself (not a view of it) reads
+    # the new value (see `_record_rebind`).
+    region = write.region if write.region is not None else write.tensor
+    return [s for s in saved_earlier
+            if write.autograd_visible
+            or (s.record.values_read and (s.record.tensor._base is None if write.how == "rebind"
+                                          else overlaps(s.record.tensor, region)))]
 
 
-def _saved_in_earlier_graph(write: Write, target, saved_by: str) -> Hazard:
-    node = write.inner or write.node
-    op = f"`{describe_op(node)}` at {_at(node)}"
-    if write.autograd_visible:
-        return Hazard("saved-then-mutated", "error", (
-            f"{_saved_name(target)} was saved for backward by {saved_by}, crossed a graph break, and is modified in place "
-            f"by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
-        ), source_of(node))
-    return Hazard("hidden-write-to-saved", "error", (
-        f"{_saved_name(target)} was saved for backward by {saved_by}, crossed a graph break, and is overwritten by {op} "
-        f"through a path autograd does not see: gradients silently use the new values"
-    ), source_of(node))
+def _crossed_break(write: Write, target: Target, mutated_by: Site, save) -> Hazard:
+    code = HazardCode.SAVED_THEN_MUTATED if write.autograd_visible else HazardCode.HIDDEN_WRITE_TO_SAVED
+    return Hazard(code, Severity.ERROR, target, mutated_by, saved_by=save.saved_by, saved=(Saved(target),),
+                  detail=Detail.CROSSED_BREAK)
 
 
-def _saved_name(target) -> str:
-    return f"`{target.name}` (output of {target.produced_by})" if target.kind == "intermediate" else str(target)
-
-
-def _writer_tasks(write: Write, split: TaskSplit) -> set[str]:
+def _writer_tasks(write: Write, split: TaskSplit) -> frozenset[int]:
     # The tasks a write belongs to: those downstream of it (through later readers), those
     # whose module ran it, and those that computed the value written.
     tasks = set(split.tasks_of(write.node))
     for arg in write.node.all_input_nodes:
         if arg is not write.arg:
             tasks |= split.tasks_of(arg)
-    return tasks
+    return frozenset(tasks)
 
 
-def _hazards_for(write, target, trace, split, writer_tasks, before, after, stale, hidden) -> list[Hazard]:
-    node = write.inner or write.node
-    where = source_of(node)
-    op = f"`{describe_op(node)}` at {_at(node)}"
+def _saved_hazards(write: Write, target: Target, mutated_by: Site, trace: MutationTrace, split: TaskSplit,
+                   stale, hidden) -> list[Hazard]:
     hazards = []
-    for (saving_node, saver), records in _group(stale).items():
-        hazards.append(Hazard("saved-then-mutated", "error", (
-            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saver)}` at "
-            f"{_at(saver)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
-            f"then modified in place by {op}: backward will fail with \"{_AUTOGRAD_ERROR}\""
-        ), where))
-    for (saving_node, saver), records in _group(hidden).items():
-        hazards.append(Hazard("hidden-write-to-saved", "error", (
-            f"{_describe_saved(records, trace)} was saved for backward by `{describe_op(saver)}` at "
-            f"{_at(saver)} (needed by the backward of {_tasks(_backward_tasks(saving_node, trace, split))}), "
-            f"then overwritten by {op} {_unseen_path(write, records)}: backward raises nothing and "
-            f"silently computes gradients from the new values"
-        ), where))
-    other_readers = [r for r in before + after if split.tasks_of(r) - writer_tasks]
-    if writer_tasks and other_readers:
-        others = set().union(*(split.tasks_of(r) for r in other_readers)) - writer_tasks
-        when = []
-        for label, group in (("before", before), ("after", after)):
-            readers = [r for r in group if split.tasks_of(r) & others]
-            if readers:
-                when.append(f"{label} the write at {', '.join(sorted({_at(r) for r in readers}))}")
-        hazards.append(Hazard("cross-task-write", "warning", (
-            f"{_tasks(writer_tasks)} writes {target} with {op}, and {_tasks(others)} reads it too "
-            f"({'; '.join(when)}): what {_tasks(others)} sees depends on the order the tasks run in"
-        ), where))
-    how = "" if write.autograd_visible else " (hidden from autograd)"
-    if not write.grad_enabled:
-        how += " under no_grad"
-    if target.kind == "parameter":
-        hazards.append(_parameter_write(write, target, trace, op, how, where))
-    elif target.kind == "input":
-        hazards.append(Hazard("input-write", "warning", (
-            f"{op} writes the caller's input `{target.name}` in place{how}: the caller sees the change"
-        ), where))
-    elif target.kind == "buffer":
-        hazards.append(Hazard("buffer-update", "info", f"{op} updates buffer `{target.name}`{how}", where))
-    elif not hazards:
-        hazards.append(Hazard("safe-inplace", "info", f"{op} writes {target}: no saved tensor or other task is affected", where))
+    for code, records_of in ((HazardCode.SAVED_THEN_MUTATED, stale), (HazardCode.HIDDEN_WRITE_TO_SAVED, hidden)):
+        for (saving_node, saver), records in _group(records_of).items():
+            saved_by = site_of(saver, frozenset(trace.backward_outputs.get(saving_node, ())) & split.positions)
+            detail = _unseen_path(write, records) if code is HazardCode.HIDDEN_WRITE_TO_SAVED else None
+            hazards.append(Hazard(code, Severity.ERROR, target, mutated_by, saved_by=saved_by,
+                                  saved=_saved(records, trace), detail=detail))
     return hazards
 
 
-def _parameter_write(write: Write, target, trace: MutationTrace, op: str, how: str, where) -> Hazard:
-    if not trace.requires_grad.get(root_of(write, trace), True):
-        # No gradient, so no optimizer step, reaches it: a momentum or EMA copy (MoCo, BYOL).
-        return Hazard("parameter-write", "info", (
-            f"{op} updates parameter `{target.name}`{how}, which requires no grad: a deliberate update "
-            f"(a momentum or EMA copy), no gradient or optimizer state involved"
-        ), where)
-    if write.how == "rebind":
-        return Hazard("parameter-write", "warning", (
-            f"{op} rebinds parameter `{target.name}` to a new tensor outside autograd: its gradient skips what "
-            f"computed the new value, and the optimizer's state for it (momentum, Adam's moments) was built "
-            f"for the old value"
-        ), where)
-    return Hazard("parameter-write", "warning", (
-        f"{op} writes parameter `{target.name}` in place{how}: the optimizer, every task and the next "
-        f"step see the new value"
-    ), where)
+def _cross_task(target: Target, mutated_by: Site, split: TaskSplit, readers, order, node) -> Hazard | None:
+    # Another task reads what this one writes: which value it sees depends on the task order.
+    writers = mutated_by.tasks
+    if not writers:
+        return None
+    others = [r for r in readers if split.outside(split.tasks_of(r), writers)]
+    if not others:
+        return None
+    other_tasks = frozenset().union(*(split.outside(split.tasks_of(r), writers) for r in others))
+    seen = dict.fromkeys(("before" if order[r] < order[node] else "after", site_of(r)) for r in others)
+    return Hazard(HazardCode.CROSS_TASK_WRITE, Severity.WARNING, target, mutated_by,
+                  readers=tuple(sorted(seen, key=lambda w: w[0] != "before")),
+                  other_tasks=other_tasks)
 
 
-def _backward_tasks(node: torch.fx.Node, trace: MutationTrace, split: TaskSplit) -> set[str]:
-    return {split.names[i] for i in trace.backward_outputs.get(node, ()) if i < len(split.names)}
+def _kind_hazard(write: Write, target: Target, mutated_by: Site, trace: MutationTrace, any_other: bool) -> Hazard | None:
+    # What the target's kind says: a parameter, the caller's input, a buffer, or (with no other
+    # hazard) a safe write to an intermediate.
+    if target.kind == "parameter":
+        if not trace.requires_grad.get(root_of(write, trace), True):
+            # No gradient, so no optimizer step, reaches it: a momentum or EMA copy (MoCo, BYOL).
+            return Hazard(HazardCode.PARAMETER_WRITE, Severity.INFO, target, mutated_by, detail=Detail.NO_GRAD_COPY)
+        detail = Detail.REBIND if write.how == "rebind" else None
+        return Hazard(HazardCode.PARAMETER_WRITE, Severity.WARNING, target, mutated_by, detail=detail)
+    code = {"input": HazardCode.INPUT_WRITE, "buffer": HazardCode.BUFFER_UPDATE}.get(target.kind)
+    if code is None:
+        if any_other:
+            return None
+        code = HazardCode.SAFE_INPLACE
+    return Hazard(code, DEFAULT_SEVERITY[code], target, mutated_by)
 
 
 def _group(records) -> dict[tuple[torch.fx.Node, torch.fx.Node], list[SavedTensor]]:
@@ -245,42 +198,23 @@ def _group(records) -> dict[tuple[torch.fx.Node, torch.fx.Node], list[SavedTenso
     return grouped
 
 
-def _unseen_path(write: Write, records: list[SavedTensor]) -> str:
+def _unseen_path(write: Write, records: list[SavedTensor]) -> Detail:
     """Why autograd's version check does not catch this write."""
     if any(r.recomputed for r in records):
-        return ("while the checkpoint region is to be recomputed: backward's recomputation reads (or replays) "
-                "the write, and checkpoint checks no versions (compiled by AOTAutograd, as with aot_eager or "
-                "inductor, the region is traced as plain code and backward fails instead)")
+        return Detail.CHECKPOINT_RECOMPUTE
     if write.inner is not None and write.autograd_visible and any(r.node is write.node for r in records):
-        return ("inside the custom autograd.Function's forward, after forward used it: `ctx.save_for_backward` "
-                "keeps the tensor, not its value, and versions are checked only from the end of forward")
-    return "through a path autograd does not see"
+        return Detail.FUNCTION_FORWARD
+    return Detail.UNSEEN_PATH
 
 
-def _describe_saved(records: list[SavedTensor], trace: MutationTrace) -> str:
-    names = []
+def _saved(records: list[SavedTensor], trace: MutationTrace) -> tuple[Saved, ...]:
+    found = []
     for record in records:
         root = trace.storage_root.get(record.storage) if record.storage is not None else None
         if root is None:
-            names.append("a tensor")
+            found.append(Saved(None))
         elif root.op == "placeholder":
-            target = target_of_root(root, trace)
-            names.append(f"{target.kind} `{target.name}`")
+            found.append(Saved(target_of_root(root, trace)))
         else:
-            names.append(f"`{root.name}` (output of `{describe_op(root)}` at {_at(root)})")
-    unique = list(dict.fromkeys(names))
-    return unique[0] if len(unique) == 1 else " and ".join(unique)
-
-
-def _at(node: torch.fx.Node) -> str:
-    source = source_of(node)
-    where = f"{source}" if source else "an unknown line"
-    module = module_path_of(node)
-    return f"{where} ({module})" if module else where
-
-
-def _tasks(tasks) -> str:
-    tasks = sorted(tasks)
-    if not tasks:
-        return "no task"
-    return ("task " if len(tasks) == 1 else "tasks ") + ", ".join(f"'{t}'" for t in tasks)
+            found.append(Saved(target_of_root(root, trace), site_of(root)))
+    return tuple(dict.fromkeys(found))

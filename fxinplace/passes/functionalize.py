@@ -32,15 +32,13 @@ write is explicit (see `_trace_functional`). The rest is done by hand:
   each written-back input the backward can reach (`_read_by_backward`); gradients reach the
   original through the clone.
 
-`mode="hazards"` is all or nothing per graph: a graph is functionalized as a whole when one of
-its mutations has an error-level hazard, and handed over unchanged otherwise. Rewriting only
-some mutations would mean re-inplacing the others after `torch.func.functionalize`, and
-Inductor already re-inplaces what is safe.
+The pass returns facts (`FunctionalizedGraph`): which inputs it writes back, or why the graph
+is compiled unchanged. The backend decides which graphs to rewrite (option `functionalize`)
+and marks the audit's mutations from these facts (`fxinplace._rewrites`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Sequence
@@ -51,52 +49,42 @@ import torch.fx.traceback as fx_traceback
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .._sources import qualified_name_of
-from ..report import Hazard, Mutation
-from .resolve_aliases import Target
+from ..facts import KeptReason
 from .trace_mutations import storage_key
 
-__all__ = ["functionalize", "FunctionalizedGraph"]
-
-# Hazards that come from the write happening in place; gone once it happens out of place.
-_REMOVED = frozenset({"saved-then-mutated", "hidden-write-to-saved"})
+__all__ = ["functionalize", "unchanged", "FunctionalizedGraph"]
 
 
 @dataclass(frozen=True)
 class FunctionalizedGraph:
+    """What the rewrite made of a graph, as facts: the backend marks the audit's mutations."""
+
     gm: torch.fx.GraphModule  # what to hand to the compiler (the input graph when unchanged)
     wrap: Callable[[Callable], Callable]  # compiled graph -> callable that does the write-backs
-    mutations: tuple[Mutation, ...]  # the audit's mutations with `rewrite` filled in
+    kept: KeptReason | None = None  # compiled unchanged, and why
+    kept_detail: tuple[str, ...] = ()  # the names the reason refers to
+    written_back: frozenset[int] = frozenset()  # placeholder indices the rewrite writes back
+    unwritten: frozenset[int] = frozenset()  # placeholder indices no ATen op writes
+    checkpoints_inlined: bool = False  # the ATen trace inlined checkpoint regions: memory, not gradients
 
 
 def functionalize(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
-    mode: str = "all",
-    mutations: Sequence[Mutation] = (),
-    saved_inputs: Collection[torch.fx.Node] = (),
     keep_saved: Collection[int] = (),
 ) -> FunctionalizedGraph:
     """Rewrite `gm` without in-place ops; see the module docstring.
 
-    `mode` is "all" or "hazards"; `mutations` are the audit's findings for `gm` (they choose
-    what "hazards" rewrites, and come back with `rewrite` and removed hazards marked).
-    `saved_inputs` are placeholders an earlier graph saved for backward (a graph break): their
-    write-back still reaches what that graph saved, so their hazards stay. `keep_saved`: indices of inputs this graph saves for backward and a later graph may write
+    `keep_saved`: indices of inputs this graph saves for backward and a later graph may write
     (the graph ends in a break): each call with grad on gets a clone, so the backward keeps the
     value it saved, as the out-of-place program does.
     """
-    if mode not in ("all", "hazards"):
-        raise ValueError(f'fxinplace: `functionalize` mode must be "all" or "hazards", got {mode!r}')
-    if mode == "hazards" and not any(m.severity == "error" for m in mutations):
-        return _unchanged(gm, mutations, "kept in place: no error-level hazard in this graph", keep_saved)
     opaque = _opaque_subgraphs(gm)
     if opaque:
-        return _unchanged(gm, mutations, f"kept in place: `{opaque[0]}` in this graph has a backward of its own, "
-                                         "which the rewrite would lose", keep_saved)
+        return unchanged(gm, KeptReason.OWN_BACKWARD, (opaque[0],), keep_saved)
     traced = _trace_functional(gm, example_inputs)
     if traced is None:
-        return _unchanged(gm, mutations, "kept in place: no write at ATen level", keep_saved)
+        return unchanged(gm, KeptReason.NO_ATEN_WRITE, (), keep_saved)
     new_gm, written_at_aten = traced
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grads = [_example_requires_grad(p.meta.get("example_value")) for p in placeholders]
@@ -113,25 +101,34 @@ def functionalize(
     if shared:
         # The functional trace takes every input as a tensor of its own: a write through one
         # input would not reach another view of its storage (nor their write-backs each other).
-        return _unchanged(gm, mutations, f"kept in place: written input `{placeholders[shared[0]].name}` shares "
-                                         f"memory with input `{placeholders[shared[1]].name}`", keep_saved)
+        return unchanged(gm, KeptReason.SHARED_INPUT,
+                         (placeholders[shared[0]].name, placeholders[shared[1]].name), keep_saved)
     new_gm.graph.lint()
     new_gm.recompile()
 
-    names = {_target_of(placeholders[i]) for i in [i for i, _ in written] + kept + reinplaced}
-    saved_earlier = {_target_of(p) for p in saved_inputs}
     n_outputs = len(new_gm.graph.output_node().args[0]) - len(written)
     indices = [i for i, _ in written]
     clone = {i for i in indices if read[i]} | set(keep_saved)
     keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
     wrap = _write_back(indices, n_outputs, _aliased(new_gm, written), clone, keep_version)
-    unwritten = {_target_of(p) for i, p in enumerate(placeholders) if i not in written_at_aten}
-    marked = tuple(_mark(m, names, saved_earlier, unwritten) for m in mutations)
-    if any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes):
+    return FunctionalizedGraph(
+        new_gm, wrap,
+        written_back=frozenset(indices + kept + reinplaced),
+        unwritten=frozenset(i for i in range(len(placeholders)) if i not in written_at_aten),
         # The ATen trace inlines checkpoint regions: gradients stay right, memory does not.
-        note = "; checkpoint regions inlined: their activations are kept, not recomputed"
-        marked = tuple(dataclasses.replace(m, rewrite=m.rewrite + note) for m in marked)
-    return FunctionalizedGraph(new_gm, wrap, marked)
+        checkpoints_inlined=any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes),
+    )
+
+
+def unchanged(
+    gm: torch.fx.GraphModule, reason: KeptReason, detail: tuple[str, ...] = (), keep_saved: Collection[int] = ()
+) -> FunctionalizedGraph:
+    """`gm` compiled as it is (for `reason`), with only the clones `keep_saved` asks for."""
+    wrap = _identity
+    if keep_saved:
+        n_outputs = len(gm.graph.output_node().args[0])
+        wrap = _write_back([], n_outputs, {}, clone=keep_saved)
+    return FunctionalizedGraph(gm, wrap, kept=reason, kept_detail=detail)
 
 
 # Higher-order ops whose subgraph the ATen trace may inline: their backward is autograd's
@@ -157,16 +154,6 @@ def _sharing_storage(example_inputs: Sequence[Any], written: Collection[int]) ->
             if j != i and key is not None and key == keys[i]:
                 return i, j
     return None
-
-
-def _unchanged(
-    gm: torch.fx.GraphModule, mutations: Sequence[Mutation], why: str, keep_saved: Collection[int] = ()
-) -> FunctionalizedGraph:
-    wrap = _identity
-    if keep_saved:
-        n_outputs = len(gm.graph.output_node().args[0])
-        wrap = _write_back([], n_outputs, {}, clone=keep_saved)
-    return FunctionalizedGraph(gm, wrap, tuple(dataclasses.replace(m, rewrite=why) for m in mutations))
 
 
 def _trace_functional(
@@ -730,57 +717,3 @@ def _write_back(
 
 def _identity(compiled: Callable) -> Callable:
     return compiled
-
-
-def _target_of(placeholder: torch.fx.Node) -> tuple[str, str]:
-    named = placeholder.meta.get("fxinplace")  # the audit's name for it (`name_placeholders`)
-    if isinstance(named, Target):
-        return named.kind, named.name
-    source = getattr(placeholder.meta.get("grapharg"), "source", None)
-    return qualified_name_of(source) if source is not None else ("input", placeholder.name)
-
-
-def _mark(
-    mutation: Mutation, written: set[tuple[str, str]], saved_earlier: set[tuple[str, str]],
-    unwritten: set[tuple[str, str]],
-) -> Mutation:
-    target = mutation.target
-    key = (target.kind, target.name)
-    if key in unwritten and key not in written:
-        # Eager bumps the version and writes no value (`conj_physical_` of a real tensor).
-        return dataclasses.replace(mutation, rewrite=f"nothing to write back: no ATen op writes {target.kind} "
-                                                     f"{target.name}")
-    if key in saved_earlier:
-        # The write-back lands in the storage the earlier graph's backward reads, as in eager.
-        return dataclasses.replace(mutation, rewrite=f"written back to {target.kind} (an earlier graph saved it)")
-    if key in written:  # placeholders, an earlier graph's intermediates among them
-        rewrite = f"written back to {target.kind}"
-    elif target.kind == "intermediate":
-        rewrite = "rewritten"
-    else:
-        raise AssertionError(f"fxinplace: functionalize found no write-back for {target} ({mutation.node})")
-    hazards = tuple(_removed(h) if h.code in _REMOVED else h for h in mutation.hazards)
-    if any(h.code in _REMOVED for h in mutation.hazards):
-        rewrite += " (removes " + ", ".join(sorted({h.code for h in mutation.hazards if h.code in _REMOVED})) + ")"
-    return dataclasses.replace(mutation, rewrite=rewrite, hazards=hazards)
-
-
-def _removed(hazard: Hazard) -> Hazard:
-    # The write no longer happens to the saved tensor: what is left is a note, not an error.
-    return dataclasses.replace(hazard, severity="info", message=f"removed by functionalize: {hazard.message}")
-
-
-def carry_rewrites(done: Sequence[Mutation], fresh: Sequence[Mutation]) -> tuple[Mutation, ...]:
-    """What functionalize did to `done`, applied to `fresh`: a re-analysis of the same graph.
-
-    `fxinplace.audit` re-runs the cheap passes once it knows the task names; the rewrite
-    itself happened at compile time and must not be lost.
-    """
-    carried = []
-    for old, new in zip(done, fresh, strict=True):
-        hazards = tuple(
-            _removed(h) if o.message.startswith("removed by functionalize:") else h
-            for o, h in zip(old.hazards, new.hazards, strict=True)
-        )
-        carried.append(dataclasses.replace(new, rewrite=old.rewrite, hazards=hazards))
-    return tuple(carried)

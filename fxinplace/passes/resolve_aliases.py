@@ -11,28 +11,15 @@ their other registered names as aliases.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from .._sources import qualified_name_of, state_names
+from ..facts import Target
 from .trace_mutations import MutationTrace, Write, is_data_assignment
 
 __all__ = ["resolve_target", "root_of", "target_of_root", "name_placeholders", "Target", "describe_op"]
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str  # "parameter" | "buffer" | "input" | "intermediate"
-    name: str
-    produced_by: str | None = None  # the op that made an intermediate
-    aliases: tuple[str, ...] = ()  # the other names a parameter or buffer is registered under
-
-    def __str__(self) -> str:
-        if self.kind == "intermediate":
-            return f"{self.name} (output of {self.produced_by})"
-        return f"{self.kind} {self.name}"
 
 
 _OPERATOR_SPELLING = {

@@ -4,10 +4,10 @@ A node belongs to every task whose output depends on it. Mutations add the edges
 not show: later readers of a mutated tensor still point at the original node, so a write
 is also linked to every later reader of the storage it writes.
 
-Tasks are named, in order of preference, by the names the caller passes (`fxinplace.audit`
-recovers the keys of an output dict), by the user's `tasks` option (task name -> module
-prefix), by the module path all of a task's own nodes share (`heads.seg`), or by position
-(`output[1]`).
+Tasks are output positions; they are named, in order of preference, by the user's `tasks`
+option (task name -> module prefix), by the module path all of a task's own nodes share
+(`heads.seg`), or by position (`output[1]`). `fxinplace.audit` renames them afterwards by
+the keys of the model's output dict (`GraphReport.named`): naming is not analysis.
 """
 
 from __future__ import annotations
@@ -26,24 +26,33 @@ __all__ = ["split_tasks", "TaskSplit"]
 
 @dataclass(frozen=True)
 class TaskSplit:
+    """Tasks as output positions: a node's tasks are the outputs that depend on it. Positions
+    with the same name are one task (two outputs of one head)."""
+
     names: tuple[str, ...]  # one per graph output position
-    node_tasks: dict[torch.fx.Node, frozenset[str]]
-    module_prefixes: dict[str, str]  # task -> the module path its own nodes run under
-    shared_parameters: dict[str, tuple[str, ...]]  # parameter name -> tasks that read it
+    node_tasks: dict[torch.fx.Node, frozenset[int]]
+    shared_parameters: dict[str, frozenset[int]]  # parameter name -> output positions whose tasks read it
     readers: dict[StorageKey, list[torch.fx.Node]]  # nodes reading each storage, in order
 
-    def tasks_of(self, node: torch.fx.Node) -> frozenset[str]:
+    def tasks_of(self, node: torch.fx.Node) -> frozenset[int]:
         return self.node_tasks.get(node, frozenset())
 
     @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.names))
+    def positions(self) -> frozenset[int]:
+        return frozenset(range(len(self.names)))
+
+    def outside(self, positions: frozenset[int], tasks: frozenset[int]) -> frozenset[int]:
+        """The positions in `positions` whose task is none of `tasks`' tasks."""
+        own = {self.names[i] for i in tasks}
+        return frozenset(i for i in positions if self.names[i] not in own)
+
+    def spans_tasks(self, positions: frozenset[int]) -> bool:
+        return len({self.names[i] for i in positions}) > 1
 
 
 def split_tasks(
     gm: torch.fx.GraphModule,
     trace: MutationTrace,
-    output_names: list[str | None] | None = None,
     task_prefixes: dict[str, str] | None = None,
 ) -> TaskSplit:
     nodes = list(gm.graph.nodes)
@@ -56,16 +65,18 @@ def split_tasks(
     readers = _readers_by_storage(nodes, trace, written)
 
     masks = _reachability(nodes, outputs, readers, written, trace)
-    names = _name_outputs(nodes, outputs, masks, output_names, task_prefixes or {})
-    node_tasks = {n: frozenset(names[i] for i in range(len(names)) if mask >> i & 1) for n, mask in masks.items()}
+    names = _name_outputs(nodes, outputs, masks, task_prefixes or {})
+    node_tasks = {n: frozenset(i for i in range(len(names)) if mask >> i & 1) for n, mask in masks.items()}
+    # A write under a task's module belongs to that task even where no output depends on it.
     prefixes = dict(task_prefixes or {})
     for name in dict.fromkeys(names):
-        prefix = _common_module_prefix([n for n, tasks in node_tasks.items() if tasks == {name}])
+        own = [n for n, tasks in node_tasks.items() if tasks and all(names[i] == name for i in tasks)]
+        prefix = _common_module_prefix(own)
         if prefix and name not in prefixes:
             prefixes[name] = prefix
     for node in written:
         path = module_path_of(node)
-        extra = {t for t, p in prefixes.items() if p and (path == p or path.startswith(p + "."))}
+        extra = {i for i, name in enumerate(names) if _under(path, prefixes.get(name, ""))}
         if extra:
             node_tasks[node] = node_tasks.get(node, frozenset()) | extra
 
@@ -76,10 +87,10 @@ def split_tasks(
         target = target_of_root(root, trace)
         if target.kind != "parameter":
             continue
-        tasks = set().union(*(node_tasks.get(r, frozenset()) for r in readers.get(key, ())))
-        if len(tasks) > 1:
-            shared[target.name] = tuple(sorted(tasks))
-    return TaskSplit(tuple(names), node_tasks, prefixes, shared, readers)
+        tasks = frozenset().union(*(node_tasks.get(r, frozenset()) for r in readers.get(key, ())))
+        if len({names[i] for i in tasks}) > 1:
+            shared[target.name] = tasks
+    return TaskSplit(tuple(names), node_tasks, shared, readers)
 
 
 def _readers_by_storage(nodes, trace: MutationTrace, written) -> dict[StorageKey, list[torch.fx.Node]]:
@@ -119,13 +130,9 @@ def _reachability(nodes, outputs, readers, written, trace: MutationTrace) -> dic
     return masks
 
 
-def _name_outputs(nodes, outputs, masks, output_names, task_prefixes) -> list[str]:
+def _name_outputs(nodes, outputs, masks, task_prefixes) -> list[str]:
     names = []
     for i, out in enumerate(outputs):
-        given = output_names[i] if output_names and i < len(output_names) else None
-        if given:
-            names.append(given)
-            continue
         ancestors = [n for n in nodes if masks.get(n, 0) >> i & 1]
         by_prefix = next(
             (t for t, p in task_prefixes.items() if any(_under(module_path_of(n), p) for n in ancestors)), None

@@ -1,0 +1,334 @@
+"""Every word fxinplace prints about a graph: hazard messages, fixes, rewrites, tables, JSON.
+
+The analyses produce records (`fxinplace.facts`); this module turns them into text and
+dicts, and gives task positions their names. Nothing here decides a fact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from tabulate import tabulate
+
+from ._sources import SourceLocation
+from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Saved, Site, Target
+
+if TYPE_CHECKING:
+    from .report import GraphReport
+
+__all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_lines", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 2  # of `Report.to_dict()`; docs/report.schema.json describes it
+
+AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
+
+_FIX_TEXT = {
+    Fix.WRITE_OUT_OF_PLACE: "write the op out of place (`h = h + y` instead of `h += y`, `F.relu(h)` instead of "
+    "`h.relu_()`, `inplace=False`), or clone the tensor before the write",
+    Fix.NO_GRAD_UPDATE: "wrap it in `torch.no_grad()` if it is a deliberate update, or write `x = x * 2` instead "
+    "of `x.mul_(2)`",
+    Fix.CLONE_THE_VIEW: "clone the view first, or write the op out of place",
+    Fix.ORDER_THE_TASKS: "decide which task should see the new value: write a copy (`h = h.clone()`) for the "
+    "others, or write the op out of place",
+    Fix.NONE: "",
+}
+
+# Hazards PyTorch itself refused while Dynamo traced (`fxinplace.audit` reports them).
+_REFUSED = {
+    HazardCode.LEAF_INPLACE: "in-place op on a leaf tensor that requires grad (a parameter or an input with "
+    "requires_grad=True) while grad mode is on: autograd forbids it",
+    HazardCode.VIEW_INPLACE: "in-place op on a view that autograd forbids modifying (a view created in no_grad "
+    "mode, or one of several views returned by one op such as unbind/split/chunk)",
+}
+
+_UNSEEN = {
+    Detail.CHECKPOINT_RECOMPUTE: "while the checkpoint region is to be recomputed: backward's recomputation reads "
+    "(or replays) the write, and checkpoint checks no versions (compiled by AOTAutograd, as with aot_eager or "
+    "inductor, the region is traced as plain code and backward fails instead)",
+    Detail.FUNCTION_FORWARD: "inside the custom autograd.Function's forward, after forward used it: "
+    "`ctx.save_for_backward` keeps the tensor, not its value, and versions are checked only from the end of forward",
+    Detail.UNSEEN_PATH: "through a path autograd does not see",
+}
+
+
+def fix_text(hazard: Hazard) -> str:
+    """The advice for `hazard` in one sentence ("" for a note)."""
+    return _FIX_TEXT[hazard.fix]
+
+
+def message(hazard: Hazard, names: Sequence[str] = ()) -> str:
+    """The hazard in words; `names` are the task names by output position."""
+    text = _message(hazard, names)
+    return f"removed by functionalize: {text}" if hazard.removed_by_rewrite else text
+
+
+def _message(h: Hazard, names: Sequence[str]) -> str:
+    code, op = h.code, _op(h.mutated_by)
+    if code in _REFUSED:
+        where = f" at {h.source}" if h.source else ""
+        return f"{_REFUSED[code]}. {fix_text(h)[0].upper()}{fix_text(h)[1:]}. PyTorch said: {h.pytorch_said}{where}"
+    if h.detail is Detail.CROSSED_BREAK:
+        saved_by = f"{_op(h.saved_by)} in graph {h.saved_by.graph}" if h.saved_by else "an earlier graph"
+        start = f"{_saved_name(h.target)} was saved for backward by {saved_by}, crossed a graph break, and is"
+        if code is HazardCode.SAVED_THEN_MUTATED:
+            return f"{start} modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
+        return (f"{start} overwritten by {op} through a path autograd does not see: gradients silently use "
+                "the new values")
+    if code in (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED):
+        start = (f"{_saved_list(h.saved)} was saved for backward by {_op(h.saved_by)} (needed by the backward of "
+                 f"{_tasks(h.saved_by.tasks if h.saved_by else (), names)})")
+        if code is HazardCode.SAVED_THEN_MUTATED:
+            return f"{start}, then modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
+        return (f"{start}, then overwritten by {op} {_UNSEEN[h.detail or Detail.UNSEEN_PATH]}: backward raises "
+                "nothing and silently computes gradients from the new values")
+    name = h.target.name if h.target else "?"
+    how = _how(h.mutated_by)
+    if code is HazardCode.CROSS_TASK_WRITE:
+        others = _tasks(h.other_tasks, names)
+        when = []
+        for label in ("before", "after"):
+            at = sorted({_at(site) for when_, site in h.readers if when_ == label})
+            if at:
+                when.append(f"{label} the write at {', '.join(at)}")
+        writers = _tasks(h.mutated_by.tasks if h.mutated_by else (), names)
+        return (f"{writers} writes {h.target} with {op}, and {others} reads it too ({'; '.join(when)}): "
+                f"what {others} sees depends on the order the tasks run in")
+    if code is HazardCode.PARAMETER_WRITE:
+        if h.detail is Detail.NO_GRAD_COPY:
+            return (f"{op} updates parameter `{name}`{how}, which requires no grad: a deliberate update (a momentum "
+                    "or EMA copy), no gradient or optimizer state involved")
+        if h.detail is Detail.REBIND:
+            return (f"{op} rebinds parameter `{name}` to a new tensor outside autograd: its gradient skips what "
+                    "computed the new value, and the optimizer's state for it (momentum, Adam's moments) was built "
+                    "for the old value")
+        return f"{op} writes parameter `{name}` in place{how}: the optimizer, every task and the next step see the new value"
+    if code is HazardCode.INPUT_WRITE:
+        return f"{op} writes the caller's input `{name}` in place{how}: the caller sees the change"
+    if code is HazardCode.BUFFER_UPDATE:
+        return f"{op} updates buffer `{name}`{how}"
+    return f"{op} writes {h.target}: no saved tensor or other task is affected"
+
+
+def hazard_lines(hazards: Sequence[Hazard], names: Sequence[str] = ()) -> list[str]:
+    """One line per hazard: `  ERROR [code] message`."""
+    return [f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}" for h in hazards]
+
+
+def rewrite_text(rewrite: Rewrite | None, target: Target | None = None, removed: Sequence[HazardCode] = ()) -> str:
+    """What functionalize did with one mutation, in words ("-" when it did not run)."""
+    if rewrite is None:
+        return "-"
+    kind = target.kind if target else "input"
+    if rewrite.kind is RewriteKind.KEPT_IN_PLACE:
+        return f"kept in place: {_KEPT[rewrite.reason](*rewrite.detail)}"
+    if rewrite.kind is RewriteKind.NOT_APPLIED:
+        return "not applied: the compiler failed"
+    if rewrite.kind is RewriteKind.NOTHING_TO_WRITE_BACK:
+        text = f"nothing to write back: no ATen op writes {kind} {target.name if target else '?'}"
+    elif rewrite.kind is RewriteKind.WRITTEN_BACK and rewrite.saved_earlier:
+        text = f"written back to {kind} (an earlier graph saved it)"
+    else:
+        text = f"written back to {kind}" if rewrite.kind is RewriteKind.WRITTEN_BACK else "rewritten"
+        if removed:
+            text += " (removes " + ", ".join(sorted({c.value for c in removed})) + ")"
+    if rewrite.checkpoints_inlined:
+        text += "; checkpoint regions inlined: their activations are kept, not recomputed"
+    return text
+
+
+_KEPT = {
+    KeptReason.NO_ERROR_HAZARD: lambda: "no error-level hazard in this graph",
+    KeptReason.OWN_BACKWARD: lambda name: f"`{name}` in this graph has a backward of its own, which the rewrite "
+    "would lose",
+    KeptReason.NO_ATEN_WRITE: lambda: "no write at ATen level",
+    KeptReason.SHARED_INPUT: lambda a, b: f"written input `{a}` shares memory with input `{b}`",
+    KeptReason.UNTESTED_TORCH: lambda version, tested: f"torch {version} is outside the tested range (torch "
+    f"{tested}); options={{'untested_torch': True}} rewrites anyway",
+    KeptReason.FAILED: lambda error: f"functionalize failed ({error})",
+}
+
+
+def render_graph(graph: GraphReport, compact: bool = False) -> str:
+    """The graph's table and its notable hazards; `compact` leaves out the view chain, code and
+    module columns."""
+    names = graph.task_names
+    head = f"fxinplace: graph {graph.compile_id} `{graph.function}` (graph ended: {graph.reason})"
+    if graph.analysis_error:
+        return f"{head}: analysis failed ({graph.analysis_error}); compiled without it"
+    lines = [head]
+    if graph.compile_error:
+        lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
+                     "Dynamo's fallback, with the in-place writes as written")
+    if graph.tasks:
+        lines.append("tasks: " + ", ".join(graph.tasks))
+    if graph.shared_parameters:
+        shared = "; ".join(f"{p} ({', '.join(t)})" for p, t in graph.shared_parameters.items())
+        lines.append("shared parameters: " + shared)
+    if not graph.mutations:
+        lines.append("no in-place mutations")
+    else:
+        headers = ["#", "op", "writes", "via", "where", "code", "module", "tasks", "hazard"]
+        if graph.functionalized:
+            headers.append("rewrite")
+        rows = [_row(i, m, names, graph.functionalized) for i, m in enumerate(graph.mutations)]
+        if compact:
+            keep = [i for i, h in enumerate(headers) if h not in ("via", "code", "module")]
+            headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+        lines.append(tabulate(rows, headers=headers, tablefmt="simple"))
+    lines += hazard_lines([h for h in graph.all_hazards() if h.severity.value != "info"], names)
+    return "\n".join(lines)
+
+
+def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> list:
+    flags = (["hidden"] if m.site.hidden else []) + (["no_grad"] if m.site.no_grad else [])
+    also = f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""
+    tasks = task_names(m.site.tasks, names)
+    row = [
+        i,
+        m.op + (f" [{', '.join(flags)}]" if flags else ""),
+        f"{m.target.kind} {m.target.name}{also}",
+        " > ".join(m.view_chain) or "-",
+        str(m.source) if m.source else "?",
+        m.source.code if m.source else "",
+        m.module or "-",
+        ", ".join(tasks) + (" (shared)" if m.shared else "") if tasks else "-",
+        ", ".join(sorted({h.code.value for h in m.hazards})) or "-",
+    ]
+    if functionalized:
+        row.append(rewrite_text(m.rewrite, m.target, _removed_codes(m)))
+    return row
+
+
+def _removed_codes(m: Mutation) -> list[HazardCode]:
+    return [h.code for h in m.hazards if h.removed_by_rewrite]
+
+
+def task_names(positions, names: Sequence[str]) -> tuple[str, ...]:
+    """The names of the tasks at `positions`, sorted, each once."""
+    return tuple(sorted({names[i] if i < len(names) else f"output[{i}]" for i in positions}))
+
+
+# --- dicts (JSON) ------------------------------------------------------------------------
+
+def graph_dict(graph: GraphReport) -> dict[str, Any]:
+    names = graph.task_names
+    return {
+        "compile_id": graph.compile_id,
+        "function": graph.function,
+        "reason": graph.reason,
+        "tasks": list(graph.tasks),
+        "shared_parameters": {k: list(v) for k, v in graph.shared_parameters.items()},
+        "mutations": [_mutation_dict(m, names) for m in graph.mutations],
+        "hazards": [_hazard_dict(h, names) for h in graph.hazards],
+        "analysis_error": graph.analysis_error,
+        "functionalized": graph.functionalized,
+        "compile_error": graph.compile_error,
+    }
+
+
+def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
+    return {
+        "node": m.node,
+        "op": m.op,
+        "target": _target_dict(m.target),
+        "view_chain": list(m.view_chain),
+        "source": _source_dict(m.source),
+        "module": m.module,
+        "tasks": list(task_names(m.site.tasks, names)),
+        "shared": m.shared,
+        "autograd_visible": m.autograd_visible,
+        "under_no_grad": m.under_no_grad,
+        "hazards": [_hazard_dict(h, names) for h in m.hazards],
+        "rewrite": None if m.rewrite is None else {
+            "kind": m.rewrite.kind.value,
+            "reason": m.rewrite.reason.value if m.rewrite.reason else None,
+            "text": rewrite_text(m.rewrite, m.target, _removed_codes(m)),
+        },
+    }
+
+
+def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
+    return {
+        "code": h.code.value,
+        "severity": h.severity.value,
+        "target": _target_dict(h.target),
+        "saved_by": _site_dict(h.saved_by, names),
+        "mutated_by": _site_dict(h.mutated_by, names),
+        "detail": h.detail.value if h.detail else None,
+        "message": message(h, names),
+        "fix": fix_text(h) or None,
+        "removed_by_rewrite": h.removed_by_rewrite,
+    }
+
+
+def _target_dict(target: Target | None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    found: dict[str, Any] = {"kind": target.kind, "name": target.name}
+    if target.produced_by:
+        found["produced_by"] = target.produced_by
+    if target.aliases:
+        found["aliases"] = list(target.aliases)
+    return found
+
+
+def _site_dict(site: Site | None, names: Sequence[str]) -> dict[str, Any] | None:
+    if site is None:
+        return None
+    source = site.source
+    return {
+        "op": site.op,
+        "file": source.file if source else None,
+        "line": source.line if source else None,
+        "module": site.module,
+        "tasks": list(task_names(site.tasks, names)),
+    }
+
+
+def _source_dict(source: SourceLocation | None) -> dict[str, Any] | None:
+    if source is None:
+        return None
+    return {"file": source.file, "line": source.line, "code": source.code}
+
+
+# --- phrases -------------------------------------------------------------------------------
+
+def _op(site: Site | None) -> str:
+    return f"`{site.op}` at {_at(site)}" if site else "an unknown op"
+
+
+def _at(site: Site) -> str:
+    where = f"{site.source}" if site.source else "an unknown line"
+    return f"{where} ({site.module})" if site.module else where
+
+
+def _how(site: Site | None) -> str:
+    if site is None:
+        return ""
+    return (" (hidden from autograd)" if site.hidden else "") + (" under no_grad" if site.no_grad else "")
+
+
+def _tasks(positions, names: Sequence[str]) -> str:
+    found = task_names(positions, names)
+    if not found:
+        return "no task"
+    return ("task " if len(found) == 1 else "tasks ") + ", ".join(f"'{t}'" for t in found)
+
+
+def _saved_name(target: Target | None) -> str:
+    if target is None:
+        return "a tensor"
+    return f"`{target.name}` (output of {target.produced_by})" if target.kind == "intermediate" else str(target)
+
+
+def _saved_list(saved: Sequence[Saved]) -> str:
+    words = []
+    for s in saved:
+        if s.target is None:
+            words.append("a tensor")
+        elif s.made_at is None:
+            words.append(f"{s.target.kind} `{s.target.name}`")
+        else:
+            words.append(f"`{s.target.name}` (output of {_op(s.made_at)})")
+    unique = list(dict.fromkeys(words))
+    return unique[0] if len(unique) == 1 else " and ".join(unique)
