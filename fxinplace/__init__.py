@@ -14,7 +14,14 @@ from .api import audit
 from .backend import InplaceAudit, inplace_audit
 from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
 from .report import GraphReport, Hazard, HazardError, Mutation, Report
-from .training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
+from .training_guard import (
+    GuardWrite,
+    StaleSavedTensor,
+    StaleSavedTensorError,
+    StaleSavedTensorWarning,
+    WriteKind,
+    guard,
+)
 
 __all__ = [
     "audit",
@@ -30,6 +37,9 @@ __all__ = [
     "AnalysisError",
     "AnalysisWarning",
     "guard",
+    "StaleSavedTensor",
     "StaleSavedTensorError",
     "StaleSavedTensorWarning",
+    "GuardWrite",
+    "WriteKind",
 ]

@@ -28,16 +28,16 @@ import torch.nn.functional as F
 import torch.optim.optimizer as optim_hooks
 
 from conftest import close_at_scale, marked_line
-from fxinplace._sources import SourceLocation
-from fxinplace.training_guard import (
+from fxinplace import (
+    GuardWrite,
     StaleSavedTensor,
     StaleSavedTensorError,
     StaleSavedTensorWarning,
-    Write,
     WriteKind,
     guard,
-    render_table,
 )
+from fxinplace._sources import SourceLocation
+from fxinplace.training_guard import render_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -702,8 +702,9 @@ def test_table_rendering_is_exact() -> None:
         tensor="a [16, 1] view of parameter `disc.2.weight`", name="disc.2.weight",
         shape=(16, 1), op="linear", node="AddmmBackward0", saved_at=at, saved_for=None,
         version_saved=1, version_now=2,
-        writes=(Write(WriteKind.OPTIMIZER, "step", "`opt_d.step()` (Adam)",
-                      SourceLocation("/x/train/loop.py", 15, "opt_d.step()", "step"), "opt_d"),),
+        writes=(GuardWrite(WriteKind.OPTIMIZER, "step", "`opt_d.step()` (Adam)",
+                           SourceLocation("/x/train/loop.py", 15, "opt_d.step()", "step"),
+                           "opt_d"),),
         needed_for="gen", backward="backward",
         backward_at=SourceLocation("/x/train/loop.py", 17, "loss_g.backward()", "step"),
         hidden=False)
