@@ -42,13 +42,6 @@ from fxinplace.training_guard import render_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
 
