@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from fxinplace.training_guard import guard
+from fxinplace import guard
 
 TARGET = 1.10  # the budget: at most 10% over no guard
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxinplace.training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
+from fxinplace import StaleSavedTensorError, StaleSavedTensorWarning, guard
 
 bce = nn.BCEWithLogitsLoss()
 

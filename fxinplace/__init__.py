@@ -15,7 +15,14 @@ from .backend import InplaceAudit, inplace_audit
 from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
 from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Saved, Severity, Site, Target
 from .report import SEVERITIES, GraphReport, HazardError, Report
-from .training_guard import StaleSavedTensorError, StaleSavedTensorWarning, guard
+from .training_guard import (
+    GuardWrite,
+    StaleSavedTensor,
+    StaleSavedTensorError,
+    StaleSavedTensorWarning,
+    WriteKind,
+    guard,
+)
 
 __all__ = [
     "audit",
@@ -42,6 +49,9 @@ __all__ = [
     "AnalysisError",
     "AnalysisWarning",
     "guard",
+    "StaleSavedTensor",
     "StaleSavedTensorError",
     "StaleSavedTensorWarning",
+    "GuardWrite",
+    "WriteKind",
 ]

@@ -6,7 +6,10 @@ import functools
 import linecache
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import FrameType
+from typing import Protocol, TypeVar, overload
 
 import torch
 import torch.fx
@@ -72,6 +75,48 @@ def is_internal_file(filename: str) -> bool:
             flag = os.path.realpath(filename).startswith(_internal_dirs())
         known_internal_files[filename] = flag
     return flag
+
+
+class FrameLike(Protocol):
+    """A frame as `traceback` summarizes it (`FrameSummary`): its file is enough here."""
+
+    filename: str
+
+
+_Summary = TypeVar("_Summary", bound=FrameLike)
+
+
+@overload
+def user_frame(frames: FrameType | None) -> FrameType | None: ...
+@overload
+def user_frame(frames: Iterable[_Summary]) -> _Summary | None: ...
+def user_frame(frames):
+    """The innermost frame outside torch and fxinplace (see `is_internal_file`), or None.
+
+    `frames` is a live frame, walked outwards along ``f_back`` (the training guard, from
+    ``sys._getframe``), or frames with a ``filename``, innermost first (a traceback's
+    `FrameSummary` list, reversed). Code FX generated counts as internal.
+    """
+    # The guard calls this once per op that saves tensors: the live walk reads the cache
+    # directly, with no generator or key function in between. Frames are classified by file
+    # name, not by code object: a code object hashes its bytecode and constants (about a
+    # microsecond for `Module._call_impl`); a file name is a string that keeps its hash.
+    known = known_internal_files
+    if frames is None or isinstance(frames, FrameType):
+        frame = frames
+        while frame is not None:
+            name = frame.f_code.co_filename
+            flag = known.get(name)
+            if flag is None:
+                flag = is_internal_file(name)
+            if not flag:
+                return frame
+            frame = frame.f_back
+        return None
+    for frame in frames:
+        if not is_internal_file(frame.filename):
+            return frame
+    return None
 
 
 def module_path_of(node: torch.fx.Node) -> str:

@@ -28,25 +28,18 @@ import torch.nn.functional as F
 import torch.optim.optimizer as optim_hooks
 
 from conftest import close_at_scale, marked_line
-from fxinplace._sources import SourceLocation
-from fxinplace.training_guard import (
+from fxinplace import (
+    GuardWrite,
     StaleSavedTensor,
     StaleSavedTensorError,
     StaleSavedTensorWarning,
-    Write,
     WriteKind,
     guard,
-    render_table,
 )
+from fxinplace._sources import SourceLocation
+from fxinplace.training_guard import render_table
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,10 +139,15 @@ def _restored_state() -> tuple[Any, ...]:
 bce = nn.BCEWithLogitsLoss()
 
 
-def make_gan(backend: str | None = None) -> Run:
+def _gen_and_disc() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
     disc = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    return gen, disc
+
+
+def make_gan(backend: str | None = None) -> Run:
+    gen, disc = _gen_and_disc()
     run = Run(
         models={"gen": gen, "disc": disc},
         opts={"opt_g": torch.optim.Adam(gen.parameters(), 1e-2),
@@ -247,10 +245,8 @@ def per_task_grad_then_step(run: Run, name: Callable) -> None:
     opt.zero_grad()
 
 
-def make_wgan(backend: str | None = None) -> Run:
-    torch.manual_seed(0)
-    gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
-    critic = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+def make_wgan() -> Run:
+    gen, critic = _gen_and_disc()
     return Run(
         models={"gen": gen, "critic": critic},
         opts={"opt_g": torch.optim.SGD(gen.parameters(), lr=0.1),
@@ -392,7 +388,7 @@ def test_classic_loop_is_caught_with_parameter_step_and_lines(case: Case) -> Non
     first = stale.writes[0]
     assert (first.kind, first.op, first.by) == (case.kind, case.op, case.by)
     assert first.source.line == _line(case.write_fn, "writes")
-    assert first.source.file == __file__
+    assert (first.source.file, first.source.function) == (__file__, case.write_fn.__name__)
     assert stale.saved_at.line == _line(case.save_fn, "saves")
     assert stale.backward_at.line == _line(case.need_fn, "needs")
     assert stale.needed_for == case.task
@@ -463,19 +459,31 @@ def test_activation_written_by_a_logging_helper() -> None:
 # `.data`: PyTorch is silent and wrong; the guard is not
 
 
-def wgan_data_clip_after_critic_forward(run: Run, name: Callable) -> dict[str, torch.Tensor]:
+def clip_through_data(p: torch.Tensor) -> None:
+    p.data.clamp_(-0.01, 0.01)  # <- writes
+
+
+def assign_through_data(p: torch.Tensor) -> None:
+    p.data = p.data.clamp(-0.01, 0.01)  # <- writes
+
+
+def wgan_data_write_after_critic_forward(run: Run, name: Callable,
+                                         write: Callable[[torch.Tensor], None]
+                                         ) -> dict[str, torch.Tensor]:
     fake = run["gen"](run.data["z"])
     _critic_step(run, fake)
     loss_g = -run["critic"](fake).mean()  # <- saves
     name({"gen": loss_g})
     for p in run.models["critic"].parameters():
-        p.data.clamp_(-0.01, 0.01)  # <- writes
+        write(p)
     run.opts["opt_g"].zero_grad()
     loss_g.backward()  # <- needs
     return _gen_grads(run)
 
 
-def wgan_data_clip_after_gen_backward(run: Run, name: Callable) -> dict[str, torch.Tensor]:
+def wgan_data_write_after_gen_backward(run: Run, name: Callable,
+                                       write: Callable[[torch.Tensor], None]
+                                       ) -> dict[str, torch.Tensor]:
     fake = run["gen"](run.data["z"])
     _critic_step(run, fake)
     loss_g = -run["critic"](fake).mean()
@@ -483,7 +491,7 @@ def wgan_data_clip_after_gen_backward(run: Run, name: Callable) -> dict[str, tor
     run.opts["opt_g"].zero_grad()
     loss_g.backward()
     for p in run.models["critic"].parameters():
-        p.data.clamp_(-0.01, 0.01)
+        write(p)
     return _gen_grads(run)
 
 
@@ -508,43 +516,32 @@ def make_mat_wgan() -> Run:
     return run
 
 
-def wgan_data_assign_after_critic_forward(run: Run, name: Callable) -> dict[str, torch.Tensor]:
-    fake = run["gen"](run.data["z"])
-    _critic_step(run, fake)
-    loss_g = -run["critic"](fake).mean()  # <- saves
-    name({"gen": loss_g})
-    for p in run.models["critic"].parameters():
-        p.data = p.data.clamp(-0.01, 0.01)  # <- writes
-    run.opts["opt_g"].zero_grad()
-    loss_g.backward()  # <- needs
-    return _gen_grads(run)
+@dataclass(frozen=True)
+class DataCase:
+    make: Callable[[], Run]
+    write: Callable[[torch.Tensor], None]  # holds the `# <- writes` line
+    save_fn: Callable[..., Any]  # holds the `# <- saves` line
+    op: str
+    by: str  # how the guard must name the writer
 
+    def bad(self, run: Run, name: Callable) -> dict[str, torch.Tensor]:
+        return wgan_data_write_after_critic_forward(run, name, self.write)
 
-def wgan_data_assign_after_gen_backward(run: Run, name: Callable) -> dict[str, torch.Tensor]:
-    fake = run["gen"](run.data["z"])
-    _critic_step(run, fake)
-    loss_g = -run["critic"](fake).mean()
-    name({"gen": loss_g})
-    run.opts["opt_g"].zero_grad()
-    loss_g.backward()
-    for p in run.models["critic"].parameters():
-        p.data = p.data.clamp(-0.01, 0.01)
-    return _gen_grads(run)
+    def reference(self, run: Run, name: Callable) -> dict[str, torch.Tensor]:
+        return wgan_data_write_after_gen_backward(run, name, self.write)
 
 
 DATA_CASES = {
-    "p.data.clamp_": (make_wgan, wgan_data_clip_after_critic_forward,
-                      wgan_data_clip_after_gen_backward, "clamp_", "`clamp_` through `.data`",
-                      wgan_data_clip_after_critic_forward),
-    "p.data = ...": (make_mat_wgan, wgan_data_assign_after_critic_forward,
-                     wgan_data_assign_after_gen_backward, "data =", "`.data = ...`",
-                     MatCritic.forward),
+    "p.data.clamp_": DataCase(make_wgan, clip_through_data, wgan_data_write_after_critic_forward,
+                              "clamp_", "`clamp_` through `.data`"),
+    "p.data = ...": DataCase(make_mat_wgan, assign_through_data, MatCritic.forward, "data =",
+                             "`.data = ...`"),
 }
 
 
 @pytest.mark.parametrize("case", DATA_CASES.values(), ids=DATA_CASES.keys())
-def test_data_write_is_caught_where_pytorch_is_silently_wrong(case: tuple) -> None:
-    make, bad, reference, op, by, save_fn = case
+def test_data_write_is_caught_where_pytorch_is_silently_wrong(case: DataCase) -> None:
+    make, bad, reference = case.make, case.bad, case.reference
     # PyTorch: no error, and gradients that differ from the same loop with the write after.
     before = make()
     written = {n for n, p in before.models["critic"].named_parameters()
@@ -559,17 +556,18 @@ def test_data_write_is_caught_where_pytorch_is_silently_wrong(case: tuple) -> No
     assert stale.version_now == stale.version_saved
     assert stale.name in {f"critic.{n}" for n in written}
     first = stale.writes[0]
-    assert (first.kind, first.op, first.by) == (WriteKind.DATA, op, by)
-    assert first.source.line == _line(bad, "writes")
-    assert stale.saved_at.line == _line(save_fn, "saves")
-    assert stale.backward_at.line == _line(bad, "needs")
+    assert (first.kind, first.op, first.by) == (WriteKind.DATA, case.op, case.by)
+    assert first.source.line == _line(case.write, "writes")
+    assert (first.source.file, first.source.function) == (__file__, case.write.__name__)
+    assert stale.saved_at.line == _line(case.save_fn, "saves")
+    assert stale.backward_at.line == _line(wgan_data_write_after_critic_forward, "needs")
     assert stale.needed_for == "gen"
     assert "through `.data`" in str(StaleSavedTensorError(stale))
 
 
 @pytest.mark.parametrize("case", DATA_CASES.values(), ids=DATA_CASES.keys())
-def test_data_write_after_the_backward_passes_silently(case: tuple) -> None:
-    make, _, reference, *_ = case
+def test_data_write_after_the_backward_passes_silently(case: DataCase) -> None:
+    make, reference = case.make, case.reference
     plain = reference(make(), _no_names)
     run = make()
     with guard(run.models, optimizers=run.opts, on_stale="warn") as g:
@@ -702,8 +700,9 @@ def test_table_rendering_is_exact() -> None:
         tensor="a [16, 1] view of parameter `disc.2.weight`", name="disc.2.weight",
         shape=(16, 1), op="linear", node="AddmmBackward0", saved_at=at, saved_for=None,
         version_saved=1, version_now=2,
-        writes=(Write(WriteKind.OPTIMIZER, "step", "`opt_d.step()` (Adam)",
-                      SourceLocation("/x/train/loop.py", 15, "opt_d.step()", "step"), "opt_d"),),
+        writes=(GuardWrite(WriteKind.OPTIMIZER, "step", "`opt_d.step()` (Adam)",
+                           SourceLocation("/x/train/loop.py", 15, "opt_d.step()", "step"),
+                           "opt_d"),),
         needed_for="gen", backward="backward",
         backward_at=SourceLocation("/x/train/loop.py", 17, "loss_g.backward()", "step"),
         hidden=False)

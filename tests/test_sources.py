@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fxinplace
-from fxinplace._sources import is_internal_file
+from fxinplace._sources import is_internal_file, user_frame
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 PACKAGE_DIR = os.path.dirname(fxinplace.__file__)
@@ -38,6 +39,32 @@ REPO_DIR = os.path.dirname(PACKAGE_DIR)
 )
 def test_is_internal_file(file, internal):
     assert is_internal_file(file) == internal
+
+
+def test_user_frame_from_a_live_frame_and_from_a_traceback():
+    # A forward hook runs inside torch's `Module._call_impl`: from there, the innermost user
+    # frame is this test's, from the live frame and from the traceback alike.
+    seen = {}
+
+    def hook(module, args, output):
+        seen["live"] = user_frame(sys._getframe(1))  # the caller: torch/nn/modules/module.py
+        raise ValueError
+
+    module = torch.nn.Identity()
+    module.register_forward_hook(hook)
+    with pytest.raises(ValueError) as info:
+        module(torch.ones(1))
+    frames = traceback.extract_tb(info.tb)
+    here = sys._getframe(0).f_code
+    assert seen["live"].f_code is here
+    assert [f.name for f in frames][::len(frames) - 1] == [here.co_name, "hook"]
+    torch_frames = frames[1:-1]
+    assert torch_frames and all(f.filename.startswith(TORCH_DIR) for f in torch_frames)
+    assert user_frame(reversed(frames)).name == "hook"
+    found = user_frame(reversed(frames[:-1]))  # torch's frames skipped
+    assert (found.name, found.filename) == (here.co_name, __file__)
+    assert user_frame(torch_frames) is None
+    assert user_frame(None) is None
 
 
 USER_MODEL = '''

@@ -1,0 +1,121 @@
+"""The guard's words: the error message with its fix, and the table of findings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tabulate import tabulate
+
+from .._sources import SourceLocation
+from ._facts import StaleSavedTensor, WriteKind
+
+__all__ = ["explain", "render_table"]
+
+
+def explain(stale: StaleSavedTensor) -> str:
+    """The error message: what changed, who saved it and for what, who changed it, the fix."""
+    s = stale
+    if s.hidden:
+        head = (
+            f"fxinplace.guard: {s.tensor} was written through `.data` after autograd "
+            f"saved it; its version counter did not move (version {s.version_now}), so PyTorch "
+            "would not have noticed and would have computed gradients from the new values."
+        )
+    else:
+        head = (
+            "fxinplace.guard: one of the variables needed for gradient computation has been "
+            f"modified by an inplace operation: {s.tensor} is at version "
+            f"{s.version_now}; expected version {s.version_saved} instead."
+        )
+    lines = [head]
+    saved = f"`{s.op}`" if s.op else _compiled_or_unknown(s.node)
+    lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{_task(s.saved_for)}")
+    if s.writes:
+        for w in s.writes:
+            lines.append(f"  changed by: {w.by} at {_where(w.source)}")
+    else:
+        lines.append(
+            "  changed by: code the guard did not see (compiled kernels, a C++ extension, "
+            "another thread, or code run outside the guard)"
+        )
+    call = f"`{s.backward}`" if s.backward else "a backward"
+    node = f"{s.node} in " if s.node else ""
+    lines.append(f"  needed by:  {node}{call} at {_where(s.backward_at)}{_task(s.needed_for)}")
+    lines.append("How to fix: " + _fix(s))
+    return "\n".join(lines)
+
+
+def render_table(found: Sequence[StaleSavedTensor]) -> str:
+    """The findings as a table, in the style of the backend's mutation tables."""
+    if not found:
+        return "fxinplace.guard: no stale saved tensors"
+    headers = ["#", "tensor", "saved by", "saved at", "changed by", "changed at", "needed by",
+               "backward at", "task", "version"]
+    rows = []
+    for i, s in enumerate(found):
+        first = s.writes[0] if s.writes else None
+        tasks = [t for t in (s.saved_for, s.needed_for) if t]
+        rows.append([
+            i,
+            f"`{s.name}`" if s.name else f"{list(s.shape)} tensor",
+            s.op or _compiled_or_unknown(s.node),
+            str(s.saved_at) if s.saved_at else "?",
+            (first.by + (f" (+{len(s.writes) - 1})" if len(s.writes) > 1 else "")) if first else "?",
+            str(first.source) if first and first.source else "?",
+            s.node or "?",
+            str(s.backward_at) if s.backward_at else "?",
+            " > ".join(dict.fromkeys(tasks)) or "-",
+            f"{s.version_now} (.data)" if s.hidden else f"{s.version_saved} -> {s.version_now}",
+        ])
+    n = len(found)
+    head = f"fxinplace.guard: {n} stale saved tensor{'s' if n != 1 else ''}"
+    return head + "\n" + tabulate(rows, headers=headers, tablefmt="simple")
+
+
+def _fix(s: StaleSavedTensor) -> str:
+    target = f"`{s.name}`" if s.name else "the saved tensor"
+    w = s.writes[0] if s.writes else None
+    if w is None:
+        fix = (
+            f"Find what writes to {target} between the forward at {_where(s.saved_at)} and this "
+            "backward, and move it after the backward."
+        )
+    elif w.kind is WriteKind.OPTIMIZER:
+        fix = (
+            f"{w.by} updated {target} between the forward that saved it and this backward. Run "
+            "every backward that needs that forward before stepping (for several tasks or losses: "
+            "call backward or torch.autograd.grad for each, then step once), or run the forward "
+            "again after the step."
+        )
+    elif w.kind is WriteKind.DATA:
+        fix = (
+            f"Move the write to {target} after the last backward that needs the forward, and "
+            "write under `torch.no_grad()` without `.data`, so that PyTorch can check it."
+        )
+    else:
+        fix = (
+            f"`{w.op}` wrote to {target} after it was saved. Move it after the last backward that "
+            "needs the forward (clipping, EMA and other parameter updates belong after every "
+            "backward of the step), or write out of place or on a clone so that the saved value "
+            "stays intact."
+        )
+    return fix + (
+        " `retain_graph=True` does not help: it keeps the saved tensors, not their old values. "
+        "If the backward really needs the old value, clone the tensor before the write."
+    )
+
+
+def _where(source: SourceLocation | None) -> str:
+    if source is None:
+        return "?"
+    return f"{source}" + (f" `{source.code}`" if source.code else "")
+
+
+def _task(task: str | None) -> str:
+    return f", task `{task}`" if task else ""
+
+
+def _compiled_or_unknown(node: str | None) -> str:
+    if node and node.startswith("CompiledFunction"):
+        return "a compiled graph"
+    return "an op the guard did not see run"

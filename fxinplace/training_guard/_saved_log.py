@@ -1,0 +1,214 @@
+"""The saved-tensor hooks, and the backward calls that need what they saved.
+
+The pack hook records each saved tensor's `_version`, the op that saved it, the user's line and
+the task; the unpack hook compares the version when backward needs the tensor (and asks the
+write log about `.data` writes, which move no version) and reports a stale one. With pack hooks
+installed autograd skips its own version check, so this comparison is what keeps the gradients
+honest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
+from ._facts import GuardWrite, StaleSavedTensor
+from ._mode import Mode
+from ._names import Names, heads_reached
+from ._render import explain
+from ._runtime import (
+    At,
+    forward_op,
+    getframe,
+    location,
+    next_seq,
+    op_name,
+    storage_key,
+    tensors_in,
+    user_at,
+)
+from ._write_log import WriteLog
+
+__all__ = ["SavedLog"]
+
+log = logging.getLogger(__name__)
+
+# Frames that another caller can resume, so whose callers can move while their op runs.
+_RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+class _Saved(NamedTuple):
+    """What the pack hook keeps. It builds the plain tuple (cheaper, on the hot path); the
+    unpack hook reads it by index, the error path through this view."""
+
+    tensor: torch.Tensor
+    version: int
+    seq: int
+    op: Any
+    at: At | None  # the user's frame: its code and instruction offset
+    task: str | None
+
+
+class _Backward:
+    __slots__ = ("call", "at", "task", "roots", "heads")
+
+    def __init__(self, call: str, at: At | None, task: str | None,
+                 roots: list[torch.Tensor]) -> None:
+        self.call = call
+        self.at = at
+        self.task = task  # the `guard.task` block's; the losses' names are read on a finding
+        self.roots = roots
+        self.heads: list[str] | None = None  # the model outputs it reaches, on a finding
+
+
+class SavedLog:
+    """`pack` and `unpack` for `saved_tensors_hooks`, and the mode's backward handler.
+
+    Args:
+        mode: the session's mode: it names the running op and caches `pack`'s last walk.
+        writes: the write log, asked which writes changed a stale tensor.
+        names: names the tensor, the optimizer and the task in a finding.
+        tasks: the `guard.task` blocks open now, innermost last.
+        on_stale: says ``"raise"`` or ``"warn"``, read on each finding (the guard's setting).
+        found: takes each finding (appends it to the guard's `hazards`).
+        warn_once: reports a failure of the bookkeeping, once per place.
+    """
+
+    def __init__(self, mode: Mode, writes: WriteLog, names: Names, tasks: list[str],
+                 on_stale: Callable[[], Literal["raise", "warn"]],
+                 found: Callable[[StaleSavedTensor], None],
+                 warn_once: Callable[[str, Exception], None]) -> None:
+        self.mode = mode
+        self.writes = writes
+        self.hidden = writes.hidden  # the same deque: `unpack` asks only when it holds any
+        self.names = names
+        self.tasks = tasks
+        self.on_stale = on_stale
+        self.found = found
+        self.warn_once = warn_once
+        self.backwards: list[_Backward] = []
+        self.reported: set[int] = set()  # warn mode: once per saved tensor
+
+    # saved tensors -------------------------------------------------------------------------
+
+    def pack(self, t: torch.Tensor) -> tuple:
+        # Once per tensor autograd saves. The walk to the user's frame (files are classified
+        # once) keeps (code, instruction); lines are read on a finding. An op that saves
+        # several tensors (`addmm`: both matrices) packs them from the same torch frame,
+        # whose callers cannot move while it runs (unless it is a generator's, which another
+        # caller can resume): the walk is done once for them.
+        mode = self.mode
+        try:
+            frame = getframe(1)
+            if frame is mode.last_frame:
+                at = mode.last_at
+            else:
+                at = user_at(frame)
+                code = frame.f_code
+                if at is not None and at[0] is not code and not code.co_flags & _RESUMABLE:
+                    mode.last_frame, mode.last_at = frame, at
+        except Exception as e:  # the guard's bug must not stop the forward
+            at = None
+            self.warn_once("pack", e)
+        tasks = self.tasks
+        # A leaf is saved as is (autograd does the same); anything else detached, which keeps
+        # storage and version counter but not the grad_fn, so an output saved by its own node
+        # makes no reference cycle (see the saved_tensors_hooks docs).
+        return (t if t.is_leaf else t.detach(), t._version, next_seq(), mode.op, at,
+                tasks[-1] if tasks else None)  # a `_Saved`
+
+    def unpack(self, packed: tuple) -> torch.Tensor:
+        t = packed[0]
+        if t._version != packed[1] or (self.hidden and self.writes.hidden_write_after(t, packed[2])):
+            self.stale(_Saved(*packed))
+        return t
+
+    def stale(self, saved: _Saved) -> None:
+        try:
+            found = self.describe(saved)
+        except Exception as e:  # still refuse the stale value, with what is known
+            log.warning("fxinplace.guard could not describe a stale saved tensor: %s", e,
+                        exc_info=True)
+            t = saved.tensor
+            found = StaleSavedTensor(
+                tensor=f"a {list(t.shape)} tensor", name=None, shape=tuple(t.shape), op=None, node=None,
+                saved_at=None, saved_for=None, version_saved=saved.version,
+                version_now=t._version, writes=(), needed_for=None, backward=None,
+                backward_at=None, hidden=t._version == saved.version)
+        if self.on_stale() == "raise":
+            self.found(found)
+            raise StaleSavedTensorError(found)
+        if saved.seq not in self.reported:
+            self.reported.add(saved.seq)
+            self.found(found)
+            warnings.warn(StaleSavedTensorWarning(explain(found)), stacklevel=2)
+
+    def describe(self, saved: _Saved) -> StaleSavedTensor:
+        t = saved.tensor
+        key = storage_key(t)
+        kind, name, is_view = self.names.tensor(t, key)
+        node = torch._C._current_autograd_node()
+        node_name = node.name() if node is not None else None
+        op = op_name(saved.op) if saved.op is not None else forward_op(node_name)
+        shape = tuple(t.shape)
+        if name is None:
+            what = f"a {list(shape)} tensor" + (f" saved by `{op}`" if op else "")
+        elif is_view:
+            what = f"a {list(shape)} view of {kind} `{name}`"
+        else:
+            what = f"{kind} `{name}` {list(shape)}"
+        writes = tuple(
+            GuardWrite(w.kind, w.op, w.by, location(w.at), w.optimizer)
+            for w in sorted(self.writes.writes_to(t, saved.seq, key), key=lambda w: w.seq)
+        )
+        call = self.backwards[-1] if self.backwards else None
+        needed_for = None
+        if call is not None:
+            needed_for = call.task or self.names.loss_task(call.roots)
+            if needed_for is None:
+                if call.heads is None:
+                    call.heads = heads_reached(call.roots)
+                needed_for = ", ".join(call.heads) or None
+        return StaleSavedTensor(
+            tensor=what, name=name, shape=shape, op=op, node=node_name,
+            saved_at=location(saved.at), saved_for=saved.task,
+            version_saved=saved.version, version_now=t._version, writes=writes,
+            needed_for=needed_for, backward=call.call if call else None,
+            backward_at=location(call.at) if call else None,
+            hidden=t._version == saved.version,
+        )
+
+    # backward calls (from the mode) --------------------------------------------------------
+
+    def on_backward(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        call = None
+        try:
+            if func is torch.autograd.grad:
+                roots = args[0] if args else kwargs.get("outputs")
+                name = "autograd.grad"
+            else:
+                roots = args[0] if args else kwargs.get("tensors")
+                name = "backward"
+            tasks = self.tasks
+            call = _Backward(name, user_at(getframe(2)), tasks[-1] if tasks else None,
+                             tensors_in(roots))
+        except Exception as e:
+            self.warn_once("backward", e)
+        if call is None:
+            return func(*args, **kwargs)
+        self.backwards.append(call)
+        mode = self.mode
+        mode.forget()
+        prev, mode.op = mode.op, None
+        try:
+            return func(*args, **kwargs)
+        finally:
+            mode.op = prev
+            mode.forget()
+            self.backwards.pop()
