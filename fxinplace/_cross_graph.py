@@ -22,7 +22,7 @@ from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
 from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
-__all__ = ["CrossGraphState"]
+__all__ = ["CrossGraphState", "saves_for_later_graphs"]
 
 # Nodes walked when asking whether a real autograd history reaches an earlier save.
 _WALK_LIMIT = 200_000
@@ -216,6 +216,33 @@ class CrossGraphState:
                 del entry.saves[:-64]
         for key in [k for k, e in self._storages.items() if e.tensor() is None or k.expired()]:
             del self._storages[key]
+
+
+def saves_for_later_graphs(
+    gm: torch.fx.GraphModule, trace: MutationTrace
+) -> tuple[dict[int, SavedTensor], dict[torch.fx.Node, SavedTensor]]:
+    """Saved tensors a later graph can write: ({output position: save}, {placeholder: save}).
+
+    After a graph break an output arrives as an input of the next graph; parameters, buffers
+    and the caller's inputs are the same tensors in every graph. A write there breaks this
+    graph's backward: the backend checks that when the later graph compiles. Only saves that
+    some output's backward reaches count, and only those not already modified here.
+    """
+    # What a checkpoint region saved is recomputed in backward: a later write cannot reach it.
+    live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None and not r.recomputed
+            and trace.backward_outputs.get(r.node)]
+    by_output = {}
+    for position, out in enumerate(output_nodes(gm)):
+        made = trace.storages_made.get(out, set())
+        record = next((r for r in live if r.storage in made), None)
+        if record is not None:
+            by_output[position] = record
+    by_placeholder = {}
+    for record in live:
+        root = trace.storage_root.get(record.storage)
+        if root is not None and root.op == "placeholder":
+            by_placeholder.setdefault(root, record)
+    return by_output, by_placeholder
 
 
 class _Token:

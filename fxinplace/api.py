@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ._sources import SourceLocation, is_internal_file, source_of
+from ._sources import SourceLocation, source_of, user_frame
 from .backend import InplaceAudit, emit_tables
 from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, Site
 from .options import parse_options
@@ -93,16 +93,18 @@ def _user_frame(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -
         import traceback
 
         frames = traceback.extract_tb(e.__traceback__)
-    for frame in reversed(frames):
+    innermost_first = list(reversed(frames))
+    for frame in innermost_first:
         if frame.filename.startswith("<eval_with_key>"):
             # Dynamo traced the graph, but running it raised (the fakes did not refuse what the
             # real tensors do): the line is in the graph's generated code, its node knows ours.
             source = _graph_source(frame, graphs)
             if source is not None:
                 return source
-        elif not is_internal_file(frame.filename):
-            return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
-    return None
+    frame = user_frame(innermost_first)
+    if frame is None:
+        return None
+    return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
 
 
 def _graph_source(frame, graphs: Sequence[torch.fx.GraphModule]) -> SourceLocation | None:

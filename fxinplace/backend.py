@@ -20,16 +20,17 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from . import render
 from ._compat import tested_range, torch_is_tested, warn_untested_once
-from ._cross_graph import CrossGraphState
-from ._sources import root_modules, source_of
+from ._cross_graph import CrossGraphState, saves_for_later_graphs
 from ._rewrites import mark_kept, mark_rewrites
+from ._sources import root_modules
 from .errors import AnalysisError, AnalysisWarning
 from .facts import KeptReason, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
-from .passes.find_hazards import find_hazards, saves_for_later_graphs
+from .passes.find_hazards import find_hazards, site_of
 from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
-from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
+from .passes.resolve_aliases import name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations
 from .report import GraphReport, HazardError, Report
@@ -250,17 +251,13 @@ class InplaceAudit:
         except Exception as e:
             if opts.explain and _is_autograd_inplace_error(e):
                 errors = [h for h in graph.report.all_hazards() if h.severity == "error"]
-                cause = (
-                    "fxinplace: the compiler failed with PyTorch's in-place autograd error "
-                    "(\"one of the variables needed for gradient computation has been modified by an "
-                    "inplace operation\"). This is why:"
-                )
+                written = []
                 if not errors:
                     try:
-                        cause += _compiled_checkpoint_note(graph)
+                        written = _checkpoint_outputs_written(graph)
                     except Exception:  # never hide the compiler's own error behind ours
                         log.debug("inplace_audit: no checkpoint note", exc_info=True)
-                raise HazardError(graph.report, errors, cause) from e
+                raise HazardError(graph.report, errors, render.compiler_inplace_error(written)) from e
             raise
 
 
@@ -290,27 +287,22 @@ def _ends_in_break(gm: torch.fx.GraphModule) -> bool:
     return bool(getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False))
 
 
-def _compiled_checkpoint_note(graph: _AuditedGraph) -> str:
-    # Eager recomputes what a checkpoint region saved, so a later write to the region's output
-    # is no hazard there; AOTAutograd traces the region as plain code, where it is one.
+def _checkpoint_outputs_written(graph: _AuditedGraph) -> list:
+    """Sites that write a checkpoint region's output after the region.
+
+    Eager recomputes what a checkpoint region saved, so such a write is no hazard there (and
+    the audit predicts none); AOTAutograd traces the region as plain code, where it is one.
+    """
     trace = graph.trace
     if trace is None:
-        return ""
+        return []
     written = []
     for write in trace.writes:
         root = trace.storage_root.get(write.storage)
         if (root is not None and root is not write.node and root.op == "call_function"
                 and getattr(root.target, "name", lambda: "")() == "tag_activation_checkpoint"):
-            written.append(write.inner or write.node)
-    if not written:
-        return ""
-    lines = ", ".join(sorted({f"`{describe_op(n)}` at {source_of(n) or '?'}" for n in written}))
-    return (
-        f" {lines} writes the output of a checkpoint region after the region. Eager PyTorch recomputes "
-        "what the region saved, so it trains this and the audit predicts no hazard; compiled by AOTAutograd "
-        "(aot_eager, inductor) the region is plain code, and the write breaks what it saved. Write that line "
-        "out of place."
-    )
+            written.append(site_of(write.inner or write.node))
+    return written
 
 
 def _fall_back(opts: AuditOptions, error: Exception, what: str, instead: str) -> None:

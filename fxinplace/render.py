@@ -208,6 +208,19 @@ def task_names(positions, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted({names[i] if i < len(names) else f"output[{i}]" for i in positions}))
 
 
+def compiler_inplace_error(checkpoint_writes: Sequence[Site] = ()) -> str:
+    """The head of the `HazardError` that replaces the compiler's in-place autograd error."""
+    text = ("fxinplace: the compiler failed with PyTorch's in-place autograd error "
+            f"(\"{AUTOGRAD_ERROR}\"). This is why:")
+    if checkpoint_writes:
+        lines = ", ".join(sorted({f"`{s.op}` at {s.source or '?'}" for s in checkpoint_writes}))
+        text += (f" {lines} writes the output of a checkpoint region after the region. Eager PyTorch recomputes "
+                 "what the region saved, so it trains this and the audit predicts no hazard; compiled by "
+                 "AOTAutograd (aot_eager, inductor) the region is plain code, and the write breaks what it saved. "
+                 "Write that line out of place.")
+    return text
+
+
 # --- dicts (JSON) ------------------------------------------------------------------------
 
 def graph_dict(graph: GraphReport) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from .._sources import module_path_of, source_of
 from ..facts import DEFAULT_SEVERITY, Detail, Hazard, HazardCode, Mutation, Saved, Severity, Site, Target
 from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
-from .trace_mutations import MutationTrace, SavedTensor, Write, output_nodes, overlaps
+from .trace_mutations import MutationTrace, SavedTensor, Write, overlaps
 
-__all__ = ["find_hazards", "saves_for_later_graphs", "site_of"]
+__all__ = ["find_hazards", "site_of"]
 
 
 def find_hazards(
@@ -88,33 +88,6 @@ def find_hazards(
 def site_of(node: torch.fx.Node, tasks: frozenset[int] = frozenset(), graph: str | None = None) -> Site:
     """The op `node` runs, as a site: its spelling, the user's line, its module."""
     return Site(describe_op(node), source_of(node), module_path_of(node), tasks, graph)
-
-
-def saves_for_later_graphs(
-    gm: torch.fx.GraphModule, trace: MutationTrace
-) -> tuple[dict[int, SavedTensor], dict[torch.fx.Node, SavedTensor]]:
-    """Saved tensors a later graph can write: ({output position: save}, {placeholder: save}).
-
-    After a graph break an output arrives as an input of the next graph; parameters, buffers
-    and the caller's inputs are the same tensors in every graph. A write there breaks this
-    graph's backward: the backend checks that when the later graph compiles. Only saves that
-    some output's backward reaches count, and only those not already modified here.
-    """
-    # What a checkpoint region saved is recomputed in backward: a later write cannot reach it.
-    live = [r for r in trace.saved if r.storage is not None and r.mutated_by is None and not r.recomputed
-            and trace.backward_outputs.get(r.node)]
-    by_output = {}
-    for position, out in enumerate(output_nodes(gm)):
-        made = trace.storages_made.get(out, set())
-        record = next((r for r in live if r.storage in made), None)
-        if record is not None:
-            by_output[position] = record
-    by_placeholder = {}
-    for record in live:
-        root = trace.storage_root.get(record.storage)
-        if root is not None and root.op == "placeholder":
-            by_placeholder.setdefault(root, record)
-    return by_output, by_placeholder
 
 
 def _invalidated(write: Write, saved_earlier) -> list:
