@@ -24,6 +24,7 @@ from ._cross_graph import CrossGraphState
 from ._sources import root_modules, source_of
 from .errors import AnalysisError, AnalysisWarning
 from .options import AuditOptions, parse_options
+from .passes._graph_io import describe_inputs
 from .passes.find_hazards import find_hazards, saves_for_later_graphs
 from .passes.resolve_aliases import describe_op, name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
@@ -152,6 +153,7 @@ class InplaceAudit:
     def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
         identity = graph_identity(gm)
         try:
+            describe_inputs(gm, example_inputs)  # once per graph: every pass reads these records
             earlier = self._cross_graph.look_up(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
             self._name_state(gm, example_inputs, trace)

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from .._sources import qualified_name_of
 from ._storage import storage_key
 
-__all__ = ["GraphInput", "describe_inputs", "graph_inputs", "fresh_fakes", "output_nodes", "returned_values"]
+__all__ = ["GraphInput", "describe_inputs", "graph_inputs", "fresh_fakes", "example_requires_grad", "output_nodes", "returned_values"]
 
 _KEY = "fxinplace_input"
 
@@ -59,12 +59,13 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
             with fake_mode:
                 meta = fake_mode.from_tensor(real)
         examples.append(meta if meta is not None else real)
-    first_of: dict[Any, int] = {}
     keys = [storage_key(e) for e in examples]
+    first_of: dict[Any, int] = {}
+    count: dict[Any, int] = {}
     for i, key in enumerate(keys):
         if key is not None:
             first_of.setdefault(key, i)
-    shared = {key for key in first_of if sum(k == key for k in keys) > 1}
+            count[key] = count.get(key, 0) + 1
     inputs = []
     for i, (node, real, example) in enumerate(zip(placeholders, example_inputs, examples)):
         source = getattr(node.meta.get("grapharg"), "source", None)
@@ -74,8 +75,8 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
         record = GraphInput(
             index=i, source=source, kind=kind, name=name, example=example,
             requires_grad=bool(tensor and start.requires_grad), is_leaf=bool(not tensor or start.is_leaf),
-            grad_by_end=_example_requires_grad(node.meta.get("example_value")),
-            alias_group=first_of[keys[i]] if keys[i] in shared else None,
+            grad_by_end=example_requires_grad(node.meta.get("example_value")),
+            alias_group=first_of[keys[i]] if count.get(keys[i], 0) > 1 else None,
         )
         node.meta[_KEY] = record
         inputs.append(record)
@@ -91,7 +92,8 @@ def graph_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fake_m
     return describe_inputs(gm, example_inputs, fake_mode)
 
 
-def _example_requires_grad(value: Any) -> bool:
+def example_requires_grad(value: Any) -> bool:
+    """Does Dynamo's example value require grad? True when unknown (the safe answer)."""
     if not isinstance(value, torch.Tensor):
         return True
     return value.requires_grad and (value.is_floating_point() or value.is_complex())

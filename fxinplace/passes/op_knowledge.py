@@ -144,10 +144,12 @@ class HiddenWrite:
 _F_STATS = ((1, "running_mean"), (2, "running_var"))  # F.batch_norm(input, running_mean, running_var, weight, ...)
 _ATEN_STATS = ((3, "running_mean"), (4, "running_var"))  # torch.batch_norm(input, weight, bias, running_mean, ...)
 
-# Eager updates the running statistics inside the kernel and bumps no version, whatever the
-# schema says (measured on torch 2.13: `native_batch_norm` marks nothing written,
+# Eager batch norm updates the running statistics inside the kernel and bumps no version,
+# whatever the schema says (measured on torch 2.13: `native_batch_norm` marks nothing written,
 # `_native_batch_norm_legit` marks `running_mean(a!)`; neither bumps, with or without `out=`;
 # its `no_stats` overload has a bool at position 3: no tensor argument, nothing picked).
+# Instance norm updates them by a `copy_` eager does count (tests/test_op_knowledge.py): listed
+# all the same, so that they are named written whatever the run shows.
 # Training-mode batch norm saves `running_mean`/`running_var` (its backward formula takes them,
 # so their versions are checked) yet computes the gradient from the batch statistics it saved
 # itself; eval mode does read them. Measured for `F.batch_norm` and `torch.batch_norm`; the
