@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import fxinplace
+import fxinplace.backend
+import fxinplace.passes._graph_io as graph_io
 from fxinplace.passes._graph_io import GraphInput, describe_inputs, graph_inputs
 
 
@@ -54,9 +56,6 @@ def test_the_records_say_how_each_input_starts():
 
 
 def test_the_backend_describes_the_inputs_once_and_the_passes_read_them(monkeypatch):
-    import fxinplace.backend
-    import fxinplace.passes._graph_io as graph_io
-
     calls = []
 
     def counting(gm, example_inputs, fake_mode=None):
