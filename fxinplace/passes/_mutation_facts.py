@@ -46,7 +46,7 @@ class SavedTensor:
     mutated_by: torch.fx.Node | None = None  # first write that moved its version
     hidden_writes: list[torch.fx.Node] = field(default_factory=list)
     # False when backward checks the tensor's version but never reads its values (see
-    # `_SAVED_UNREAD`): a write autograd does not see cannot change the gradients then.
+    # `HiddenWrite.read_by_backward`): a write autograd does not see cannot change the gradients then.
     values_read: bool = True
     _last_version: int = 0
     # Facts from inside a higher-order op's subgraph (`node` or `mutated_by` is then the op's
