@@ -82,7 +82,6 @@ def is_write_back(node: torch.fx.Node) -> bool:
     return node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder"
 
 
-
 def aliased_outputs(returned: Sequence[Any], written: list[tuple[int, torch.fx.Node]]) -> dict[int, int]:
     """Output position -> input index, for outputs that are the new value of a written input."""
     outputs = list(returned)[: -len(written) or None]

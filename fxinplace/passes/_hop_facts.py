@@ -242,8 +242,6 @@ def _check_recomputed_saves(n, run: BodyRun, facts: _SubgraphFacts) -> None:
         _check_body_saves(n, run, facts, recomputed=True, before_step=max(steps))
 
 
-
-
 def _masks_own_result(run: BodyRun, record: SavedTensor, writer: torch.fx.Node) -> bool:
     """Does a visible write over an elementwise op's saved result leave its gradient alone?
 

@@ -34,9 +34,6 @@ def _tensor_args(node: torch.fx.Node, env: dict) -> Iterator[tuple[torch.fx.Node
                     yield leaf, v
 
 
-
-
-
 def _hidden_write_values(node: torch.fx.Node, args: tuple, kwargs: dict, unread: bool = False) -> list[tuple[Any, Any]]:
     """(argument node, runtime value) per argument the op writes unseen (`HIDDEN_WRITES`); only
     those whose values backward never reads, when `unread`."""
@@ -285,7 +282,6 @@ class TracingInterpreter(torch.fx.Interpreter):
                     record.mutated_by = n
             elif record.values_read and overlaps(record.tensor, written):
                 record.hidden_writes.append(n)
-
 
 
 def _written_region(n: torch.fx.Node, args: tuple, t: torch.Tensor, key: StorageKey) -> torch.Tensor:

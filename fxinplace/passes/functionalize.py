@@ -99,8 +99,7 @@ def functionalize(
         return _unchanged(gm, mutations, "kept in place: no write at ATen level", keep_saved)
     new_gm, written_at_aten = traced
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    grads = [record.grad_by_end for record in inputs]
-    read = read_by_backward(new_gm, grads)
+    read = read_by_backward(new_gm, [record.grad_by_end for record in inputs])
     reinplaced = reinplace_running_stats(new_gm)
     # A write to a tensor without grad that nothing with a gradient reads (counters) stays in
     # the graph: the compiler handles it as any buffer update (Inductor writes it from its
@@ -108,7 +107,7 @@ def functionalize(
     # write, kept in the graph, would trip autograd's version check.
     saved_by_batch_norm = read_by_functional_batch_norm(new_gm)
     written, kept = outputs_for_writes(
-        new_gm, keep=lambda i: not grads[i] and not read[i] and i not in saved_by_batch_norm)
+        new_gm, keep=lambda i: not inputs[i].grad_by_end and not read[i] and i not in saved_by_batch_norm)
     shared = _sharing_storage(inputs, [i for i, _ in written] + kept + reinplaced)
     if shared:
         # The functional trace takes every input as a tensor of its own: a write through one
@@ -134,7 +133,6 @@ def functionalize(
         note = "; checkpoint regions inlined: their activations are kept, not recomputed"
         marked = tuple(dataclasses.replace(m, rewrite=m.rewrite + note) for m in marked)
     return FunctionalizedGraph(new_gm, wrap, marked)
-
 
 
 def _is_hop(node: torch.fx.Node, name: str) -> bool:
