@@ -28,6 +28,7 @@ from ._sources import root_modules
 from .errors import AnalysisError, AnalysisWarning
 from .facts import KeptReason, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
+from .passes._graph_io import describe_inputs
 from .passes.find_hazards import find_hazards, site_of
 from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
 from .passes.resolve_aliases import name_placeholders, target_of_root
@@ -170,6 +171,7 @@ class InplaceAudit:
     def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
         identity = graph_identity(gm)
         try:
+            describe_inputs(gm, example_inputs)  # once per graph: every pass reads these records
             earlier = self._cross_graph.look_up(gm, example_inputs)
             trace = trace_mutations(gm, example_inputs)
             self._name_state(gm, example_inputs, trace)

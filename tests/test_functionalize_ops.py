@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fxinplace
 from conftest import assert_close_at_scale, assert_grads_close
-from fxinplace.passes.functionalize import _RESPELLED
+from fxinplace.passes.op_knowledge import RESPELLED as _RESPELLED
 
 aten = torch.ops.aten
 

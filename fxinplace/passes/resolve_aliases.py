@@ -10,33 +10,19 @@ their other registered names as aliases.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx
 
-from .._sources import qualified_name_of, state_names
+from .._sources import state_names
 from ..facts import Target
+from ._graph_io import GraphInput
+from .op_knowledge import HOP_SPELLING, OPERATOR_SPELLING
 from .trace_mutations import MutationTrace, Write, is_data_assignment
 
-__all__ = ["resolve_target", "root_of", "target_of_root", "name_placeholders", "Target", "describe_op"]
+__all__ = ["resolve_target", "root_of", "target_of_root", "target_of_input", "name_placeholders", "Target", "describe_op"]
 
 
-_OPERATOR_SPELLING = {
-    operator.setitem: "x[...] = v",
-    operator.iadd: "+=", operator.isub: "-=", operator.imul: "*=", operator.itruediv: "/=",
-    operator.ifloordiv: "//=", operator.imod: "%=", operator.ipow: "**=", operator.imatmul: "@=",
-    operator.iand: "&=", operator.ior: "|=", operator.ixor: "^=",
-    operator.ilshift: "<<=", operator.irshift: ">>=",
-}
-
-
-# Higher-order ops as the user called them.
-_HOP_SPELLING = {
-    "tag_activation_checkpoint": "checkpoint",
-    "autograd_function_apply": "autograd.Function.apply",
-    "cond": "torch.cond",
-}
 
 
 def describe_op(node: torch.fx.Node) -> str:
@@ -44,10 +30,10 @@ def describe_op(node: torch.fx.Node) -> str:
     if node.op == "call_method":
         name = str(node.target)
     elif node.op == "call_function":
-        if node.target in _OPERATOR_SPELLING:
-            return _OPERATOR_SPELLING[node.target]
+        if node.target in OPERATOR_SPELLING:
+            return OPERATOR_SPELLING[node.target]
         if isinstance(node.target, torch._ops.HigherOrderOperator):
-            return _HOP_SPELLING.get(node.target.name(), node.target.name())
+            return HOP_SPELLING.get(node.target.name(), node.target.name())
         name = getattr(node.target, "__name__", None) or str(node.target)
         if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             name = str(node.target)
@@ -80,12 +66,15 @@ def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:
     """Name the node that owns a storage: a placeholder by its source, else by its op."""
     if root.op != "placeholder":
         return Target("intermediate", root.name, describe_op(root))
-    named = root.meta.get("fxinplace")
+    return target_of_input(root, trace.inputs.get(root))
+
+
+def target_of_input(placeholder: torch.fx.Node, record: GraphInput | None) -> Target:
+    """A graph input's name: the audit's (`name_placeholders`, an earlier graph's), else its source's."""
+    named = placeholder.meta.get("fxinplace")
     if isinstance(named, Target):
         return named
-    source = trace.sources.get(root)
-    kind, name = qualified_name_of(source) if source is not None else ("input", root.name)
-    return Target(kind, name)
+    return Target(record.kind, record.name) if record is not None else Target("input", placeholder.name)
 
 
 def name_placeholders(gm: torch.fx.GraphModule, example_inputs: list, modules: list[torch.nn.Module]) -> None:

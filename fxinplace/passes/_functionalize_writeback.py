@@ -1,0 +1,176 @@
+"""The caller-visible writes of a functionalized graph: taken out of the graph as extra outputs
+and done by a wrapper after the compiled call, or kept in the graph (batch norm's running
+statistics back in place); and which inputs the backward may read (they get a clone)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Collection, Sequence
+
+import torch
+import torch.fx
+
+from ._functionalize_trace import grad_modes
+from .op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, mutates
+
+__all__ = ["outputs_for_writes", "reinplace_running_stats", "read_by_backward", "read_by_functional_batch_norm",
+           "aliased_outputs", "write_back", "identity"]
+
+
+def outputs_for_writes(
+    gm: torch.fx.GraphModule, keep: Callable[[int], bool]
+) -> tuple[list[tuple[int, torch.fx.Node]], list[int]]:
+    """Turn each final `copy_(input, value)` into an extra output, unless `keep(index)`.
+
+    Returns (input index, value) per write taken out, and the indices of the writes kept.
+    """
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    output = gm.graph.output_node()
+    written, kept = [], []
+    for node in list(gm.graph.nodes):
+        if is_write_back(node):
+            index = placeholders.index(node.args[0])
+            if keep(index):
+                kept.append(index)
+                continue
+            written.append((index, node.args[1]))
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and mutates(node) and node.target not in REINPLACED_RUNNING_STATS:
+            raise AssertionError(f"fxinplace: functionalize left a mutation in the graph: {node.format_node()}")
+    output.args = (tuple(output.args[0]) + tuple(value for _, value in written),)
+    return written, kept
+
+
+def reinplace_running_stats(gm: torch.fx.GraphModule) -> list[int]:
+    """Batch norm's running-statistics update back in place, when that is all that reads them;
+    returns the indices of the placeholders now written in the graph.
+
+    Functional batch norm takes the running statistics as inputs, which autograd saves, so a
+    `copy_` of its new statistics into them, kept in the graph, trips autograd's version
+    check. Eager (and `torch.compile` without fxinplace) updates them in place inside the
+    op, before anything is saved: `_native_batch_norm_legit` does that (`HIDDEN_WRITES` pairs
+    each functional op with its in-place twin).
+    """
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    done = []
+    for node in [n for n in gm.graph.nodes if functional_running_stats(n) is not None]:
+        entry = functional_running_stats(node)
+        stats = [node.args[p] for p, _ in entry.written]
+        outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+        copies = []
+        for k, stat in zip(entry.new_values, stats):
+            new = outputs.get(k)
+            users = list(new.users) if new is not None else []
+            if not (stat.op == "placeholder" and len(users) == 1 and is_write_back(users[0])
+                    and users[0].args[0] is stat and set(stat.users) == {node, users[0]}):
+                break
+            copies.append((new, users[0]))
+        else:
+            with gm.graph.inserting_before(node):
+                inplace = gm.graph.call_function(entry.inplace, node.args, node.kwargs)
+            inplace.meta = dict(node.meta)
+            for new, copy in copies:
+                gm.graph.erase_node(copy)
+                gm.graph.erase_node(new)
+            node.replace_all_uses_with(inplace)
+            gm.graph.erase_node(node)
+            done += [placeholders.index(stat) for stat in stats]
+    return done
+
+
+def is_write_back(node: torch.fx.Node) -> bool:
+    return node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder"
+
+
+def aliased_outputs(returned: Sequence[Any], written: list[tuple[int, torch.fx.Node]]) -> dict[int, int]:
+    """Output position -> input index, for outputs that are the new value of a written input."""
+    outputs = list(returned)[: -len(written) or None]
+    return {k: i for k, out in enumerate(outputs) for i, value in written if out is value}
+
+
+def _unread_by_backward(user: torch.fx.Node, arg: torch.fx.Node) -> bool:
+    # An argument whose value the op's backward never reads: training batch norm normalizes
+    # with the batch statistics it saves, and only updates the running ones (`HIDDEN_WRITES`).
+    entry = functional_running_stats(user)
+    if entry is None or entry.read_by_backward or not entry.is_on(user.args, user.kwargs):
+        return False
+    return any(i < len(user.args) and user.args[i] is arg for i, _ in entry.written) and \
+        sum(a is arg for a in user.args) == 1
+
+
+def read_by_backward(gm: torch.fx.GraphModule, placeholder_grads: list[bool]) -> list[bool]:
+    """Per placeholder: may the backward read its value (through anything computed from it)?
+
+    Only then does a written-back input need the clone `write_back` gives it: a value that
+    reaches no computation with a gradient can be neither saved nor recomputed by the
+    backward (AOTAutograd's partitioner recomputes from saved inputs, so reach counts, not
+    just direct use).
+    """
+    modes = grad_modes(gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    requires_grad = dict(zip(placeholders, placeholder_grads))
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            requires_grad[node] = modes[node.name] and any(requires_grad.get(a, True) for a in node.all_input_nodes)
+    read = []
+    for placeholder in placeholders:
+        seen, todo, found = set(), [placeholder], False
+        while todo and not found:
+            node = todo.pop()
+            for user in node.users:
+                if user.op == "output" or is_write_back(user) or user in seen or _unread_by_backward(user, node):
+                    continue
+                if requires_grad.get(user, True):
+                    found = True
+                    break
+                seen.add(user)
+                todo.append(user)
+        read.append(found)
+    return read
+
+
+def read_by_functional_batch_norm(gm: torch.fx.GraphModule) -> set[int]:
+    """Indices of the placeholders a functional batch norm takes (and autograd saves)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return {i for i, p in enumerate(placeholders) if any(functional_running_stats(u) is not None for u in p.users)}
+
+
+def write_back(
+    indices: list[int], n_outputs: int, aliased: dict[int, int], clone: Collection[int] = (), keep_version: Collection[int] = ()
+) -> Callable[[Callable], Callable]:
+    # `clone`: inputs the backward may read (see `read_by_backward`); `keep_version`: inputs
+    # eager writes without a version bump (batch norm's running statistics).
+    def wrap(compiled: Callable) -> Callable:
+        if not indices and not clone:
+            return compiled
+
+        def run(*args):
+            inputs = list(args)
+            if torch.is_grad_enabled():
+                for i in clone:  # autograd may save these: keep them apart from the write-back
+                    inputs[i] = args[i].clone()
+            outputs = compiled(*inputs)
+            plain_old, plain_new = [], []
+            for i, new in zip(indices, outputs[n_outputs:]):
+                old = args[i]
+                if new.requires_grad and not (old.is_leaf and old.requires_grad):
+                    old.copy_(new)  # a write eager records in autograd too
+                else:
+                    plain_old.append(old)
+                    plain_new.append(new)
+            if plain_old:  # one fused copy for parameters, buffers and inputs
+                hidden = tuple(args[i] for i in keep_version)
+                with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(hidden):
+                    torch._foreach_copy_(plain_old, plain_new)
+            result = list(outputs[:n_outputs])
+            for k, i in aliased.items():  # eager returns the written input itself
+                result[k] = args[i]
+            return type(outputs)(result) if isinstance(outputs, tuple) else result
+
+        return run
+
+    return wrap
+
+
+def identity(compiled: Callable) -> Callable:
+    return compiled
