@@ -1,14 +1,13 @@
-"""FX passes over the graphs Dynamo hands to the backend, one job per module.
+"""FX passes over the graphs Dynamo hands to the backend, in the order the backend runs them.
 
-- `trace_mutations`: one run on fake tensors that records writes, storages and saved tensors.
+- `trace_mutations/`: one run on fake tensors that records writes, storages and saved tensors.
 - `resolve_aliases`: what each write really targets (parameter, buffer, input, intermediate).
 - `split_tasks`: which task outputs each node feeds, and which parameters tasks share.
-- `find_hazards`: which mutations break autograd, corrupt gradients or cross tasks.
-- `functionalize`: rewrite mutations out of place, keeping caller-visible writes.
+- `find_hazards`: which mutations break autograd, corrupt gradients or cross tasks (records).
+- `functionalize/`: rewrite mutations out of place, keeping caller-visible writes.
 
 What they share: `op_knowledge` (schema helpers and the tables of op facts schemas do not
-state) and `_graph_io` (one record per graph input, the graph's outputs). The `_`-prefixed
-modules are the parts of one pass: `_tracing_interpreter`, `_saved_tensors`, `_hop_runs`,
-`_hop_facts`, `_mutation_facts` and `_storage` of `trace_mutations`; `_functionalize_*` of
-`functionalize`.
+state), `_graph_io` (one record per graph input, the graph's outputs) and `_storage`
+(storage keys, version counters, overlap). The `_`-prefixed modules inside the two
+packages are the parts of that pass.
 """

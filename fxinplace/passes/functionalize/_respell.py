@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .op_knowledge import RESPELLED, out_of_place_twin
+from ..op_knowledge import RESPELLED, out_of_place_twin
 
 __all__ = ["respell", "is_complex"]
 

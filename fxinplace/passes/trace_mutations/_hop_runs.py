@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from ._graph_io import output_nodes
-from ._mutation_facts import MutationTrace
-from ._storage import StorageKey, storage_key
+from .._graph_io import output_nodes
+from ._facts import MutationTrace
+from .._storage import StorageKey, storage_key
 
 __all__ = ["Layout", "BodyRun", "dry_run_bodies"]
 

@@ -10,10 +10,10 @@ import torch.fx.traceback as fx_traceback
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ._functionalize_histories import keep_eager_histories
-from ._functionalize_respell import respell
-from ._graph_io import GraphInput, fresh_fakes
-from .op_knowledge import mutates, view_chain, written_inputs
+from ._histories import keep_eager_histories
+from ._respell import respell
+from .._graph_io import GraphInput, fresh_fakes
+from ..op_knowledge import mutates, view_chain, written_inputs
 
 __all__ = ["trace_functional", "grad_modes"]
 

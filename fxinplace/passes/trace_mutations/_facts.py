@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._graph_io import GraphInput
-from ._storage import StorageKey
+from .._graph_io import GraphInput
+from .._storage import StorageKey
 
 __all__ = ["Write", "SavedTensor", "MutationTrace"]
 

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ._graph_io import returned_values
+from .._graph_io import returned_values
 
 __all__ = ["grad_fns", "new_grad_fns", "autograd_function_saved_args", "function_saved_values"]
 

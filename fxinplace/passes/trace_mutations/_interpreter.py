@@ -15,10 +15,10 @@ from torch.utils import _pytree as pytree
 
 from ._hop_facts import subgraph_facts
 from ._hop_runs import BodyRun, dry_run_bodies
-from ._mutation_facts import MutationTrace, SavedTensor, Write
+from ._facts import MutationTrace, SavedTensor, Write
 from ._saved_tensors import autograd_function_saved_args, grad_fns, new_grad_fns
-from ._storage import StorageKey, overlaps, storage_key, version_of
-from .op_knowledge import OUT_UNVERSIONED_IN_EAGER, hidden_write_of, is_inplace_function, is_spelled_inplace, written_inputs
+from .._storage import StorageKey, overlaps, storage_key, version_of
+from ..op_knowledge import OUT_UNVERSIONED_IN_EAGER, hidden_write_of, is_inplace_function, is_spelled_inplace, written_inputs
 
 __all__ = ["TracingInterpreter", "is_data_assignment"]
 

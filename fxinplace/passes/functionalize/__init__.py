@@ -11,14 +11,14 @@ PyTorch does the rewrite: `torch.func.functionalize(remove="mutations")`, traced
 on fresh fakes in Dynamo's fake mode (symbolic shapes included), turns every in-place op into
 its out-of-place twin, makes later readers (views included) read the new value, and ends the
 graph with one `copy_` per mutated input. It runs on an ATen graph traced first, where every
-write is explicit (see `_functionalize_trace`). The rest is done by hand:
+write is explicit (see `_trace`). The rest is done by hand:
 
 - Grad mode. A `make_fx` trace below autograd forgets `torch.no_grad()` regions. Every traced
   node remembers the node it came from (`from_node`), so `_set_grad_enabled` calls are put
-  back around the nodes that came from no-grad regions (`_functionalize_trace`).
+  back around the nodes that came from no-grad regions (`_trace`).
 - Histories. Eager changes a tensor's autograd history in place; out of place some new
   values would get another one: writes hidden from autograd, whole-tensor overwrites, views
-  taken under `no_grad` (`_functionalize_histories`).
+  taken under `no_grad` (`_histories`).
 - Caller-visible writes. Each final `copy_` into an input (parameter, buffer, user input)
   becomes an extra graph output, and the wrapper copies it into the input after the compiled
   call, exactly once: under `no_grad` unless the new value carries autograd history (a write
@@ -29,7 +29,7 @@ write is explicit (see `_functionalize_trace`). The rest is done by hand:
 - Saved inputs. Autograd saves graph inputs by reference (and AOTAutograd may recompute
   from them in the backward), so a write-back into an input the backward reads would raise
   or silently feed it the new values. While grad is on, the compiled graph gets a clone of
-  each written-back input the backward can reach (`_functionalize_writeback`); gradients reach the
+  each written-back input the backward can reach (`_write_back`); gradients reach the
   original through the clone.
 
 The pass returns facts (`FunctionalizedGraph`): which inputs it writes back, or why the graph
@@ -45,12 +45,12 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 import torch.fx
 
-from ..facts import KeptReason
-from ._functionalize_trace import trace_functional
-from ._functionalize_writeback import (aliased_outputs, identity, outputs_for_writes, read_by_backward,
+from ...facts import KeptReason
+from ._trace import trace_functional
+from ._write_back import (aliased_outputs, identity, outputs_for_writes, read_by_backward,
                                        read_by_functional_batch_norm, reinplace_running_stats, write_back)
-from ._graph_io import GraphInput, graph_inputs, returned_values
-from .op_knowledge import INLINABLE_HOPS
+from .._graph_io import GraphInput, graph_inputs, returned_values
+from ..op_knowledge import INLINABLE_HOPS
 
 __all__ = ["functionalize", "unchanged", "FunctionalizedGraph"]
 

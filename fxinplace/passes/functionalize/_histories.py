@@ -7,9 +7,9 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-from ._functionalize_respell import is_complex
-from ._graph_io import GraphInput, example_requires_grad
-from .op_knowledge import OVERWRITES, aliased_arg, is_view, mutates, view_chain, written_inputs
+from ._respell import is_complex
+from .._graph_io import GraphInput, example_requires_grad
+from ..op_knowledge import OVERWRITES, aliased_arg, is_view, mutates, view_chain, written_inputs
 
 __all__ = ["keep_eager_histories"]
 

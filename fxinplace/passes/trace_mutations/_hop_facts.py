@@ -14,10 +14,10 @@ import torch
 import torch.fx
 
 from ._hop_runs import BodyRun
-from ._mutation_facts import MutationTrace, SavedTensor, Write
+from ._facts import MutationTrace, SavedTensor, Write
 from ._saved_tensors import function_saved_values
-from ._storage import StorageKey, overlaps, storage_key
-from .op_knowledge import MASKING_INPLACE, MASKING_WRITES, OWN_RESULT_SAVERS
+from .._storage import StorageKey, overlaps, storage_key
+from ..op_knowledge import MASKING_INPLACE, MASKING_WRITES, OWN_RESULT_SAVERS
 
 __all__ = ["subgraph_facts"]
 

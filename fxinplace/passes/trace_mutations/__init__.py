@@ -7,7 +7,7 @@ counter, whatever it is called. Two kinds of writes leave the counter alone and 
 caught otherwise: writes through `.data` (the alias has its own counter, so the root's
 counter does not move: that is what makes them invisible to autograd) and the writes that
 PyTorch's schemas hide (batch norm's running statistics, `op_knowledge.HIDDEN_WRITES`). Every
-tensor passed in `out=` is written, whether or not a counter shows it (`_tracing_interpreter`).
+tensor passed in `out=` is written, whether or not a counter shows it (`_interpreter`).
 `p.data = v` (Dynamo: `set_` and a version fix-up) rebinds `p` to another storage: it is a write
 of `p`, hidden from autograd (`TracingInterpreter._record_rebind`).
 
@@ -27,10 +27,10 @@ import contextlib
 import torch
 import torch.fx
 
-from ._graph_io import fresh_fakes, graph_inputs, output_nodes
-from ._mutation_facts import MutationTrace, SavedTensor, Write
-from ._storage import StorageKey, overlaps, storage_key
-from ._tracing_interpreter import TracingInterpreter, is_data_assignment
+from .._graph_io import fresh_fakes, graph_inputs, output_nodes
+from ._facts import MutationTrace, SavedTensor, Write
+from .._storage import StorageKey, overlaps, storage_key
+from ._interpreter import TracingInterpreter, is_data_assignment
 
 __all__ = ["trace_mutations", "MutationTrace", "Write", "SavedTensor", "output_nodes", "is_data_assignment",
            "StorageKey", "storage_key", "overlaps"]

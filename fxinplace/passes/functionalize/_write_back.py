@@ -10,8 +10,8 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 import torch.fx
 
-from ._functionalize_trace import grad_modes
-from .op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, mutates
+from ._trace import grad_modes
+from ..op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, mutates
 
 __all__ = ["outputs_for_writes", "reinplace_running_stats", "read_by_backward", "read_by_functional_batch_norm",
            "aliased_outputs", "write_back", "identity"]
