@@ -49,19 +49,6 @@ class HazardCode(str, Enum):
         return self.value
 
 
-DEFAULT_SEVERITY = {
-    HazardCode.SAVED_THEN_MUTATED: Severity.ERROR,
-    HazardCode.HIDDEN_WRITE_TO_SAVED: Severity.ERROR,
-    HazardCode.LEAF_INPLACE: Severity.ERROR,
-    HazardCode.VIEW_INPLACE: Severity.ERROR,
-    HazardCode.CROSS_TASK_WRITE: Severity.WARNING,
-    HazardCode.PARAMETER_WRITE: Severity.WARNING,  # info for a copy that requires no grad (`Detail.NO_GRAD_COPY`)
-    HazardCode.INPUT_WRITE: Severity.WARNING,
-    HazardCode.BUFFER_UPDATE: Severity.INFO,
-    HazardCode.SAFE_INPLACE: Severity.INFO,
-}
-
-
 class Detail(str, Enum):
     """Which case of its code a hazard is, where the code has several."""
 
@@ -89,17 +76,21 @@ class Fix(str, Enum):
         return self.value
 
 
-FIX_OF = {
-    HazardCode.SAVED_THEN_MUTATED: Fix.WRITE_OUT_OF_PLACE,
-    HazardCode.HIDDEN_WRITE_TO_SAVED: Fix.WRITE_OUT_OF_PLACE,
-    HazardCode.LEAF_INPLACE: Fix.NO_GRAD_UPDATE,
-    HazardCode.VIEW_INPLACE: Fix.CLONE_THE_VIEW,
-    HazardCode.CROSS_TASK_WRITE: Fix.ORDER_THE_TASKS,
-    HazardCode.PARAMETER_WRITE: Fix.NONE,
-    HazardCode.INPUT_WRITE: Fix.NONE,
-    HazardCode.BUFFER_UPDATE: Fix.NONE,
-    HazardCode.SAFE_INPLACE: Fix.NONE,
+# code -> (its default severity, the kind of change that removes it)
+_BY_CODE = {
+    HazardCode.SAVED_THEN_MUTATED: (Severity.ERROR, Fix.WRITE_OUT_OF_PLACE),
+    HazardCode.HIDDEN_WRITE_TO_SAVED: (Severity.ERROR, Fix.WRITE_OUT_OF_PLACE),
+    HazardCode.LEAF_INPLACE: (Severity.ERROR, Fix.NO_GRAD_UPDATE),
+    HazardCode.VIEW_INPLACE: (Severity.ERROR, Fix.CLONE_THE_VIEW),
+    HazardCode.CROSS_TASK_WRITE: (Severity.WARNING, Fix.ORDER_THE_TASKS),
+    # info for a copy that requires no grad (`Detail.NO_GRAD_COPY`)
+    HazardCode.PARAMETER_WRITE: (Severity.WARNING, Fix.NONE),
+    HazardCode.INPUT_WRITE: (Severity.WARNING, Fix.NONE),
+    HazardCode.BUFFER_UPDATE: (Severity.INFO, Fix.NONE),
+    HazardCode.SAFE_INPLACE: (Severity.INFO, Fix.NONE),
 }
+DEFAULT_SEVERITY = {code: severity for code, (severity, _) in _BY_CODE.items()}
+FIX_OF = {code: fix for code, (_, fix) in _BY_CODE.items()}
 
 
 @dataclass(frozen=True)
