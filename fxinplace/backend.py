@@ -28,7 +28,7 @@ from ._sources import root_modules
 from .errors import AnalysisError, AnalysisWarning
 from .facts import KeptReason, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
-from .passes._graph_io import describe_inputs
+from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
 from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
 from .passes.resolve_aliases import name_placeholders, target_of_root
@@ -176,7 +176,7 @@ class InplaceAudit:
             trace = trace_mutations(gm, example_inputs)
             self._name_state(gm, example_inputs, trace)
             for node, target in earlier.targets.items():  # an earlier graph's name comes first
-                node.meta["fxinplace"] = target
+                name_input(node, target)
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)

@@ -74,6 +74,6 @@ def test_the_backend_describes_the_inputs_once_and_the_passes_read_them(monkeypa
     torch.compile(_Bank(), backend=backend)(torch.randn(4, 3), torch.randn(3))
     assert calls == gms  # once per graph: the trace and functionalize read the stored records
     assert audit.report.graphs[0].functionalized
-    stored = [p.meta["fxinplace_input"] for p in gms[0].graph.find_nodes(op="placeholder")]
+    stored = [p.meta["fxinplace"] for p in gms[0].graph.find_nodes(op="placeholder")]
     assert all(isinstance(r, GraphInput) for r in stored)
     assert graph_inputs(gms[0], [None] * len(stored)) == stored

@@ -3,12 +3,15 @@
 `describe_inputs` makes one `GraphInput` per placeholder: its name from Dynamo's `Source`,
 how it starts (`requires_grad`, leaf-ness, from the real input: Dynamo's fake shows the end
 of tracing), and which inputs share its storage. The backend calls it once per graph and
-the records stay on the placeholders (`meta["fxinplace_input"]`); each pass reads them with
-`graph_inputs`, which builds them only for a pass called on its own.
+the records stay on the placeholders (`meta["fxinplace"]`, the one key of ours); each pass
+reads them with `graph_inputs`, which builds them only for a pass called on its own. Where the
+audit knows a better name (the model's `named_parameters()`, an earlier graph's), `name_input`
+puts it in the record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,11 +20,12 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from .._sources import qualified_name_of
+from ..facts import Target
 from ._storage import storage_key
 
-__all__ = ["GraphInput", "describe_inputs", "graph_inputs", "fresh_fakes", "example_requires_grad", "output_nodes", "returned_values"]
+__all__ = ["GraphInput", "describe_inputs", "graph_inputs", "name_input", "input_of", "fresh_fakes", "example_requires_grad", "output_nodes", "returned_values"]
 
-_KEY = "fxinplace_input"
+_KEY = "fxinplace"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class GraphInput:
     # with a grad-requiring operand gave it history. True when unknown: the safe answer.
     grad_by_end: bool
     alias_group: int | None  # index of the first input sharing its storage; None if it shares none
+    target: Target | None = None  # the audit's name, when it knows a better one than the source's
+
+    @property
+    def named(self) -> Target:
+        return self.target if self.target is not None else Target(self.kind, self.name)
 
     @property
     def is_tensor(self) -> bool:
@@ -90,6 +99,20 @@ def graph_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fake_m
     if len(stored) == len(example_inputs) and all(isinstance(r, GraphInput) for r in stored):
         return stored
     return describe_inputs(gm, example_inputs, fake_mode)
+
+
+def input_of(placeholder: torch.fx.Node) -> GraphInput | None:
+    """The record on `placeholder` (None before `describe_inputs` ran)."""
+    record = placeholder.meta.get(_KEY)
+    return record if isinstance(record, GraphInput) else None
+
+
+def name_input(placeholder: torch.fx.Node, target: Target) -> None:
+    """Give the input at `placeholder` the audit's name for it."""
+    record = input_of(placeholder)
+    if record is None:
+        raise AssertionError(f"fxinplace: no input record on placeholder {placeholder.name}: run describe_inputs first")
+    placeholder.meta[_KEY] = dataclasses.replace(record, target=target)
 
 
 def example_requires_grad(value: Any) -> bool:

@@ -16,7 +16,7 @@ import torch.fx
 
 from .._sources import state_names
 from ..facts import Target
-from ._graph_io import GraphInput
+from ._graph_io import GraphInput, input_of, name_input
 from .op_knowledge import HOP_SPELLING, OPERATOR_SPELLING
 from .trace_mutations import MutationTrace, Write, is_data_assignment
 
@@ -71,10 +71,8 @@ def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:
 
 def target_of_input(placeholder: torch.fx.Node, record: GraphInput | None) -> Target:
     """A graph input's name: the audit's (`name_placeholders`, an earlier graph's), else its source's."""
-    named = placeholder.meta.get("fxinplace")
-    if isinstance(named, Target):
-        return named
-    return Target(record.kind, record.name) if record is not None else Target("input", placeholder.name)
+    current = input_of(placeholder) or record  # the record on the node carries the audit's name
+    return current.named if current is not None else Target("input", placeholder.name)
 
 
 def name_placeholders(gm: torch.fx.GraphModule, example_inputs: list, modules: list[torch.nn.Module]) -> None:
@@ -82,8 +80,8 @@ def name_placeholders(gm: torch.fx.GraphModule, example_inputs: list, modules: l
 
     The tensor at a placeholder's position in `example_inputs` is the real one: looked up by
     identity, it gets the name `named_parameters()` gives, with its other names as aliases
-    (one parameter registered as `seg.scale` and `shared_scale`). Writes a `Target` to the
-    placeholder's `meta["fxinplace"]`; placeholders no module holds keep Dynamo's name.
+    (one parameter registered as `seg.scale` and `shared_scale`), in its `GraphInput`;
+    placeholders no module holds keep Dynamo's name.
     """
     tables = [state_names(m) for m in modules]
     for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
@@ -92,7 +90,7 @@ def name_placeholders(gm: torch.fx.GraphModule, example_inputs: list, modules: l
         found = next((table[id(real)] for table in tables if id(real) in table), None)
         if found is not None:
             kind, name, aliases = found
-            node.meta["fxinplace"] = Target(kind, name, aliases=aliases)
+            name_input(node, Target(kind, name, aliases=aliases))
 
 
 def _view_chain(write: Write, root: torch.fx.Node, trace: MutationTrace) -> tuple[str, ...]:
