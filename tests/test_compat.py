@@ -13,7 +13,8 @@ from fxinplace import _compat
 
 @pytest.mark.parametrize("version, tested", [
     ("2.13.0", True), ("2.13.0+cpu", True), ("2.13.1+cu128", True), ("2.13.0rc1", True),
-    ("2.12.1", False), ("2.14.1", False), ("2.14.0a0+git1234", False), ("3.0.0", False),
+    ("2.14.1", True), ("2.14.1+cu130", True), ("2.14.0a0+git1234", True),
+    ("2.12.1", False), ("2.15.0", False), ("2.15.0a0+git1234", False), ("3.0.0", False),
 ])
 def test_tested_releases(version, tested):
     assert _compat.torch_is_tested(version) is tested
@@ -37,7 +38,7 @@ class SavedThenWritten(torch.nn.Module):
 
 @pytest.fixture
 def untested(monkeypatch):
-    monkeypatch.setattr(torch, "__version__", "2.14.1")
+    monkeypatch.setattr(torch, "__version__", "2.15.0")
     monkeypatch.setattr(_compat, "_warned", False)
 
 
@@ -48,12 +49,12 @@ def test_on_an_untested_release_functionalize_compiles_the_graph_unchanged(untes
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         model(x).sum().backward()  # eager's verdict
     audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
-    with pytest.warns(UserWarning, match=r"torch 2\.14\.1 is outside the tested range \(torch ==2\.13\.\*\)"):
+    with pytest.warns(UserWarning, match=r"torch 2\.15\.0 is outside the tested range \(torch ==2\.13\.\* or ==2\.14\.\*\)"):
         with pytest.raises(Exception, match="the compiler failed with PyTorch's in-place autograd error"):
             torch.compile(model, backend=audit)(x)
     [mutation] = audit.report.mutations
     assert mutation.rewrite == fxinplace.Rewrite(fxinplace.RewriteKind.KEPT_IN_PLACE, fxinplace.KeptReason.UNTESTED_TORCH,
-                                                 ("2.14.1", "==2.13.*"))
+                                                 ("2.15.0", "==2.13.* or ==2.14.*"))
     assert mutation.severity == "error"
 
 

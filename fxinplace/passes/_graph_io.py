@@ -84,7 +84,10 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
         record = GraphInput(
             index=i, source=source, kind=kind, name=name, example=example,
             requires_grad=bool(tensor and start.requires_grad), is_leaf=bool(not tensor or start.is_leaf),
-            grad_by_end=example_requires_grad(node.meta.get("example_value")),
+            # torch 2.14 gives an input that `.data =` rebinds a detached snapshot as its
+            # example value (no grad): the real input's flag counts too.
+            grad_by_end=example_requires_grad(node.meta.get("example_value"))
+            or (isinstance(real, torch.Tensor) and example_requires_grad(real)),
             alias_group=first_of[keys[i]] if count.get(keys[i], 0) > 1 else None,
         )
         node.meta[_KEY] = record

@@ -34,13 +34,13 @@ def describe_op(node: torch.fx.Node) -> str:
             return OPERATOR_SPELLING[node.target]
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             return HOP_SPELLING.get(node.target.name(), node.target.name())
+        if is_data_assignment(node):
+            return ".data = v"  # Dynamo's spelling of `t.data = v` (see `is_data_assignment`)
         name = getattr(node.target, "__name__", None) or str(node.target)
         if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             name = str(node.target)
         elif name == "_get_data_attr":
             name = ".data"
-        elif node.target is torch.Tensor.set_ and is_data_assignment(node):
-            return ".data = v"  # Dynamo's spelling of `t.data = v`: `set_`, then a version fix-up
     else:
         return f"{node.op} {node.target}"
     flags = [f"{k}={v}" for k, v in node.kwargs.items() if k == "inplace" and v is True]

@@ -8,10 +8,10 @@ import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
 from torch._dispatch.python import enable_python_dispatcher
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._histories import keep_eager_histories
 from ._respell import respell
+from ..._compat import make_fx_aten
 from .._graph_io import GraphInput, fresh_fakes
 from ..op_knowledge import mutates, view_chain, written_inputs
 
@@ -32,7 +32,7 @@ def trace_functional(
         # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's
         # own final `copy_` into a leaf parameter would otherwise be refused by autograd.
         with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
-            return make_fx(fn, decompositions, pre_dispatch=False)(*fakes)
+            return make_fx_aten(fn, decompositions)(*fakes)
 
     # Two traces. The first decomposes to ATen ops with every write explicit: composite ops
     # (`cross_entropy` with label smoothing, `instance_norm`) would otherwise write their own

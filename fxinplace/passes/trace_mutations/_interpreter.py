@@ -17,6 +17,7 @@ from ._hop_facts import subgraph_facts
 from ._hop_runs import BodyRun, dry_run_bodies
 from ._facts import MutationTrace, SavedTensor, Write
 from ._saved_tensors import autograd_function_saved_args, grad_fns, new_grad_fns
+from ..._compat import is_data_assignment_op, is_version_fixup
 from .._storage import StorageKey, overlaps, storage_key, version_of
 from ..op_knowledge import OUT_UNVERSIONED_IN_EAGER, hidden_write_of, is_inplace_function, is_spelled_inplace, written_inputs
 
@@ -140,8 +141,13 @@ class TracingInterpreter(torch.fx.Interpreter):
         return self._rebound.get(key) or self.trace.storage_root.get(key)
 
     def call_function(self, target, args, kwargs):
-        if _is_version_fixup(target):
+        if is_version_fixup(target):
             return args[0]  # `.data =`'s version fix-up: `_record_rebind` already left the counter as eager does
+        if is_data_assignment_op(target):
+            # torch 2.14's `.data = v`; on fakes it need not rebind as eager does: run it as 2.13
+            # spells it, `set_` under no_grad (`_record_rebind` puts the version counter back).
+            with torch.no_grad():
+                return torch.Tensor.set_(args[0], args[1])
         n = self.current
         if isinstance(target, torch._ops.HigherOrderOperator) and n is not None:
             # What the bodies write, learned on copies before the op itself runs (see below).
@@ -342,19 +348,15 @@ def _pick_written(n: torch.fx.Node, bumped: list) -> list:
 
 
 def _is_rebind(n: torch.fx.Node) -> bool:
-    """`t.set_(v)`, or `t.data = v` (Dynamo spells it `set_`), with a tensor `v`."""
-    is_set = (n.op == "call_function" and n.target is torch.Tensor.set_) or (
+    """`t.set_(v)`, or `t.data = v` (Dynamo spells it `set_`, or `shallow_copy_data_`), with a tensor `v`."""
+    is_set = (n.op == "call_function" and (n.target is torch.Tensor.set_ or is_data_assignment_op(n.target))) or (
         n.op == "call_method" and n.target == "set_"
     )
     return is_set and len(n.args) == 2 and isinstance(n.args[0], torch.fx.Node) and isinstance(n.args[1], torch.fx.Node)
 
 
-def _is_version_fixup(target: Any) -> bool:
-    # Dynamo follows the `set_` of `t.data = v` with `_lower_version_count_by_1(t)`, undoing
-    # `set_`'s bump: eager `.data =` bumps nothing.
-    return getattr(target, "__name__", None) == "_lower_version_count_by_1"
-
-
 def is_data_assignment(n: torch.fx.Node) -> bool:
-    """Is this `set_` Dynamo's spelling of `t.data = v` (followed by a version fix-up)?"""
-    return any(u.op == "call_function" and _is_version_fixup(u.target) for u in n.users)
+    """Is this Dynamo's spelling of `t.data = v`: `set_` followed by a version fix-up (torch
+    2.13), or one `shallow_copy_data_` (torch 2.14)? Eager `.data =` bumps no version."""
+    return (n.op == "call_function" and is_data_assignment_op(n.target)) or any(
+        u.op == "call_function" and is_version_fixup(u.target) for u in n.users)
