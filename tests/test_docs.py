@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from torch._vendor.packaging.version import Version
+
+from fxinplace._compat import TESTED_TORCH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -33,8 +36,15 @@ def test_readme_shows_the_examples_real_output():
     assert shown.strip() == result.stdout.strip()
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_on_every_supported_release():
     readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"Run the tests:\n\n    (.*)\n", readme).group(1)
     install_and_test = command.split("&& pip install torch==2.13.0 && ")[1]
-    assert install_and_test in (ROOT / ".ci" / "run").read_text()
+    assert install_and_test in ci
+    releases = re.findall(r"^suite \S+ torch==(\S+)", ci, flags=re.M)
+    assert {Version(v).release[:2] for v in releases} == set(TESTED_TORCH)  # CI tests what we call tested
+    for release in releases:
+        assert f"torch=={release}" in readme
+    low, high = re.search(r'"torch>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text()).groups()
+    assert min(TESTED_TORCH) == Version(low).release[:2] and max(TESTED_TORCH) < Version(high).release[:2]
