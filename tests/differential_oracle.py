@@ -286,7 +286,7 @@ def check(program: Program, directory: pathlib.Path) -> Checked:
         found.append(f"missed-error: {why}, audit has no error")
     if errors and not verdict.broken:
         found.append(f"false-error: eager trains with the reference gradients, audit says "
-                     f"{sorted({(h.code, h.source.line if h.source else None) for h in errors})}")
+                     f"{sorted({(h.code.value, h.source.line if h.source else None) for h in errors})}")
     return Checked(verdict, found, kinds, codes)
 
 
