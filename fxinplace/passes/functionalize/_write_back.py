@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from ._trace import grad_modes
-from ..op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, mutates
+from ..op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, is_view, mutates, view_chain
 
 __all__ = ["outputs_for_writes", "reinplace_running_stats", "read_by_backward", "read_by_functional_batch_norm",
            "aliased_outputs", "write_back", "identity"]
@@ -32,6 +32,7 @@ def outputs_for_writes(
             index = placeholders.index(node.args[0])
             if keep(index):
                 kept.append(index)
+                _view_the_input(gm, node)
                 continue
             written.append((index, node.args[1]))
             gm.graph.erase_node(node)
@@ -39,6 +40,28 @@ def outputs_for_writes(
             raise AssertionError(f"fxinplace: functionalize left a mutation in the graph: {node.format_node()}")
     output.args = (tuple(output.args[0]) + tuple(value for _, value in written),)
     return written, kept
+
+
+def _view_the_input(gm: torch.fx.GraphModule, copy: torch.fx.Node) -> None:
+    # An output that views the written value (`t = x.t(); t.relu_(); return t`): eager returns
+    # a view of the input itself, which later writes (after a graph break) reach. Make the
+    # output the same views of the input, after the write, so the compiler sees the alias.
+    placeholder, value = copy.args[0], copy.args[1]
+    output = gm.graph.output_node()
+    returned = list(output.args[0])
+    for k, out in enumerate(returned):
+        chain = view_chain(out) if isinstance(out, torch.fx.Node) else []
+        chain = chain[:chain.index(value) + 1] if value in chain else []  # `value` may itself be a view
+        if len(chain) < 2 or not all(
+                is_view(n) and n.args and n.args[0] is base for n, base in zip(chain, chain[1:])):
+            continue
+        base = placeholder
+        with gm.graph.inserting_before(output):
+            for n in reversed(chain[:-1]):
+                base = gm.graph.call_function(n.target, (base, *n.args[1:]), dict(n.kwargs))
+                base.meta = dict(n.meta)
+        returned[k] = base
+    output.args = (tuple(returned), *output.args[1:])
 
 
 def reinplace_running_stats(gm: torch.fx.GraphModule) -> list[int]:
@@ -165,11 +188,34 @@ def write_back(
             result = list(outputs[:n_outputs])
             for k, i in aliased.items():  # eager returns the written input itself
                 result[k] = args[i]
+            _view_written_inputs(result, [args[i] for i in indices], outputs[n_outputs:], aliased)
             return type(outputs)(result) if isinstance(outputs, tuple) else result
 
         return run
 
     return wrap
+
+
+def _view_written_inputs(result: list, olds: list, news: Sequence[Any], aliased: dict[int, int]) -> None:
+    # An output that views a written input (`t = x.t(); t.relu_(); return t`, a graph that ends
+    # in a break): eager returns a view of the input itself, which later writes reach. The
+    # functional graph returns a view of the input's new value, which the write-back copies
+    # and drops: make the same view of the input. Only where the new value has the input's
+    # layout, so that the view's strides mean the same elements in both.
+    by_storage = {}
+    for old, new in zip(olds, news):
+        if isinstance(new, torch.Tensor) and new.untyped_storage().nbytes() and new.stride() == old.stride():
+            by_storage[new.untyped_storage().data_ptr()] = (old, new)
+    if not by_storage:
+        return
+    for k, out in enumerate(result):
+        if k in aliased or not isinstance(out, torch.Tensor) or not out.untyped_storage().nbytes():
+            continue
+        pair = by_storage.get(out.untyped_storage().data_ptr())
+        if pair is not None and out._base is not None:
+            old, new = pair
+            offset = old.storage_offset() + out.storage_offset() - new.storage_offset()
+            result[k] = old.as_strided(out.size(), out.stride(), offset)
 
 
 def identity(compiled: Callable) -> Callable:
