@@ -6,8 +6,13 @@ wrong gradients, not as an error. On a release outside the tested range it refus
 is compiled unchanged unless the user opts in (option `untested_torch`). The audit only reads;
 it runs and says once that the release is untested.
 
-Below the version gate, each private behaviour we rely on has one function here, with the
-releases it differs between; `tests/test_compat.py` states each behaviour against torch.
+Below the version gate, each private torch API we use (`torch._*`, `torch._C`, Dynamo's node
+metadata, `torch.utils._pytree`) has one name here: a small function, or the torch object
+itself where a caller is a hot path (the training guard) or an `isinstance` check; with what we
+rely on and the releases it differs between. The rest of fxinplace imports them from here, and
+`tests/test_compat.py` states each behaviour against torch. Dynamo and Inductor are imported
+when first asked for. Left outside: documented tensor attributes (`_version`, `_base`) and the
+`meta["val"]` of `make_fx` graphs (the export IR's documented key).
 """
 
 from __future__ import annotations

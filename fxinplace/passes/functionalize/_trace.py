@@ -9,7 +9,8 @@ import torch.fx
 
 from ._histories import keep_eager_histories
 from ._respell import respell
-from ..._compat import SET_GRAD_ENABLED, detect_fake_mode, enable_python_dispatcher, make_fx_aten, origin_names, preserve_node_meta
+from ..._compat import (SET_GRAD_ENABLED, detect_fake_mode, enable_python_dispatcher, make_fx_aten, origin_names,
+                        preserve_node_meta)
 from .._graph_io import GraphInput, fresh_fakes
 from ..op_knowledge import mutates, view_chain, written_inputs
 
