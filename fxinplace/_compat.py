@@ -6,21 +6,49 @@ wrong gradients, not as an error. On a release outside the tested range it refus
 is compiled unchanged unless the user opts in (option `untested_torch`). The audit only reads;
 it runs and says once that the release is untested.
 
-Below the version gate, each private behaviour we rely on has one function here, with the
-releases it differs between; `tests/test_compat.py` states each behaviour against torch.
+Below the version gate, each private torch API we use (`torch._*`, `torch._C`, Dynamo's node
+metadata, `torch.utils._pytree`) has one name here: a small function, or the torch object
+itself where a caller is a hot path (the training guard) or an `isinstance` check; with what we
+rely on and the releases it differs between. The rest of fxinplace imports them from here, and
+`tests/test_compat.py` states each behaviour against torch. Dynamo and Inductor are imported
+when first asked for. Left outside: documented tensor attributes (`_version`, `_base`) and the
+`meta["val"]` of `make_fx` graphs (the export IR's documented key).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
+import torch.fx
+import torch.fx.traceback
+from torch._dispatch.python import enable_python_dispatcher
 from torch._vendor.packaging.version import Version
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
 
 __all__ = [
     "TESTED_TORCH", "torch_is_tested", "tested_range", "warn_untested_once",
     "SHALLOW_COPY_DATA", "is_data_assignment_op", "is_version_fixup", "make_fx_aten",
+    # ops and schemas
+    "OpOverload", "OpOverloadPacket", "HigherOrderOperator", "hop_name", "schema_of", "overload_name",
+    "SET_GRAD_ENABLED", "NATIVE_BATCH_NORM_LEGIT", "foreach_copy_", "pytree",
+    # graph metadata
+    "preserve_node_meta", "origin_names", "stack_trace", "nn_module_stack", "example_value", "graph_arg_source",
+    "graph_break_reason", "interpreting",
+    # fake tensors
+    "FakeTensor", "FakeTensorMode", "detect_fake_mode", "fake_mode_of", "unset_fake_temporarily",
+    "fake_from_real", "ignore_fresh_unbacked_symbols", "enable_python_dispatcher",
+    # storages and version counters
+    "StorageWeakRef", "set_version", "preserve_version_counter", "increment_version",
+    # Dynamo, Inductor and the backend registry
+    "current_compile_id", "traced_code", "dynamo_output_scopes", "inductor_compile_fx", "inductor_mode_options",
+    "lookup_backend", "list_backends", "dynamo_reset",
+    # the torch-function mode stack and autograd (the training guard)
+    "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
+    "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA",
 ]
 
 TESTED_TORCH = ((2, 13), (2, 14))  # the (major, minor) releases tested: README's "Supported torch versions"
@@ -80,3 +108,195 @@ def make_fx_aten(fn: Callable, decompositions: dict | None = None) -> Callable:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     return make_fx(fn, dict(decompositions or {}), pre_dispatch=False)
+
+
+# -- ops and schemas -------------------------------------------------------------------------------
+# `torch._ops`' classes: the only spelling of the types of `torch.ops.aten.add_.Tensor`,
+# `torch.ops.aten.add_` and of higher-order ops (`wrap`, `cond`, `tag_activation_checkpoint`).
+OpOverload = torch._ops.OpOverload
+OpOverloadPacket = torch._ops.OpOverloadPacket
+HigherOrderOperator = torch._ops.HigherOrderOperator
+
+
+def hop_name(target: Any) -> str | None:
+    """The name of a higher-order op (`"wrap"`, `"tag_activation_checkpoint"`), None for anything else."""
+    return target.name() if isinstance(target, HigherOrderOperator) else None
+
+
+def schema_of(op: Any) -> Any:
+    """`op`'s `torch._C.FunctionSchema` (its `arguments`, `returns`, each `alias_info` with
+    `is_write` and `before_set`, and `name` `"aten::add_"`), None for what has none."""
+    return getattr(op, "_schema", None)
+
+
+def overload_name(op: OpOverload) -> str:
+    """`"Tensor"` for `aten.add_.Tensor`, `"default"` for `aten.relu_.default`."""
+    return op._overloadname
+
+
+# Dynamo puts `torch._C._set_grad_enabled(mode)` nodes where `no_grad` / `enable_grad` begin and end.
+SET_GRAD_ENABLED = torch._C._set_grad_enabled
+# The torch-level spelling of batch norm with its running-stat writes in the schema (Dynamo graphs).
+NATIVE_BATCH_NORM_LEGIT = torch._native_batch_norm_legit
+# One fused `copy_` over lists of tensors (each `dst[i].copy_(src[i])`; bumps each version).
+foreach_copy_ = torch._foreach_copy_
+# `pytree` (imported above, `torch.utils._pytree`): `tree_leaves` (None is a leaf),
+# `tree_flatten_with_path` (key paths whose entries have `.key`, `.idx` or `.name`).
+
+
+# -- graph metadata --------------------------------------------------------------------------------
+# Under `preserve_node_meta`, `make_fx` gives each node it traces from an FX node's run a
+# `meta["from_node"]`: a list of `NodeSource`s, the first naming the node it came from (only
+# from a node whose meta is not empty, as Dynamo's never is).
+preserve_node_meta = torch.fx.traceback.preserve_node_meta
+
+
+def origin_names(node: torch.fx.Node) -> list[str]:
+    """The names in `node.meta["from_node"]`, the node it came from first; [] without one."""
+    return [s.name for s in node.meta.get("from_node", ())]
+
+
+def stack_trace(node: torch.fx.Node) -> str | None:
+    """Dynamo's `meta["stack_trace"]`: a traceback's text, innermost frame last."""
+    return node.meta.get("stack_trace")
+
+
+def nn_module_stack(node: torch.fx.Node) -> dict | None:
+    """Dynamo's `meta["nn_module_stack"]`: {key: (path, module type)}, innermost module last."""
+    return node.meta.get("nn_module_stack")
+
+
+def example_value(node: torch.fx.Node) -> Any:
+    """Dynamo's fake `meta["example_value"]` of a node (None when it set none)."""
+    return node.meta.get("example_value")
+
+
+def graph_arg_source(node: torch.fx.Node) -> Any:
+    """The Dynamo `Source` of a placeholder (`meta["grapharg"].source`: `L['x']`,
+    `L['self']._modules['fc']._parameters['weight']`), None without one."""
+    return getattr(node.meta.get("grapharg"), "source", None)
+
+
+def graph_break_reason(gm: torch.fx.GraphModule) -> tuple[str | None, bool]:
+    """(why Dynamo ended the graph, whether at a graph break) from `gm.compile_subgraph_reason`."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    return getattr(reason, "reason", None), bool(getattr(reason, "graph_break", False))
+
+
+def interpreting(interpreter: torch.fx.Interpreter, node: torch.fx.Node) -> ContextManager:
+    """`Interpreter.run_node`'s own scope around one node (sets `fx.traceback`'s current node)."""
+    return interpreter._set_current_node(node)
+
+
+# -- fake tensors ----------------------------------------------------------------------------------
+FakeTensor = torch._subclasses.FakeTensor
+FakeTensorMode = torch._subclasses.FakeTensorMode
+unset_fake_temporarily = torch._subclasses.fake_tensor.unset_fake_temporarily
+# The fake mode of the fake tensors among `inputs` (Dynamo's example inputs), None without any.
+detect_fake_mode = torch._guards.detect_fake_mode
+
+
+def fake_mode_of(inputs: Any) -> Any:
+    """Dynamo's fake mode of `inputs`, or a new `FakeTensorMode` when they hold no fakes."""
+    return detect_fake_mode(inputs) or FakeTensorMode()
+
+
+def fake_from_real(fake_mode: Any, t: torch.Tensor, static_shapes: bool | None = None) -> torch.Tensor:
+    """A fake of the real `t` in `fake_mode` (same shape, strides, dtype, device, requires_grad)."""
+    if static_shapes is None:
+        return fake_mode.from_tensor(t)
+    return fake_mode.from_tensor(t, static_shapes=static_shapes)
+
+
+def ignore_fresh_unbacked_symbols(fake_mode: Any) -> ContextManager:
+    """A scope in which `.item()` on a fake leaves no unbacked symbol pending (for a later
+    `make_fx`'s `PendingUnbackedSymbolNotFound`); nothing to do for a mode without a shape env."""
+    shape_env = getattr(fake_mode, "shape_env", None)
+    return shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None else contextlib.nullcontext()
+
+
+# -- storages and version counters -----------------------------------------------------------------
+# `StorageWeakRef` (imported above, `torch.multiprocessing.reductions`): of `t.untyped_storage()`,
+# equal and of one hash for every view of one storage.
+
+def set_version(t: torch.Tensor, version: int) -> None:
+    """Set `t._version` (shared by every view of `t`) to `version`."""
+    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+
+
+# `with preserve_version_counter(tensors):` leaves their `_version`s as they were on entry.
+preserve_version_counter = torch.autograd._unsafe_preserve_version_counter
+# `increment_version(tensors)` bumps each tensor's `_version` by one (public, listed for the fakes' sake).
+increment_version = torch.autograd.graph.increment_version
+
+
+# -- Dynamo, Inductor and the backend registry -----------------------------------------------------
+# Dynamo and Inductor are imported when first asked for: `import fxinplace` does not load them.
+
+def current_compile_id() -> Any:
+    """The `CompileId` ("0/0", frame/recompile) of the compile under way, None outside one."""
+    return torch._guards.CompileContext.current_compile_id()
+
+
+def traced_code() -> list:
+    """The code objects Dynamo is tracing for the graph under way (the frame's code first); [] outside."""
+    context = torch._guards.TracingContext.try_get()
+    return list(getattr(context, "traced_code", None) or [])
+
+
+def dynamo_output_scopes() -> dict[str, dict]:
+    """{"local_name": f_locals, "global_name": f_globals} of the frame Dynamo is tracing now;
+    raises outside a Dynamo trace."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    output = InstructionTranslator.current_tx().output
+    return {"local_name": output.local_scope, "global_name": output.global_scope}
+
+
+def inductor_compile_fx(gm: torch.fx.GraphModule, inputs: Any, config_patches: dict | None = None) -> Callable:
+    """Inductor's own backend (what `backend="inductor"` runs), with config patches."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, inputs, config_patches=config_patches)
+
+
+def inductor_mode_options(mode: str) -> dict:
+    """The Inductor config a `torch.compile(mode=...)` sets (`"max-autotune"`: autotuning on)."""
+    import torch._inductor
+
+    return torch._inductor.list_mode_options(mode)
+
+
+def lookup_backend(name: str) -> Callable:
+    """The backend registered as `name` (`"eager"`, `"aot_eager"`, entry points); raises for an unknown one."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def list_backends() -> list[str]:
+    """Every registered backend's name, debug and experimental ones included."""
+    from torch._dynamo.backends.registry import list_backends
+
+    return list_backends(exclude_tags=())
+
+
+def dynamo_reset() -> None:
+    """Drop Dynamo's compiled code and caches (`torch._dynamo.reset`)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+# -- the torch-function mode stack and autograd (the training guard) -------------------------------
+# Bound names, not functions: the guard's hot path binds them once and pays no extra call.
+# The stack `TorchFunctionMode.__enter__` pushes on: its length, the mode at an index (top is
+# `len - 1`), pop the top (returns it), push a mode (without running `__enter__`).
+len_torch_function_stack = torch._C._len_torch_function_stack
+torch_function_stack_at = torch._C._get_function_stack_at
+pop_torch_function_stack = torch._C._pop_torch_function_stack
+push_torch_function_stack = torch._C._push_on_torch_function_stack
+# The autograd `Node` whose backward runs now (in a pack/unpack hook: the one unpacking), None outside.
+current_autograd_node = torch._C._current_autograd_node
+# The `Tensor.data` descriptor: `t.data` reaches a torch-function mode as its `__get__`, `t.data = v` as `__set__`.
+TENSOR_DATA = torch._C.TensorBase.data

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar, overload
 import torch
 import torch.fx
 
+from ._compat import dynamo_output_scopes, nn_module_stack, stack_trace
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
 # Dynamo module paths look like "L['self'].heads.seg" or "L['model'].trunk.0".
 _ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
@@ -37,7 +38,7 @@ def source_of(node: torch.fx.Node) -> SourceLocation | None:
     inlines: `F.threshold(..., inplace=True)` ends in `nn/functional.py`, `nn.init.zeros_` in
     `nn/init.py`.
     """
-    trace = node.meta.get("stack_trace")
+    trace = stack_trace(node)
     if not trace:
         return None
     frames = list(_FRAME.finditer(trace))
@@ -121,7 +122,7 @@ def user_frame(frames):
 
 def module_path_of(node: torch.fx.Node) -> str:
     """The dotted path of the innermost module that ran `node` ("" for the top level)."""
-    stack = node.meta.get("nn_module_stack")
+    stack = nn_module_stack(node)
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
@@ -193,10 +194,7 @@ def root_modules(sources) -> list[torch.nn.Module]:
     when called outside a Dynamo compile or when Dynamo's internals have moved.
     """
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        output = InstructionTranslator.current_tx().output
-        scopes = {"local_name": output.local_scope, "global_name": output.global_scope}
+        scopes = dynamo_output_scopes()
     except Exception:  # not inside Dynamo: the caller keeps Dynamo's names
         return []
     found: list[torch.nn.Module] = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
 
+from ._compat import dynamo_reset, pytree
 from ._sources import SourceLocation, source_of, user_frame
 from .backend import InplaceAudit, emit_tables
 from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, Site
@@ -48,7 +48,7 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         emit_tables(failure, shown)
         return Report((failure,))
     finally:
-        torch._dynamo.reset()  # the audit's compiled code must not stay in the user's cache
+        dynamo_reset()  # the audit's compiled code must not stay in the user's cache
 
     names = _output_names(result)
     graphs = []

@@ -21,7 +21,8 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import tested_range, torch_is_tested, warn_untested_once
+from ._compat import (current_compile_id, graph_break_reason, hop_name, inductor_compile_fx, inductor_mode_options,
+                      lookup_backend, tested_range, torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, saves_for_later_graphs
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import root_modules
@@ -286,7 +287,7 @@ def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
 
 
 def _ends_in_break(gm: torch.fx.GraphModule) -> bool:
-    return bool(getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False))
+    return graph_break_reason(gm)[1]
 
 
 def _checkpoint_outputs_written(graph: _AuditedGraph) -> list:
@@ -302,7 +303,7 @@ def _checkpoint_outputs_written(graph: _AuditedGraph) -> list:
     for write in trace.writes:
         root = trace.storage_root.get(write.storage)
         if (root is not None and root is not write.node and root.op == "call_function"
-                and getattr(root.target, "name", lambda: "")() == "tag_activation_checkpoint"):
+                and hop_name(root.target) == "tag_activation_checkpoint"):
             written.append(site_of(write.inner or write.node))
     return written
 
@@ -335,13 +336,12 @@ def analyze(
 
 def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:
     """(compile id, function name, why the graph ended) for the graph being compiled now."""
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    context = torch._guards.TracingContext.try_get()
-    codes = getattr(context, "traced_code", None) or []
+    compile_id = current_compile_id()
+    codes = traced_code()
     function = codes[0].co_name if codes else "?"
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    why = getattr(reason, "reason", None) or "?"
-    if getattr(reason, "graph_break", False):
+    reason, at_break = graph_break_reason(gm)
+    why = reason or "?"
+    if at_break:
         why = f"graph break: {why}"
     return (str(compile_id) if compile_id is not None else "?", function, why)
 
@@ -377,14 +377,10 @@ def _rank() -> int | None:
 
 def _resolve_compiler(compiler: str | Callable, mode: str | None) -> Callable:
     if compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = torch._inductor.list_mode_options(mode) if mode else None
-        return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+        patches = inductor_mode_options(mode) if mode else None
+        return lambda gm, inputs: inductor_compile_fx(gm, inputs, config_patches=patches)
     if callable(compiler):
         return compiler
-    from torch._dynamo.backends.registry import lookup_backend
-
     return lookup_backend(compiler)
 
 

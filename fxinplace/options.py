@@ -106,12 +106,12 @@ def _check(key: str, value: Any) -> None:
             raise bad("a backend name (str) or a backend callable")
         if value == "inplace_audit":
             raise bad("another backend than inplace_audit itself")
-        from torch._dynamo.backends.registry import list_backends, lookup_backend
+        from ._compat import list_backends, lookup_backend
 
         try:
             lookup_backend(value)
         except Exception as e:
-            names = ", ".join(sorted(set(list_backends(exclude_tags=())) - {"inplace_audit"}))
+            names = ", ".join(sorted(set(list_backends()) - {"inplace_audit"}))
             raise ValueError(
                 f"inplace_audit: option `compiler` names no registered backend: {value!r}. Known backends: {names}"
             ) from e

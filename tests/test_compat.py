@@ -1,11 +1,16 @@
-"""Untested torch releases: the audit warns, functionalize refuses unless asked."""
+"""Untested torch releases: the audit warns, functionalize refuses unless asked. Then, one test
+per private torch API in `fxinplace._compat`, stating against torch itself the behaviour we rely
+on: when a torch release breaks one, the failure names it here."""
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import warnings
 
 import pytest
 import torch
+import torch.fx
 
 import fxinplace
 from fxinplace import _compat
@@ -75,3 +80,355 @@ def test_the_untested_warning_comes_once(untested):
         torch._dynamo.reset()
         torch.compile(lambda t: t.mul_(2), backend=audit)(torch.randn(3))
     assert sum("outside the tested range" in str(w.message) for w in record) == 1
+
+
+
+# -- the private behaviours, one test each ---------------------------------------------------------
+aten = torch.ops.aten
+_RELEASE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+class _Capture:
+    """A Dynamo backend that keeps each graph, its example inputs and what `probe` saw inside the call."""
+
+    def __init__(self, probe=None):
+        self.graphs, self.inputs, self.seen = [], [], []
+        self.probe = probe
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        self.inputs.append(example_inputs)
+        if self.probe is not None:
+            self.seen.append(self.probe(gm, example_inputs))
+        return gm.forward
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_make_fx_aten_keeps_detach_where_plain_make_fx_may_not():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        return x.detach() + 1
+
+    x = torch.randn(3)
+    assert aten.detach.default in _targets(_compat.make_fx_aten(f)(x))
+    plain = _targets(make_fx(f, pre_dispatch=False)(x))
+    # torch 2.14's make_fx, given no table, decomposes detach into alias; 2.13's keeps it.
+    assert (aten.detach.default in plain) is (_RELEASE < (2, 14)), plain
+
+
+def test_dynamo_spells_data_assignment_as_compat_says():
+    def f(p, v):
+        p.data = v
+        return p * 2
+
+    backend = _Capture()
+    torch.compile(f, backend=backend, fullgraph=True)(torch.randn(3, requires_grad=True), torch.randn(3))
+    targets = [t for gm in backend.graphs for t in _targets(gm)]
+    one_op = [t for t in targets if _compat.is_data_assignment_op(t)]
+    fixups = [t for t in targets if _compat.is_version_fixup(t)]
+    if _compat.SHALLOW_COPY_DATA is None:  # torch 2.13: `set_` then the version fix-up
+        assert not one_op and len(fixups) == 1, targets
+        assert any(getattr(t, "__name__", None) == "set_" for t in targets), targets
+    else:  # torch 2.14: one op, no fix-up
+        assert len(one_op) == 1 and not fixups, targets
+    assert not _compat.is_data_assignment_op(aten.set_.source_Tensor)
+
+
+def test_op_classes_and_hop_name():
+    assert isinstance(aten.add_.Tensor, _compat.OpOverload)
+    assert isinstance(aten.add_, _compat.OpOverloadPacket)
+    assert _compat.hop_name(aten.add.Tensor) is None and _compat.hop_name(operator.add) is None
+
+    def f(x):
+        return torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=False).cos()
+
+    backend = _Capture()
+    torch.compile(f, backend=backend, fullgraph=True)(torch.randn(3, requires_grad=True))
+    hops = [t for t in _targets(backend.graphs[0]) if isinstance(t, _compat.HigherOrderOperator)]
+    assert [_compat.hop_name(t) for t in hops] == ["tag_activation_checkpoint"]
+
+
+def test_schema_alias_annotations():
+    add_ = _compat.schema_of(aten.add_.Tensor)
+    assert add_.name == "aten::add_" and _compat.overload_name(aten.add_.Tensor) == "Tensor"
+    assert _compat.overload_name(aten.relu_.default) == "default"
+    assert [a.alias_info is not None and a.alias_info.is_write for a in add_.arguments] == [True, False, False]
+    assert add_.returns[0].alias_info.before_set == add_.arguments[0].alias_info.before_set  # `Tensor(a!)` both
+    view = _compat.schema_of(aten.view.default)
+    assert not view.arguments[0].alias_info.is_write and view.returns[0].alias_info is not None
+    split = _compat.schema_of(aten.split.Tensor)  # `Tensor(a)[]`: the views of `self`
+    assert split.returns[0].alias_info is not None and not split.returns[0].alias_info.before_set
+    out = _compat.schema_of(aten.add.out)
+    assert [a.name for a in out.arguments if a.alias_info is not None and a.alias_info.is_write] == ["out"]
+    assert _compat.schema_of(operator.add) is None and _compat.schema_of(torch.add) is None
+
+
+def test_dynamo_marks_grad_mode_changes_with_set_grad_enabled():
+    def f(x):
+        with torch.no_grad():
+            y = x * 2
+        return x + y
+
+    backend = _Capture()
+    torch.compile(f, backend=backend, fullgraph=True)(torch.randn(3, requires_grad=True))
+    modes = [n.args for n in backend.graphs[0].graph.nodes if n.target is _compat.SET_GRAD_ENABLED]
+    assert modes == [(False,), (True,)]
+
+
+def test_native_batch_norm_legit_writes_the_running_stats_its_schema_marks():
+    mean, var = torch.zeros(3), torch.ones(3)
+    _compat.NATIVE_BATCH_NORM_LEGIT(torch.randn(4, 3) + 5, None, None, mean, var, True, 0.1, 1e-5)
+    assert (mean > 0.1).all()
+    schema = _compat.schema_of(aten._native_batch_norm_legit.default)
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == \
+        ["running_mean", "running_var"]
+
+
+def test_foreach_copy_copies_and_bumps_each_version():
+    dst, src = [torch.zeros(2), torch.zeros(3)], [torch.ones(2), torch.full((3,), 2.0)]
+    _compat.foreach_copy_(dst, src)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src)) and [d._version for d in dst] == [1, 1]
+
+
+def test_pytree_leaves_and_key_paths():
+    a, b = torch.zeros(1), torch.ones(1)
+    assert _compat.pytree.tree_leaves([None, (a, {"k": b})]) == [None, a, b]  # callers keep the nodes / tensors
+    leaves = _compat.pytree.tree_flatten_with_path({"seg": a, "aux": (b,)})[0]
+    paths = [[getattr(k, "key", getattr(k, "idx", None)) for k in path] for path, _ in leaves]
+    assert paths == [["seg"], ["aux", 0]]
+
+
+def test_preserve_node_meta_gives_make_fx_nodes_their_origin():
+    gm = torch.fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    for node in gm.graph.nodes:  # as on Dynamo's nodes: a node with empty meta passes on no origin
+        node.meta["stack_trace"] = node.name
+    x = torch.randn(3)
+    with _compat.preserve_node_meta():
+        traced = _compat.make_fx_aten(torch.fx.Interpreter(gm).run)(x)
+    origins = {n.target: _compat.origin_names(n) for n in traced.graph.nodes if n.op == "call_function"}
+    assert origins == {aten.relu.default: ["relu"], aten.mul.Tensor: ["mul"]}
+    bare = _compat.make_fx_aten(torch.fx.Interpreter(gm).run)(x)
+    assert all(_compat.origin_names(n) == [] for n in bare.graph.nodes)
+
+
+def test_interpreting_names_the_node_for_what_runs_inside():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    node.meta["stack_trace"] = "x + 1"
+    with _compat.preserve_node_meta(), _compat.interpreting(torch.fx.Interpreter(gm), node):
+        current = torch.fx.traceback.get_current_meta()
+    assert [s.name for s in current["from_node"]] == [node.name]
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))  # the line the stack trace names
+
+
+def test_dynamo_node_metadata():
+    # The grapharg is read during the backend call: Dynamo deletes it when the compile ends.
+    backend = _Capture(lambda gm, inputs: [_compat.graph_arg_source(p) for p in gm.graph.find_nodes(op="placeholder")])
+    net, x = _Net(), torch.randn(4, 3)
+    torch.compile(net, backend=backend, fullgraph=True)(x)
+    gm = backend.graphs[0]
+    relu = next(n for n in gm.graph.nodes if n.target is torch.relu)
+    trace = _compat.stack_trace(relu)
+    assert f'File "{__file__}"' in trace and "the line the stack trace names" in trace
+    assert not _compat.nn_module_stack(relu)  # run by the compiled module itself
+    fc = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear)
+    path, module_type = list(_compat.nn_module_stack(fc).values())[-1]  # innermost last
+    assert str(path).endswith("fc") and module_type is torch.nn.Linear
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    examples = [_compat.example_value(p) for p in placeholders]
+    assert all(isinstance(e, _compat.FakeTensor) for e in examples)
+    [sources] = backend.seen
+    assert sorted(s.name() if callable(s.name) else s.name for s in sources) == sorted(
+        ["L['x']", "L['self']._modules['fc']._parameters['weight']", "L['self']._modules['fc']._parameters['bias']"])
+    assert _compat.graph_arg_source(relu) is None and _compat.example_value(torch.fx.Graph().placeholder("y")) is None
+
+
+def test_graph_break_reason():
+    def f(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    backend = _Capture()
+    torch.compile(f, backend=backend)(torch.randn(3))
+    (reason0, break0), (reason1, break1) = [_compat.graph_break_reason(gm) for gm in backend.graphs]
+    assert break0 and reason0 and not break1 and reason1 == "return_value"
+    assert _compat.graph_break_reason(torch.fx.symbolic_trace(lambda x: x)) == (None, False)
+
+
+def test_fake_modes():
+    mode = _compat.FakeTensorMode()
+    fake = _compat.fake_from_real(mode, torch.randn(2, 3, requires_grad=True))
+    assert isinstance(fake, _compat.FakeTensor) and fake.shape == (2, 3) and fake.requires_grad
+    assert _compat.detect_fake_mode([1, fake]) is mode and _compat.detect_fake_mode([torch.randn(2)]) is None
+    assert _compat.fake_mode_of([fake]) is mode
+    fresh = _compat.fake_mode_of([torch.randn(2)])
+    assert isinstance(fresh, _compat.FakeTensorMode) and fresh is not _compat.fake_mode_of([torch.randn(2)])
+    with mode:
+        assert isinstance(torch.ones(2), _compat.FakeTensor)
+        with _compat.unset_fake_temporarily():
+            real = torch.ones(2)
+    assert not isinstance(real, _compat.FakeTensor) and real.tolist() == [1.0, 1.0]
+
+
+def test_dynamo_example_inputs_lead_to_dynamo_fake_mode():
+    backend = _Capture(lambda gm, inputs: (_compat.detect_fake_mode(inputs),
+                                           [_compat.example_value(p) for p in gm.graph.find_nodes(op="placeholder")]))
+    torch.compile(lambda x: x + 1, backend=backend)(torch.randn(3))
+    [(mode, examples)] = backend.seen
+    # The backend's fake mode is not the one of Dynamo's example values; they share one shape env.
+    assert mode is not None and mode.shape_env is not None
+    assert all(e.fake_mode.shape_env is mode.shape_env for e in examples)
+    static = _compat.fake_from_real(mode, torch.randn(5, 2), static_shapes=True)
+    assert all(isinstance(s, int) for s in static.shape)
+
+
+def test_ignore_fresh_unbacked_symbols():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    def item_of_fake(scope):
+        mode = _compat.FakeTensorMode(shape_env=ShapeEnv())
+        mode.allow_scalar_outputs = True  # as Dynamo's `capture_scalar_outputs` does
+        with mode, scope(mode):
+            torch.ones(2).sum().item()
+        return mode.shape_env.pending_fresh_unbacked_symbols
+
+    assert item_of_fake(lambda mode: contextlib.nullcontext())  # the symbol a tracer would bind
+    assert not item_of_fake(_compat.ignore_fresh_unbacked_symbols)
+    with _compat.ignore_fresh_unbacked_symbols(_compat.FakeTensorMode()):  # no shape env: nothing to do
+        pass
+
+
+def test_storage_weak_ref_is_one_key_per_storage():
+    t = torch.zeros(4, 4)
+    a, b = _compat.StorageWeakRef(t[0].untyped_storage()), _compat.StorageWeakRef(t.T[1:].untyped_storage())
+    assert a == b and hash(a) == hash(b)
+    assert a != _compat.StorageWeakRef(t.clone().untyped_storage())
+
+
+def test_version_counters():
+    t = torch.zeros(3)
+    view = t[1:]
+    _compat.set_version(t, 7)
+    assert t._version == 7 and view._version == 7
+    with _compat.preserve_version_counter((t,)):
+        t.add_(1)
+        assert t._version == 8
+    assert t._version == 7 and t.sum() == 3
+    _compat.increment_version([t])
+    assert t._version == 8
+
+
+def test_compile_id_and_traced_code_inside_a_backend_call():
+    backend = _Capture(lambda gm, inputs: (_compat.current_compile_id(), _compat.traced_code()))
+
+    def the_compiled_function(x):
+        return x + 1
+
+    torch.compile(the_compiled_function, backend=backend)(torch.randn(3))
+    [(compile_id, codes)] = backend.seen
+    assert str(compile_id) == "0/0" and codes[0].co_name == "the_compiled_function"
+    assert _compat.current_compile_id() is None and _compat.traced_code() == []
+
+
+def test_dynamo_output_scopes_are_the_traced_frame():
+    def frame_under_trace(x):
+        return x * 2
+
+    backend = _Capture(lambda gm, inputs: _compat.dynamo_output_scopes())
+    x = torch.randn(3)
+    torch.compile(frame_under_trace, backend=backend)(x)
+    [scopes] = backend.seen
+    assert scopes["local_name"]["x"] is x and scopes["global_name"] is globals()
+    with pytest.raises(Exception):
+        _compat.dynamo_output_scopes()
+
+
+def test_inductor_mode_options():
+    assert _compat.inductor_mode_options("max-autotune")["max_autotune"] is True
+    assert "max_autotune" not in _compat.inductor_mode_options("default")
+    assert callable(_compat.inductor_compile_fx)
+
+
+def test_backend_registry():
+    assert callable(_compat.lookup_backend("eager")) and callable(_compat.lookup_backend("aot_eager"))
+    with pytest.raises(Exception):
+        _compat.lookup_backend("no_such_backend")
+    names = _compat.list_backends()
+    assert {"eager", "aot_eager", "inductor", "inplace_audit"} <= set(names)
+
+
+def test_dynamo_reset_drops_compiled_code():
+    backend = _Capture()
+    f = torch.compile(lambda x: x - 1, backend=backend)
+    f(torch.randn(3))
+    f(torch.randn(3))
+    assert len(backend.graphs) == 1
+    _compat.dynamo_reset()
+    f(torch.randn(3))
+    assert len(backend.graphs) == 2
+
+
+def test_torch_function_stack_as_the_guard_lifts_and_lands_its_mode():
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    base = _compat.len_torch_function_stack()
+    with Recording() as mode:
+        n = _compat.len_torch_function_stack()
+        assert n == base + 1 and _compat.torch_function_stack_at(n - 1) is mode
+        assert _compat.pop_torch_function_stack() is mode and _compat.len_torch_function_stack() == base
+        torch.add(torch.ones(1), 1)
+        assert torch.add not in seen  # lifted: ops no longer reach the mode
+        _compat.push_torch_function_stack(mode)
+        assert _compat.torch_function_stack_at(n - 1) is mode
+        torch.add(torch.ones(1), 1)
+        assert torch.add in seen
+    assert _compat.len_torch_function_stack() == base
+
+
+def test_current_autograd_node_in_an_unpack_hook():
+    names = []
+
+    def unpack(t):
+        node = _compat.current_autograd_node()
+        names.append(node.name() if node is not None else None)
+        return t
+
+    x = torch.randn(3, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        y = x.sin()
+    y.sum().backward()
+    assert names == ["SinBackward0"] and _compat.current_autograd_node() is None
+
+
+def test_tensor_data_reaches_a_torch_function_mode_as_the_descriptor():
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__self__", None) is _compat.TENSOR_DATA:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    t = torch.zeros(2)
+    with Recording():
+        t.data
+        t.data = torch.ones(2)
+    assert seen == ["__get__", "__set__"]

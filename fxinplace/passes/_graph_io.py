@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
+from .._compat import example_value, fake_from_real, fake_mode_of, graph_arg_source, pytree
 from .._sources import qualified_name_of
 from ..facts import Target
 from ._storage import storage_key
@@ -61,12 +61,12 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     examples = []
     for node, real in zip(placeholders, example_inputs):
-        meta = node.meta.get("example_value")
+        meta = example_value(node)
         if meta is None and isinstance(real, torch.Tensor):
             if fake_mode is None:
-                fake_mode = torch._guards.detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+                fake_mode = fake_mode_of(example_inputs)
             with fake_mode:
-                meta = fake_mode.from_tensor(real)
+                meta = fake_from_real(fake_mode, real)
         examples.append(meta if meta is not None else real)
     keys = [storage_key(e) for e in examples]
     first_of: dict[Any, int] = {}
@@ -77,7 +77,7 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
             count[key] = count.get(key, 0) + 1
     inputs = []
     for i, (node, real, example) in enumerate(zip(placeholders, example_inputs, examples)):
-        source = getattr(node.meta.get("grapharg"), "source", None)
+        source = graph_arg_source(node)
         kind, name = qualified_name_of(source) if source is not None else ("input", node.name)
         tensor = isinstance(example, torch.Tensor)
         start = real if isinstance(real, torch.Tensor) else example  # how the graph starts (see above)
@@ -86,7 +86,7 @@ def describe_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fak
             requires_grad=bool(tensor and start.requires_grad), is_leaf=bool(not tensor or start.is_leaf),
             # torch 2.14 gives an input that `.data =` rebinds a detached snapshot as its
             # example value (no grad): the real input's flag counts too.
-            grad_by_end=example_requires_grad(node.meta.get("example_value"))
+            grad_by_end=example_requires_grad(example_value(node))
             or (isinstance(real, torch.Tensor) and example_requires_grad(real)),
             alias_group=first_of[keys[i]] if count.get(keys[i], 0) > 1 else None,
         )

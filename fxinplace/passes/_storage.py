@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
+
+from .._compat import StorageWeakRef, unset_fake_temporarily
 
 __all__ = ["StorageKey", "storage_key", "version_of", "overlaps"]
 
@@ -46,7 +47,7 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Interleaved strided views (two columns of one matrix) share a range but no element.
     if a.element_size() != b.element_size() or a.numel() + b.numel() > _EXACT_OVERLAP_LIMIT:
         return True
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+    with unset_fake_temporarily():
         return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
 
 

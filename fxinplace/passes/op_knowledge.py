@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
+from .._compat import NATIVE_BATCH_NORM_LEGIT, OpOverload, overload_name, pytree, schema_of
 __all__ = [
     "written_args", "written_inputs", "mutates", "aliased_arg", "is_view", "view_chain",
     "OPERATOR_SPELLING", "HOP_SPELLING", "is_spelled_inplace", "is_inplace_function",
@@ -33,7 +33,7 @@ _aten = torch.ops.aten
 
 def written_args(op: Any) -> tuple[tuple[int, str], ...]:
     """(position, name) of each argument `op`'s schema marks written (`Tensor(a!)`); () without one."""
-    schema = getattr(op, "_schema", None)
+    schema = schema_of(op)
     if schema is None:
         return ()
     return tuple((i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
@@ -59,7 +59,7 @@ def aliased_arg(node: torch.fx.Node) -> torch.fx.Node | None:
         return None
     if node.target is operator.getitem:  # one result of a multi-output view (split, unbind)
         return aliased_arg(node.args[0])
-    schema = getattr(node.target, "_schema", None)
+    schema = schema_of(node.target)
     if schema is None or not schema.returns or schema.returns[0].alias_info is None:
         return None
     sets = schema.returns[0].alias_info.before_set  # empty for `Tensor(a)[]`: the views of `self`
@@ -159,7 +159,7 @@ HIDDEN_WRITES = {w.op: w for w in (
     HiddenWrite(torch.nn.functional.batch_norm, _F_STATS, "training", False, read_by_backward=False),
     HiddenWrite(torch.batch_norm, _ATEN_STATS, "training", False, read_by_backward=False),
     HiddenWrite(torch.native_batch_norm, _ATEN_STATS, "training", False, read_by_backward=True),
-    HiddenWrite(torch._native_batch_norm_legit, _ATEN_STATS, "training", False, read_by_backward=True),
+    HiddenWrite(NATIVE_BATCH_NORM_LEGIT, _ATEN_STATS, "training", False, read_by_backward=True),
     HiddenWrite(torch.nn.functional.instance_norm, _F_STATS, "use_input_stats", True, read_by_backward=True),
     HiddenWrite(torch.instance_norm, _ATEN_STATS, "use_input_stats", True, read_by_backward=True),
     HiddenWrite(_aten._native_batch_norm_legit_functional.default, _ATEN_STATS, "training", False,
@@ -213,9 +213,9 @@ RESPELLED = {
 }
 
 
-def out_of_place_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+def out_of_place_twin(op: OpOverload) -> OpOverload:
     """`aten.gt.Scalar` for `aten.gt_.Scalar`."""
-    return getattr(getattr(_aten, op._schema.name.split("::")[1].removesuffix("_")), op._overloadname)
+    return getattr(getattr(_aten, schema_of(op).name.split("::")[1].removesuffix("_")), overload_name(op))
 
 
 # In-place ops whose new value does not depend on the old one: out of place, the result

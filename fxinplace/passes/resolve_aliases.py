@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from .._compat import OpOverload, OpOverloadPacket, hop_name
 from .._sources import state_names
 from ..facts import Target
 from ._graph_io import GraphInput, input_of, name_input
@@ -32,12 +33,12 @@ def describe_op(node: torch.fx.Node) -> str:
     elif node.op == "call_function":
         if node.target in OPERATOR_SPELLING:
             return OPERATOR_SPELLING[node.target]
-        if isinstance(node.target, torch._ops.HigherOrderOperator):
-            return HOP_SPELLING.get(node.target.name(), node.target.name())
+        if (hop := hop_name(node.target)) is not None:
+            return HOP_SPELLING.get(hop, hop)
         if is_data_assignment(node):
             return ".data = v"  # Dynamo's spelling of `t.data = v` (see `is_data_assignment`)
         name = getattr(node.target, "__name__", None) or str(node.target)
-        if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if isinstance(node.target, (OpOverload, OpOverloadPacket)):
             name = str(node.target)
         elif name == "_get_data_attr":
             name = ".data"

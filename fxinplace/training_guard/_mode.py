@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .. import _compat
 from ._runtime import At, is_compiling
 
 __all__ = ["Mode", "Handler"]
@@ -41,7 +42,7 @@ def _classify(func: Any) -> int:
     name = getattr(func, "__name__", "")
     if func is torch.Tensor.backward or func is torch.autograd.backward or func is torch.autograd.grad:
         kind = _BACKWARD
-    elif getattr(func, "__self__", None) is torch._C.TensorBase.data:
+    elif getattr(func, "__self__", None) is _compat.TENSOR_DATA:
         kind = _DATA_GET if name == "__get__" else _DATA_SET
     elif name in ("__get__", "__set__"):
         kind = _ACCESS
@@ -59,10 +60,11 @@ def _classify(func: Any) -> int:
 # `handler(func, args, kwargs)` runs `func` and returns its result.
 Handler = Callable[[Any, Sequence[Any], dict[str, Any]], Any]
 
-_mode_stack_len = torch._C._len_torch_function_stack
-_mode_stack_at = torch._C._get_function_stack_at
-_pop_mode = torch._C._pop_torch_function_stack
-_push_mode = torch._C._push_on_torch_function_stack
+# Bound once: the same C functions, no extra call on the way (see `_compat`).
+_mode_stack_len = _compat.len_torch_function_stack
+_mode_stack_at = _compat.torch_function_stack_at
+_pop_mode = _compat.pop_torch_function_stack
+_push_mode = _compat.push_torch_function_stack
 
 
 class Mode(TorchFunctionMode):

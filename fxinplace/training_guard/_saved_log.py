@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from .._compat import current_autograd_node
 from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
 from ._facts import GuardWrite, StaleSavedTensor
 from ._mode import Mode
@@ -153,7 +154,7 @@ class SavedLog:
         t = saved.tensor
         key = storage_key(t)
         kind, name, is_view = self.names.tensor(t, key)
-        node = torch._C._current_autograd_node()
+        node = current_autograd_node()
         node_name = node.name() if node is not None else None
         op = op_name(saved.op) if saved.op is not None else forward_op(node_name)
         shape = tuple(t.shape)

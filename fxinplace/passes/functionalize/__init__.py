@@ -45,6 +45,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 import torch.fx
 
+from ..._compat import hop_name
 from ...facts import KeptReason
 from ._trace import trace_functional
 from ._write_back import (aliased_outputs, identity, outputs_for_writes, read_by_backward,
@@ -132,13 +133,13 @@ def unchanged(
 
 
 def _is_hop(node: torch.fx.Node, name: str) -> bool:
-    return isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() == name
+    return hop_name(node.target) == name
 
 
 def _opaque_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
     # Higher-order ops with a backward of their own, which a trace below autograd would drop.
-    return [node.target.name() for node in gm.graph.nodes
-            if isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() not in INLINABLE_HOPS]
+    return [hop for node in gm.graph.nodes
+            if (hop := hop_name(node.target)) is not None and hop not in INLINABLE_HOPS]
 
 
 def _sharing_storage(inputs: Sequence[GraphInput], written: Collection[int]) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
+from ..._compat import SET_GRAD_ENABLED, example_value, origin_names
 from ._respell import is_complex
 from .._graph_io import GraphInput, example_requires_grad
 from ..op_knowledge import OVERWRITES, aliased_arg, is_view, mutates, view_chain, written_inputs
@@ -123,7 +124,7 @@ def _zero_gradient(call: Callable, root: torch.fx.Node, old: torch.fx.Node) -> t
 def _rebuild_after(graph: torch.fx.Graph, write: torch.fx.Node, root: torch.fx.Node, mode: bool, value: Callable,
                    added: dict[str, bool]) -> None:
     """Around `write`, under grad mode: `old = root.clone()` before it, `root.copy_(value(...))` after."""
-    aten, set_grad = torch.ops.aten, torch._C._set_grad_enabled
+    aten, set_grad = torch.ops.aten, SET_GRAD_ENABLED
     created = []
 
     def call(target, *args, **kwargs):
@@ -167,7 +168,7 @@ def _may_require_grad(root: torch.fx.Node, gm: torch.fx.GraphModule, inputs: Seq
     # and Dynamo's example value of the node the ATen node came from do.
     if root.op == "placeholder":
         return inputs[list(root.graph.find_nodes(op="placeholder")).index(root)].grad_by_end
-    names = [s.name for s in root.meta.get("from_node", ())]
+    names = origin_names(root)
     origin = next((n for n in gm.graph.nodes if names and n.name == names[0]), None)
-    return example_requires_grad(origin.meta.get("example_value") if origin is not None else None)
+    return example_requires_grad(example_value(origin) if origin is not None else None)
 

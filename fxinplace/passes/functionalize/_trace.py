@@ -6,12 +6,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-import torch.fx.traceback as fx_traceback
-from torch._dispatch.python import enable_python_dispatcher
 
 from ._histories import keep_eager_histories
 from ._respell import respell
-from ..._compat import make_fx_aten
+from ..._compat import (SET_GRAD_ENABLED, detect_fake_mode, enable_python_dispatcher, make_fx_aten, origin_names,
+                        preserve_node_meta)
 from .._graph_io import GraphInput, fresh_fakes
 from ..op_knowledge import mutates, view_chain, written_inputs
 
@@ -23,7 +22,7 @@ def trace_functional(
 ) -> tuple[torch.fx.GraphModule, set[int]] | None:
     """The functional ATen graph of `gm` and the indices of the inputs its ATen ops write, or
     None when `gm` writes nothing."""
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         raise AssertionError("fxinplace: functionalize needs Dynamo's fake mode; none was found")
 
@@ -31,7 +30,7 @@ def trace_functional(
         fakes = fresh_fakes(inputs, fake_mode, with_grad=False)
         # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's
         # own final `copy_` into a leaf parameter would otherwise be refused by autograd.
-        with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
+        with fake_mode, preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
             return make_fx_aten(fn, decompositions)(*fakes)
 
     # Two traces. The first decomposes to ATen ops with every write explicit: composite ops
@@ -70,7 +69,7 @@ def grad_modes(gm: torch.fx.GraphModule) -> dict[str, bool]:
     enabled = torch.is_grad_enabled()
     modes = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+        if node.op == "call_function" and node.target is SET_GRAD_ENABLED:
             enabled = bool(node.args[0])
         modes[node.name] = enabled
     return modes
@@ -85,7 +84,7 @@ def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[str, bool]) -> None
     nodes = list(gm.graph.nodes)
     wanted: dict[torch.fx.Node, bool] = {}
     for node in nodes:
-        sources = [s.name for s in node.meta.get("from_node", ()) if s.name in modes]
+        sources = [name for name in origin_names(node) if name in modes]
         if node.op == "output":
             wanted[node] = initial
         elif sources and node.op != "placeholder":
@@ -101,6 +100,6 @@ def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[str, bool]) -> None
         mode = wanted.get(node, current)
         if node.op != "placeholder" and mode != current:
             with gm.graph.inserting_before(node):
-                gm.graph.call_function(torch._C._set_grad_enabled, (mode,))
+                gm.graph.call_function(SET_GRAD_ENABLED, (mode,))
             current = mode
 

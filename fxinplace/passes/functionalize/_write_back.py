@@ -10,6 +10,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 import torch.fx
 
+from ..._compat import foreach_copy_, preserve_version_counter
 from ._trace import grad_modes
 from ..op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, is_view, mutates, view_chain
 
@@ -183,8 +184,8 @@ def write_back(
                     plain_new.append(new)
             if plain_old:  # one fused copy for parameters, buffers and inputs
                 hidden = tuple(args[i] for i in keep_version)
-                with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(hidden):
-                    torch._foreach_copy_(plain_old, plain_new)
+                with torch.no_grad(), preserve_version_counter(hidden):
+                    foreach_copy_(plain_old, plain_new)
             result = list(outputs[:n_outputs])
             for k, i in aliased.items():  # eager returns the written input itself
                 result[k] = args[i]

@@ -22,11 +22,10 @@ storages and version counters are compared in `_storage`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx
 
+from ..._compat import fake_mode_of, ignore_fresh_unbacked_symbols
 from .._graph_io import fresh_fakes, graph_inputs, output_nodes
 from ._facts import MutationTrace, SavedTensor, Write
 from .._storage import StorageKey, overlaps, storage_key
@@ -43,7 +42,7 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     tensors: every input is a fresh fake tensor in Dynamo's fake mode.
     """
     if fake_mode is None:
-        fake_mode = torch._guards.detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+        fake_mode = fake_mode_of(example_inputs)
     interpreter = TracingInterpreter(gm, fake_mode)
     inputs = graph_inputs(gm, example_inputs, fake_mode)
     interpreter.trace.inputs = dict(zip(gm.graph.find_nodes(op="placeholder"), inputs))
@@ -51,9 +50,7 @@ def trace_mutations(gm: torch.fx.GraphModule, example_inputs: list, fake_mode=No
     # `.item()` on a fake makes an unbacked symbol that a tracer would bind to its graph
     # node; ours is no tracer, and a symbol left pending breaks the next `make_fx` of the
     # graph (functionalize, AOTAutograd) with `PendingUnbackedSymbolNotFound`.
-    shape_env = getattr(fake_mode, "shape_env", None)
-    unbacked = shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None else contextlib.nullcontext()
-    with fake_mode, unbacked, torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
+    with fake_mode, ignore_fresh_unbacked_symbols(fake_mode), torch.autograd.graph.saved_tensors_hooks(interpreter.pack, interpreter.unpack):
         with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
             interpreter.run(*fakes)
     interpreter.record_backward_reach([interpreter.env.get(a) for a in output_nodes(gm)])

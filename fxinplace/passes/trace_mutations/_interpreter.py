@@ -11,13 +11,13 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
 from ._hop_facts import subgraph_facts
 from ._hop_runs import BodyRun, dry_run_bodies
 from ._facts import MutationTrace, SavedTensor, Write
 from ._saved_tensors import autograd_function_saved_args, grad_fns, new_grad_fns
-from ..._compat import is_data_assignment_op, is_version_fixup
+from ..._compat import (SET_GRAD_ENABLED, FakeTensor, HigherOrderOperator, fake_from_real, increment_version,
+                        interpreting, is_data_assignment_op, is_version_fixup, pytree, set_version)
 from .._storage import StorageKey, overlaps, storage_key, version_of
 from ..op_knowledge import OUT_UNVERSIONED_IN_EAGER, hidden_write_of, is_inplace_function, is_spelled_inplace, written_inputs
 
@@ -87,13 +87,13 @@ class TracingInterpreter(torch.fx.Interpreter):
     # -- the run --------------------------------------------------------------------------
     def fetch_attr(self, target: str):
         value = super().fetch_attr(target)
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            value = self.fake_mode.from_tensor(value, static_shapes=True)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            value = fake_from_real(self.fake_mode, value, static_shapes=True)
         return value
 
     def run_node(self, n: torch.fx.Node) -> Any:
         trace = self.trace
-        with self._set_current_node(n):
+        with interpreting(self, n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             inputs = list(_tensor_args(n, self.env))
             # Reading a view whose base was written since regenerates its `grad_fn`: let that
@@ -149,7 +149,7 @@ class TracingInterpreter(torch.fx.Interpreter):
             with torch.no_grad():
                 return torch.Tensor.set_(args[0], args[1])
         n = self.current
-        if isinstance(target, torch._ops.HigherOrderOperator) and n is not None:
+        if isinstance(target, HigherOrderOperator) and n is not None:
             # What the bodies write, learned on copies before the op itself runs (see below).
             runs = dry_run_bodies(n, target, args, self.nested)
             if runs:
@@ -161,11 +161,11 @@ class TracingInterpreter(torch.fx.Interpreter):
         # `t` point at `v`'s storage: a write of `t`, whose old storage is what names it. Eager
         # `.data =` leaves the version counter alone (hidden from autograd); `set_` bumps it.
         if is_data_assignment(n) and version is not None:
-            torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+            set_version(t, version)
         visible = version is not None and version_of(t) != version
         grad_enabled = self.trace.grad_enabled[n]
         after = n.next
-        if is_data_assignment(n) and after.op == "call_function" and after.target is torch._C._set_grad_enabled:
+        if is_data_assignment(n) and after.op == "call_function" and after.target is SET_GRAD_ENABLED:
             grad_enabled = bool(after.args[0])  # Dynamo wraps the `set_` in no_grad; the user's mode comes back
         self.trace.writes.append(Write(n, n.args[0], t, key, visible, grad_enabled, "rebind", self._rebound.get(key)))
         owner = self._rebound.get(key) or self.trace.storage_root.get(key)
@@ -320,7 +320,7 @@ def _match_eager_out_versions(n: torch.fx.Node, out: list[torch.fx.Node], inputs
         return
     stale = [t for (arg, t), v in zip(inputs, before) if arg in out and v is not None and version_of(t) == v]
     if stale:
-        torch.autograd.graph.increment_version(stale)
+        increment_version(stale)
 
 
 def _pick_written(n: torch.fx.Node, bumped: list) -> list:

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
+from ..._compat import pytree
 from .._graph_io import returned_values
 
 __all__ = ["grad_fns", "new_grad_fns", "autograd_function_saved_args", "function_saved_values"]
