@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import sys
 import warnings
 import weakref
@@ -353,17 +354,18 @@ def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
     ranks do not interleave lines; a `{rank}` in the file name gives each rank its own file.
     """
     try:
-        text = report.render(compact=opts.table == "compact")
+        compact = opts.table == "compact"
         rank = _rank()
-        if rank is not None:
-            text = f"[rank {rank}] {text}"
+        head = f"[rank {rank}] " if rank is not None else ""
         if opts.print:
-            sys.stdout.write(text + "\n")
+            width = shutil.get_terminal_size((100, 24)).columns if opts.width is None else opts.width
+            text = render.render_graph(report, compact, width=width or None, every_row=opts.rows == "all")
+            sys.stdout.write(head + text + "\n")
             sys.stdout.flush()
-        if opts.file:
+        if opts.file:  # the whole table, every row on one line, for grep and diff
             path = opts.file.replace("{rank}", str(rank or 0))
             with open(path, "a", encoding="utf-8") as f:
-                f.write(text + "\n\n")
+                f.write(head + render.render_graph(report, compact) + "\n\n")
     except Exception as e:
         _fall_back(opts, e, "could not write the table", "training goes on")
 

@@ -11,6 +11,7 @@ __all__ = ["AuditOptions", "parse_options", "OPTION_HELP"]
 
 FUNCTIONALIZE_CHOICES = (False, True, "all", "hazards")
 TABLE_CHOICES = ("full", "compact")
+ROWS_CHOICES = ("grouped", "all")
 
 OPTION_HELP = {
     "compiler": 'compiler to hand the graph to after the audit: "inductor" (default), "eager", '
@@ -29,6 +30,10 @@ OPTION_HELP = {
     "untested_torch": "let `functionalize` rewrite graphs on a torch release outside the tested range "
     "(default False: there it compiles them unchanged, since a changed torch internal shows as wrong gradients)",
     "table": '"full" (default) or "compact": the compact table leaves out the code, module and view-chain columns',
+    "rows": '"grouped" (default): safe writes that repeat (batch norm in every block) print as one row with a count, '
+    'and shared parameters by top-level module; "all": one row each (the `file` table always has every row)',
+    "width": "columns the printed table fits, wrapping long cells (default None: the terminal's width, 100 when "
+    "stdout is not a terminal); 0: no wrapping",
 }
 
 
@@ -43,6 +48,8 @@ class AuditOptions:
     functionalize: bool | str = False
     explain: bool = True
     table: str = "full"
+    rows: str = "grouped"
+    width: int | None = None
     untested_torch: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,6 +92,12 @@ def _check(key: str, value: Any) -> None:
     elif key == "table":
         if value not in TABLE_CHOICES:
             raise bad('"full" or "compact"')
+    elif key == "rows":
+        if value not in ROWS_CHOICES:
+            raise bad('"grouped" or "all"')
+    elif key == "width":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise bad("None, 0 or a number of columns")
     elif key == "file":
         if value is not None and not isinstance(value, str):
             raise bad("a file path (str) or None")

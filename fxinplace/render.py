@@ -6,6 +6,7 @@ dicts, and gives task positions their names. Nothing here decides a fact.
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tabulate import tabulate
@@ -75,7 +76,9 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
         return (f"{start} overwritten by {op} through a path autograd does not see: gradients silently use "
                 "the new values")
     if code in (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED):
-        start = (f"{_saved_list(h.saved)} was saved for backward by {_op(h.saved_by)} (needed by the backward of "
+        saved = _saved_words(h.saved)
+        verb = "were" if len(saved) > 1 else "was"
+        start = (f"{' and '.join(saved)} {verb} saved for backward by {_op(h.saved_by)} (needed by the backward of "
                  f"{_tasks(h.saved_by.tasks if h.saved_by else (), names)})")
         if code is HazardCode.SAVED_THEN_MUTATED:
             return f"{start}, then modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
@@ -148,13 +151,18 @@ _KEPT = {
 }
 
 
-def render_graph(graph: GraphReport, compact: bool = False) -> str:
-    """The graph's table and its notable hazards; `compact` leaves out the view chain, code and
-    module columns."""
+def render_graph(graph: GraphReport, compact: bool = False, width: int | None = None, every_row: bool = True) -> str:
+    """The graph's table and its notable hazards.
+
+    `compact` leaves out the view chain, code and module columns; `width` wraps cells and
+    messages to fit that many columns (None: one line per row, however long); without
+    `every_row`, safe writes that repeat (batch norm's running statistics in every block)
+    are one row with a count.
+    """
     names = graph.task_names
     head = f"fxinplace: graph {graph.compile_id} `{graph.function}` (graph ended: {graph.reason})"
     if graph.analysis_error:
-        return f"{head}: analysis failed ({graph.analysis_error}); compiled without it"
+        return _fill(f"{head}: analysis failed ({graph.analysis_error}); compiled without it", width)
     lines = [head]
     if graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
@@ -162,8 +170,8 @@ def render_graph(graph: GraphReport, compact: bool = False) -> str:
     if graph.tasks:
         lines.append("tasks: " + ", ".join(graph.tasks))
     if graph.shared_parameters:
-        shared = "; ".join(f"{p} ({', '.join(t)})" for p, t in graph.shared_parameters.items())
-        lines.append("shared parameters: " + shared)
+        lines.append("shared parameters: " + _shared(graph.shared_parameters, grouped=not every_row))
+    lines = [_fill(line, width) for line in lines]
     if not graph.mutations:
         lines.append("no in-place mutations")
     else:
@@ -171,12 +179,177 @@ def render_graph(graph: GraphReport, compact: bool = False) -> str:
         if graph.functionalized:
             headers.append("rewrite")
         rows = [_row(i, m, names, graph.functionalized) for i, m in enumerate(graph.mutations)]
+        if not every_row:
+            rows = _group_repeats(rows, graph.mutations)
         if compact:
             keep = [i for i, h in enumerate(headers) if h not in ("via", "code", "module")]
             headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
+        if width:
+            headers, rows = _fit_columns(headers, rows, width)
+            caps = _column_caps(headers, rows, width)
+            rows = [[_wrap(cell, cap) for cell, cap in zip(row, caps)] for row in rows]
         lines.append(tabulate(rows, headers=headers, tablefmt="simple"))
-    lines += hazard_lines([h for h in graph.all_hazards() if h.severity.value != "info"], names)
+    lines += [_fill(line, width, indent=6) for line in
+              hazard_lines([h for h in graph.all_hazards() if h.severity.value != "info"], names)]
     return "\n".join(lines)
+
+
+# Columns that may wrap, in the order they give up room (the op and the row number never wrap).
+_WRAPPABLE = ("code", "writes", "rewrite", "tasks", "via")
+_NARROWEST = 12
+
+
+# Columns a narrow table leaves out, in this order: empty ones, then the source line (the
+# `where` column still says file and line; the `file` table and JSON keep everything).
+_OPTIONAL = ("via", "code")
+
+
+def _fit_columns(headers: list[str], rows: list[list], width: int) -> tuple[list[str], list[list]]:
+    """The table for a terminal: one fact per line in a cell (the module under the line, each
+    hazard code, "(shared)"), empty columns left out, and the source line when it does not fit."""
+    def drop(name):
+        i = headers.index(name)
+        return headers[:i] + headers[i + 1:], [r[:i] + r[i + 1:] for r in rows]
+
+    col = {h: i for i, h in enumerate(headers)}
+    stacked = []
+    for r in rows:
+        r = list(r)
+        if "module" in col and str(r[col["module"]]) not in ("-", ""):
+            r[col["where"]] = f"{r[col['where']]}\n({r[col['module']]})"
+        r[col["hazard"]] = str(r[col["hazard"]]).replace(", ", "\n")
+        r[col["tasks"]] = str(r[col["tasks"]]).replace(" (shared)", "\n(shared)")
+        kind, _, rest = str(r[col["writes"]]).partition(" ")
+        r[col["writes"]] = kind + "\n" + rest.replace(" (also ", "\n(also ") if rest else kind
+        stacked.append(r)
+    rows = stacked
+    if "module" in headers:
+        headers, rows = drop("module")
+        headers[headers.index("where")] = "where (module)"
+    for name in _OPTIONAL:  # a column with nothing in it says nothing
+        if name in headers and all(str(r[headers.index(name)]) in ("-", "") for r in rows):
+            headers, rows = drop(name)
+    if "code" in headers and len(tabulate(rows, headers=headers, tablefmt="simple").splitlines()[0]) > width:
+        headers, rows = drop("code")
+    return headers, rows
+
+
+def _column_caps(headers: list[str], rows: list[list], width: int) -> list[int | None]:
+    """Per column, the widest it may be (None: as wide as it is) so the table fits `width`
+    (tabulate pads a header by 2). The paths, ops and codes wrap only when the rest cannot
+    make room."""
+    natural = [max([len(str(h)) + 2] + [max((len(part) for part in str(r[i]).splitlines()), default=0) for r in rows])
+               for i, h in enumerate(headers)]
+    for wrappable_names in (_WRAPPABLE, tuple(h for h in headers if h != "#")):
+        wrappable = [i for i, h in enumerate(headers) if h in wrappable_names]
+        room = width - sum(w for i, w in enumerate(natural) if i not in wrappable) - 2 * (len(headers) - 1)
+        if sum(natural[i] for i in wrappable) <= room:
+            return [None] * len(headers)
+        cap = max(natural[i] for i in wrappable)
+        while cap > _NARROWEST and sum(min(natural[i], cap) for i in wrappable) > room:
+            cap -= 1
+        if sum(min(natural[i], cap) for i in wrappable) <= room:
+            break
+    return [cap if i in wrappable and natural[i] > cap else None for i in range(len(headers))]
+
+
+def _wrap(cell: Any, cap: int | None) -> Any:
+    # Each line of a cell wrapped at spaces, a word wider than the cap after its dots
+    # (`trunk.bn.` / `running_mean`); hyphenated codes stay whole.
+    if cap is None:
+        return cell
+    out = []
+    for line in str(cell).splitlines() or [""]:
+        words = []
+        for word in line.split(" "):
+            while len(word) > cap:
+                cut = word.rindex(".", 0, cap) + 1 if "." in word[:cap] else cap
+                words.append(word[:cut])
+                word = word[cut:]
+            words.append(word)
+        current = ""
+        for word in words:
+            if current and len(current) + 1 + len(word) > cap:
+                out.append(current)
+                current = word
+            else:
+                current = f"{current} {word}" if current and not current.endswith(".") else current + word
+        out.append(current)
+    return "\n".join(out)
+
+
+def _fill(line: str, width: int | None, indent: int = 4) -> str:
+    if not width or len(line) <= width:
+        return line
+    lead = line[: len(line) - len(line.lstrip())]
+    return textwrap.fill(line.strip(), width, initial_indent=lead, subsequent_indent=" " * indent,
+                         break_on_hyphens=False, break_long_words=False)
+
+
+# Repeats of the same safe write (all its hazards notes) become one row from this many.
+_GROUP_FROM = 4
+
+
+def _group_repeats(rows: list[list], mutations: Sequence[Mutation]) -> list[list]:
+    """Safe writes that repeat, one row each kind: `batch_norm [hidden]` writing `*.running_mean`
+    in 20 modules is one row `x20`; rows with a warning or an error stay as they are."""
+    def key(m: Mutation, row: list) -> tuple | None:
+        if any(h.severity.value != "info" for h in m.hazards):
+            return None
+        return (row[1], m.target.kind, _kind_of(m.target), row[8], tuple(row[9:]))
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, row) in enumerate(zip(mutations, rows)):
+        k = key(m, row)
+        if k is not None:
+            groups.setdefault(k, []).append(i)
+    folded = {k: ids for k, ids in groups.items() if len(ids) >= _GROUP_FROM}
+    first = {ids[0]: k for k, ids in folded.items()}
+    hidden = {i for ids in folded.values() for i in ids[1:]}
+    out = []
+    for i, row in enumerate(rows):
+        if i in hidden:
+            continue
+        if i in first:
+            ids = folded[first[i]]
+            ms = [mutations[j] for j in ids]
+            target = ms[0].target
+            writes = f"intermediate (output of {target.produced_by})" if target.kind == "intermediate" else \
+                f"{target.kind} *.{_kind_of(target)}"
+            modules = sorted({m.module for m in ms if m.module})
+            tasks = sorted({t for j in ids for t in rows[j][7].replace(" (shared)", "").split(", ") if t != "-"})
+            row = [f"x{len(ids)}", row[1], writes, row[3],
+                   _places(ms), row[5], f"{len(modules)} modules" if modules else "-",
+                   ", ".join(tasks) or "-", *row[8:]]
+        out.append(row)
+    return out
+
+
+def _places(mutations: Sequence[Mutation]) -> str:
+    lines = list(dict.fromkeys(str(m.source) if m.source else "?" for m in mutations))
+    return lines[0] if len(lines) == 1 else f"{lines[0]} and {len(lines) - 1} more"
+
+
+def _kind_of(target: Target) -> str:
+    # What makes repeats alike: a state's last name (`running_mean`), an intermediate's op.
+    return target.produced_by or "" if target.kind == "intermediate" else target.name.rsplit(".", 1)[-1]
+
+
+def _shared(shared: dict[str, tuple[str, ...]], grouped: bool) -> str:
+    """`p (tasks); ...`; grouped, the parameters under one top-level module that the same tasks
+    read are one entry: `body.* (60 parameters: cls, dense)`."""
+    if not grouped:
+        return "; ".join(f"{p} ({', '.join(t)})" for p, t in shared.items())
+    by_prefix: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for p, t in shared.items():
+        by_prefix.setdefault((p.split(".", 1)[0] if "." in p else p, t), []).append(p)
+    entries = []
+    for (prefix, tasks), params in by_prefix.items():
+        if len(params) >= _GROUP_FROM:
+            entries.append(f"{prefix}.* ({len(params)} parameters: {', '.join(tasks)})")
+        else:
+            entries += [f"{p} ({', '.join(tasks)})" for p in params]
+    return "; ".join(entries)
 
 
 def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> list:
@@ -334,7 +507,7 @@ def _saved_name(target: Target | None) -> str:
     return f"`{target.name}` (output of {target.produced_by})" if target.kind == "intermediate" else str(target)
 
 
-def _saved_list(saved: Sequence[Saved]) -> str:
+def _saved_words(saved: Sequence[Saved]) -> list[str]:
     words = []
     for s in saved:
         if s.target is None:
@@ -343,5 +516,4 @@ def _saved_list(saved: Sequence[Saved]) -> str:
             words.append(f"{s.target.kind} `{s.target.name}`")
         else:
             words.append(f"`{s.target.name}` (output of {_op(s.made_at)})")
-    unique = list(dict.fromkeys(words))
-    return unique[0] if len(unique) == 1 else " and ".join(unique)
+    return list(dict.fromkeys(words))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -29,7 +30,8 @@ def test_snippet_runs(code, tmp_path, monkeypatch):
 
 def test_readme_shows_the_examples_real_output():
     result = subprocess.run(
-        [sys.executable, "examples/multitask.py"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "examples/multitask.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "100"},  # what a terminal 100 wide (or a pipe) gets
     )
     assert result.returncode == 0, result.stderr
     shown = re.search(r"Its run prints:\n\n```text\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)

@@ -1,0 +1,112 @@
+"""The printed table at real size: it fits the terminal, repeats are grouped, the file keeps all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxinplace
+from conftest import quiet_audit
+from fxinplace import render
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class DeepTwoHeads(nn.Module):
+    """A trunk of 8 conv-BN-ReLU(inplace) blocks (34 parameters) shared by two heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[Block(8) for _ in range(8)])
+        self.seg, self.depth = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        h = self.trunk(x) * 0.5  # a scalar mul saves nothing: the write below is safe
+        h[:, 0] = 0.0
+        return {"seg": self.seg(h), "depth": self.depth(h)}
+
+
+class ScaleAfterUse(nn.Module):
+    """An error row beside the repeats: `mul_` overwrites what `sigmoid` saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(*[Block(4) for _ in range(5)])
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.trunk(x))
+        h.mul_(2)
+        return {"out": self.head(h)}
+
+
+def _graph(model, x):
+    torch.manual_seed(0)
+    (graph,) = quiet_audit(model, x).graphs
+    return graph
+
+
+@pytest.mark.parametrize("width", [80, 100, 140])
+def test_the_table_fits_the_width_and_keeps_every_write(width):
+    graph = _graph(DeepTwoHeads(), torch.randn(2, 3, 16, 16))
+    text = render.render_graph(graph, width=width, every_row=True)
+    assert max(len(line) for line in text.splitlines()) <= width
+    rows = [line for line in text.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == len(graph.mutations)
+
+
+def test_repeats_of_a_safe_write_are_one_row_with_their_count():
+    torch.manual_seed(0)
+    model, x = DeepTwoHeads(), torch.randn(2, 3, 16, 16)
+    graph = _graph(model, x)
+    # PyTorch's own count: the buffers a training forward changes, one write each.
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    model(x)
+    changed = [n for n, b in model.named_buffers() if not torch.equal(b, before[n])]
+    assert len(changed) == 3 * 8 and len([m for m in graph.mutations if m.target.kind == "buffer"]) == len(changed)
+    text = render.render_graph(graph, width=100, every_row=False)
+    counts = {line.split()[1]: int(line.split()[0][1:]) for line in text.splitlines() if line.startswith("x")}
+    assert counts == {"add_": 8, "batch_norm": 8, "relu(inplace=True)": 8}
+    assert "buffer" in text and "*.running_mean" in text and "*.num_batches_tracked" in text
+    singles = [line for line in text.splitlines() if line[:4].strip().isdigit()]
+    assert len(singles) + sum(counts.values()) + 8 == len(graph.mutations)  # + the second batch_norm row per module
+    assert "trunk.* (34 parameters: depth, seg)" in text
+    assert len([p for p, _ in model.named_parameters() if p.startswith("trunk.")]) == 34
+
+
+def test_rows_with_a_warning_or_an_error_are_never_grouped():
+    graph = _graph(ScaleAfterUse(), torch.randn(2, 4, 8, 8))
+    text = render.render_graph(graph, width=100, every_row=False)
+    (error,) = [m for m in graph.mutations if m.severity == "error"]
+    assert error.op == "mul_"
+    assert any(line.split()[:2] == [str(graph.mutations.index(error)), "mul_"] for line in text.splitlines())
+    assert "ERROR [saved-then-mutated]" in text
+
+
+def test_the_printed_table_fits_and_the_file_keeps_every_row(tmp_path, capsys):
+    path = tmp_path / "tables.txt"
+    backend = fxinplace.InplaceAudit(compiler="eager", file=str(path), width=90)
+    torch.manual_seed(0)
+    torch.compile(DeepTwoHeads(), backend=backend)(torch.randn(2, 3, 16, 16))
+    printed = capsys.readouterr().out
+    assert max(len(line) for line in printed.splitlines()) <= 90
+    assert any(line.startswith("x8 ") for line in printed.splitlines())
+    (graph,) = backend.report.graphs
+    kept = path.read_text()
+    assert kept.strip() == graph.render().strip()  # the whole table, one line per row
+    assert sum(1 for line in kept.splitlines() if line[:4].strip().isdigit()) == len(graph.mutations)
+
+
+@pytest.mark.parametrize("options, error", [({"rows": "some"}, "`rows` must be"), ({"width": -1}, "`width` must be"),
+                                            ({"width": True}, "`width` must be")])
+def test_bad_table_options_say_what_is_allowed(options, error):
+    with pytest.raises(ValueError, match=error):
+        fxinplace.InplaceAudit(**options)
