@@ -6,6 +6,7 @@ dicts, and gives task positions their names. Nothing here decides a fact.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -113,8 +114,24 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
 
 
 def hazard_lines(hazards: Sequence[Hazard], names: Sequence[str] = ()) -> list[str]:
-    """One line per hazard: `  ERROR [code] message`."""
-    return [f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}" for h in hazards]
+    """One line per hazard: `  ERROR [code] message`; one op that overwrites several tensors
+    one saving op saved (batch norm's two running statistics) is one line."""
+    return [f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}" for h in _merged(hazards)]
+
+
+def _merged(hazards: Sequence[Hazard]) -> list[Hazard]:
+    merged: dict[tuple, Hazard] = {}
+    for h in hazards:
+        if h.code not in (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED) or h.saved_by is None:
+            merged[(id(h),)] = h
+            continue
+        key = (h.code, h.severity, h.mutated_by, h.saved_by, h.detail, h.removed_by_rewrite)
+        if key in merged:
+            first = merged[key]
+            merged[key] = dataclasses.replace(first, saved=tuple(dict.fromkeys(first.saved + h.saved)))
+        else:
+            merged[key] = h
+    return list(merged.values())
 
 
 def rewrite_text(rewrite: Rewrite | None, target: Target | None = None, removed: Sequence[HazardCode] = ()) -> str:
@@ -189,6 +206,9 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
             caps = _column_caps(headers, rows, width)
             rows = [[_wrap(cell, cap) for cell, cap in zip(row, caps)] for row in rows]
         lines.append(tabulate(rows, headers=headers, tablefmt="simple"))
+        legend = _legend(lines[-1], headers, rows)
+        if legend:
+            lines.append(_fill(legend, width))
     lines += [_fill(line, width, indent=6) for line in
               hazard_lines([h for h in graph.all_hazards() if h.severity.value != "info"], names)]
     return "\n".join(lines)
@@ -197,6 +217,21 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
 # Columns that may wrap, in the order they give up room (the op and the row number never wrap).
 _WRAPPABLE = ("code", "writes", "rewrite", "tasks", "via")
 _NARROWEST = 12
+
+
+_LEGEND = (
+    ("[hidden]", "[hidden]: a write autograd's version counter does not see (`.data`, batch norm's running statistics)"),
+    ("[no_grad]", "[no_grad]: under torch.no_grad()"),
+    ("\nx", "xN: N writes alike, all safe (rows=\"all\" lists each)"),
+)
+
+
+def _legend(table: str, headers: list[str], rows: list[list]) -> str:
+    """What the table's marks mean, for the marks it has."""
+    said = [words for mark, words in _LEGEND if mark in "\n" + table]
+    if "via" in headers and any(str(r[headers.index("via")]) not in ("-", "") for r in rows):
+        said.append("via: the views from the target to the tensor written")
+    return "  (" + "; ".join(said) + ")" if said else ""
 
 
 # Columns a narrow table leaves out, in this order: empty ones, then the source line (the

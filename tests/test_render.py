@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -110,3 +112,40 @@ def test_the_printed_table_fits_and_the_file_keeps_every_row(tmp_path, capsys):
 def test_bad_table_options_say_what_is_allowed(options, error):
     with pytest.raises(ValueError, match=error):
         fxinplace.InplaceAudit(**options)
+
+
+class EvalThenTrain(nn.Module):
+    """Eval-mode batch norm saves the running statistics; a training-mode call then updates
+    both in place, hidden from autograd: eager's gradients silently change."""
+
+    def __init__(self, twin: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.twin = twin
+
+    def forward(self, x):
+        h = self.lin(x)
+        y = torch.nn.functional.batch_norm(h, self.rm, self.rv, training=False)
+        rm, rv = (self.rm.clone(), self.rv.clone()) if self.twin else (self.rm, self.rv)
+        z = torch.nn.functional.batch_norm(h * 2, rm, rv, training=True, momentum=0.5)
+        return {"y": y, "z": z}
+
+
+def test_one_op_overwriting_two_saved_statistics_is_one_message():
+    torch.manual_seed(0)
+    model, twin, x = EvalThenTrain(), EvalThenTrain(twin=True), torch.randn(5, 4)
+    twin.load_state_dict(model.state_dict())
+    grads = []
+    for m in (copy.deepcopy(model), twin):
+        out = m(x)
+        (out["y"].sum() + out["z"].pow(2).sum()).backward()
+        grads.append(m.lin.weight.grad)
+    assert not torch.allclose(*grads)  # PyTorch: silently different gradients
+    graph = _graph(model, x)
+    errors = [h for h in graph.all_hazards() if h.severity == "error"]
+    assert sorted((h.code.value, h.target.name) for h in errors) == [
+        ("hidden-write-to-saved", "rm"), ("hidden-write-to-saved", "rv")]
+    lines = [line for line in render.render_graph(graph, width=100).splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "buffer `rm` and buffer `rv` were saved" in lines[0]
