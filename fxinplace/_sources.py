@@ -120,6 +120,11 @@ def user_frame(frames):
     return None
 
 
+def is_dynamo_file(filename: str) -> bool:
+    """Is `filename` in Dynamo's own package (its wrappers: `external_utils.inner`)?"""
+    return os.path.realpath(filename).startswith(os.path.join(_internal_dirs()[0], "_dynamo", ""))
+
+
 def module_path_of(node: torch.fx.Node) -> str:
     """The dotted path of the innermost module that ran `node` ("" for the top level)."""
     stack = nn_module_stack(node)

@@ -26,7 +26,7 @@ from ._compat import (current_compile_id, graph_break_reason, hop_name, inductor
                       lookup_backend, tested_range, torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, saves_for_later_graphs
 from ._rewrites import mark_kept, mark_rewrites
-from ._sources import root_modules
+from ._sources import is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning
 from .facts import KeptReason, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
@@ -338,13 +338,25 @@ def analyze(
 def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:
     """(compile id, function name, why the graph ended) for the graph being compiled now."""
     compile_id = current_compile_id()
-    codes = traced_code()
-    function = codes[0].co_name if codes else "?"
+    function = _traced_function(traced_code())
     reason, at_break = graph_break_reason(gm)
     why = reason or "?"
     if at_break:
         why = f"graph break: {why}"
     return (str(compile_id) if compile_id is not None else "?", function, why)
+
+
+def _traced_function(codes: list) -> str:
+    # The frame's code comes first; compiling a module, that is Dynamo's own wrapper (`inner`):
+    # then the first user code traced, or (a torch module's own forward) `forward`.
+    if not codes:
+        return "?"
+    if not is_dynamo_file(codes[0].co_filename):
+        return codes[0].co_name
+    user = next((c for c in codes if not is_internal_file(c.co_filename)), None)
+    if user is not None:
+        return user.co_name
+    return "forward" if any(c.co_name == "forward" for c in codes) else codes[0].co_name
 
 
 def emit_tables(report: GraphReport, opts: AuditOptions) -> None:

@@ -149,3 +149,11 @@ def test_one_op_overwriting_two_saved_statistics_is_one_message():
         ("hidden-write-to-saved", "rm"), ("hidden-write-to-saved", "rv")]
     lines = [line for line in render.render_graph(graph, width=100).splitlines() if "ERROR" in line]
     assert len(lines) == 1 and "buffer `rm` and buffer `rv` were saved" in lines[0]
+
+
+def test_names_in_the_table_are_the_ones_the_user_wrote():
+    # `inplace=True` reaches `F.relu` as a keyword and `F.hardswish` positionally: one spelling.
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.Hardswish(inplace=True))
+    (graph,) = quiet_audit(model, torch.randn(2, 4)).graphs
+    assert [m.op for m in graph.mutations] == ["relu(inplace=True)", "hardswish(inplace=True)"]
+    assert graph.function == "forward"  # not Dynamo's wrapper `inner`

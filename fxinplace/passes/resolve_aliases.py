@@ -11,6 +11,9 @@ their other registered names as aliases.
 from __future__ import annotations
 
 
+import functools
+import inspect
+
 import torch
 import torch.fx
 
@@ -44,7 +47,7 @@ def describe_op(node: torch.fx.Node) -> str:
             name = ".data"
     else:
         return f"{node.op} {node.target}"
-    flags = [f"{k}={v}" for k, v in node.kwargs.items() if k == "inplace" and v is True]
+    flags = ["inplace=True"] if _inplace_flag(node) else []
     if "out" in node.kwargs:
         flags.append("out=")
     return f"{name}({', '.join(flags)})" if flags else name
@@ -101,3 +104,22 @@ def _view_chain(write: Write, root: torch.fx.Node, trace: MutationTrace) -> tupl
         chain.append(describe_op(node))
         node = next((a for a in node.all_input_nodes if write.storage in trace.storages_made.get(a, ())), root)
     return tuple(reversed(chain))
+
+
+def _inplace_flag(node: torch.fx.Node) -> bool:
+    # `inplace=True` as keyword, or as the positional argument of that name: `nn.Hardswish`
+    # calls `F.hardswish(input, self.inplace)`. One spelling for both.
+    if node.kwargs.get("inplace") is True:
+        return True
+    index = _inplace_position(node.target) if node.op == "call_function" else None
+    return index is not None and index < len(node.args) and node.args[index] is True
+
+
+@functools.lru_cache(maxsize=512)
+def _inplace_position(target) -> int | None:
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
