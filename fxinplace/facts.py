@@ -101,6 +101,9 @@ class Target:
     name: str
     produced_by: str | None = None  # the op that made an intermediate
     aliases: tuple[str, ...] = ()  # the other names a parameter or buffer is registered under
+    # An intermediate's name is Dynamo's node name: the user's variable when the user's code
+    # made it (`h = torch.sigmoid(...)`), torch's (`input_1`) when a torch module did.
+    user_named: bool = True
 
     def __str__(self) -> str:
         if self.kind == "intermediate":

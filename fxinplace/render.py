@@ -394,7 +394,7 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> lis
     row = [
         i,
         m.op + (f" [{', '.join(flags)}]" if flags else ""),
-        f"{m.target.kind} {m.target.name}{also}",
+        _target_cell(m.target) + also,
         " > ".join(m.view_chain) or "-",
         str(m.source) if m.source else "?",
         m.source.code if m.source else "",
@@ -409,6 +409,13 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> lis
 
 def _removed_codes(m: Mutation) -> list[HazardCode]:
     return [h.code for h in m.hazards if h.removed_by_rewrite]
+
+
+def _target_cell(target: Target) -> str:
+    # An intermediate torch's code named (`input_1`) is shown by the op that made it.
+    if target.kind == "intermediate" and not target.user_named:
+        return f"intermediate (output of {target.produced_by})"
+    return f"{target.kind} {target.name}"
 
 
 def task_names(positions, names: Sequence[str]) -> tuple[str, ...]:

@@ -157,3 +157,22 @@ def test_names_in_the_table_are_the_ones_the_user_wrote():
     (graph,) = quiet_audit(model, torch.randn(2, 4)).graphs
     assert [m.op for m in graph.mutations] == ["relu(inplace=True)", "hardswish(inplace=True)"]
     assert graph.function == "forward"  # not Dynamo's wrapper `inner`
+
+
+def test_an_intermediate_torch_named_is_shown_by_the_op_that_made_it():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x) * 2
+            h.add_(1)  # `h`: the user's variable
+            return nn.functional.relu(self.fc(h), inplace=True)  # writes what `linear` made
+
+    (graph,) = quiet_audit(Named(), torch.randn(2, 4)).graphs
+    first, second = graph.mutations
+    assert (first.target.name, first.target.user_named) == ("h", True)
+    assert (second.target.produced_by, second.target.user_named) == ("linear", False)
+    text = render.render_graph(graph)
+    assert "intermediate h" in text and "intermediate (output of linear)" in text

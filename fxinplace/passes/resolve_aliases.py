@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 
 import torch
 import torch.fx
 
 from .._compat import OpOverload, OpOverloadPacket, hop_name
-from .._sources import state_names
+from .._sources import is_internal_file, source_of, state_names
 from ..facts import Target
 from ._graph_io import GraphInput, input_of, name_input
 from .op_knowledge import HOP_SPELLING, OPERATOR_SPELLING
@@ -57,7 +58,7 @@ def resolve_target(write: Write, trace: MutationTrace) -> tuple[Target, tuple[st
     """The storage owner `write` really writes, and the view chain that leads to it."""
     root = root_of(write, trace)
     if root is None:
-        return Target("intermediate", write.arg.name, describe_op(write.arg)), ()
+        return _intermediate(write.arg), ()
     return target_of_root(root, trace), _view_chain(write, root, trace)
 
 
@@ -69,7 +70,7 @@ def root_of(write: Write, trace: MutationTrace) -> torch.fx.Node | None:
 def target_of_root(root: torch.fx.Node, trace: MutationTrace) -> Target:
     """Name the node that owns a storage: a placeholder by its source, else by its op."""
     if root.op != "placeholder":
-        return Target("intermediate", root.name, describe_op(root))
+        return _intermediate(root)
     return target_of_input(root, trace.inputs.get(root))
 
 
@@ -122,4 +123,13 @@ def _inplace_position(target) -> int | None:
     except (TypeError, ValueError):
         return None
     return names.index("inplace") if "inplace" in names else None
+
+
+def _intermediate(node: torch.fx.Node) -> Target:
+    # Dynamo names a node after the variable the user's line assigns, else after its op
+    # (`batch_norm`, `relu_1`) or the variable of the torch function that made it (`input_1`).
+    source, op = source_of(node), describe_op(node)
+    by_op = re.sub(r"_\d+$", "", node.name) == op.split("(")[0].split(".")[-1]
+    return Target("intermediate", node.name, op,
+                  user_named=source is not None and not is_internal_file(source.file) and not by_op)
 
