@@ -195,9 +195,9 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
         headers = ["#", "op", "writes", "via", "where", "code", "module", "tasks", "hazard"]
         if graph.functionalized:
             headers.append("rewrite")
-        rows = [_row(i, m, names, graph.functionalized) for i, m in enumerate(graph.mutations)]
+        rows = [_row(i, m, names, graph.functionalized, graph.shared_parameters) for i, m in enumerate(graph.mutations)]
         if not every_row:
-            rows = _group_repeats(rows, graph.mutations)
+            rows = _group_repeats(rows, graph.mutations, names)
         if compact:
             keep = [i for i, h in enumerate(headers) if h not in ("via", "code", "module")]
             headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
@@ -253,7 +253,7 @@ def _fit_columns(headers: list[str], rows: list[list], width: int) -> tuple[list
         if "module" in col and str(r[col["module"]]) not in ("-", ""):
             r[col["where"]] = f"{r[col['where']]}\n({r[col['module']]})"
         r[col["hazard"]] = str(r[col["hazard"]]).replace(", ", "\n")
-        r[col["tasks"]] = str(r[col["tasks"]]).replace(" (shared)", "\n(shared)")
+        r[col["tasks"]] = str(r[col["tasks"]]).replace(" (shared)", "\n(shared)").replace(" (read by", "\n(read by")
         kind, _, rest = str(r[col["writes"]]).partition(" ")
         r[col["writes"]] = kind + "\n" + rest.replace(" (also ", "\n(also ") if rest else kind
         stacked.append(r)
@@ -325,7 +325,7 @@ def _fill(line: str, width: int | None, indent: int = 4) -> str:
 _GROUP_FROM = 4
 
 
-def _group_repeats(rows: list[list], mutations: Sequence[Mutation]) -> list[list]:
+def _group_repeats(rows: list[list], mutations: Sequence[Mutation], names: Sequence[str]) -> list[list]:
     """Safe writes that repeat, one row each kind: `batch_norm [hidden]` writing `*.running_mean`
     in 20 modules is one row `x20`; rows with a warning or an error stay as they are."""
     def key(m: Mutation, row: list) -> tuple | None:
@@ -352,7 +352,7 @@ def _group_repeats(rows: list[list], mutations: Sequence[Mutation]) -> list[list
             writes = f"intermediate (output of {target.produced_by})" if target.kind == "intermediate" else \
                 f"{target.kind} *.{_kind_of(target)}"
             modules = sorted({m.module for m in ms if m.module})
-            tasks = sorted({t for j in ids for t in rows[j][7].replace(" (shared)", "").split(", ") if t != "-"})
+            tasks = task_names(frozenset().union(*(m.site.tasks for m in ms)), names)
             row = [f"x{len(ids)}", row[1], writes, row[3],
                    _places(ms), row[5], f"{len(modules)} modules" if modules else "-",
                    ", ".join(tasks) or "-", *row[8:]]
@@ -387,7 +387,8 @@ def _shared(shared: dict[str, tuple[str, ...]], grouped: bool) -> str:
     return "; ".join(entries)
 
 
-def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> list:
+def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool,
+         shared_parameters: dict[str, tuple[str, ...]] | None = None) -> list:
     flags = (["hidden"] if m.site.hidden else []) + (["no_grad"] if m.site.no_grad else [])
     also = f" (also {', '.join(m.target.aliases)})" if m.target.aliases else ""
     tasks = task_names(m.site.tasks, names)
@@ -399,7 +400,7 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> lis
         str(m.source) if m.source else "?",
         m.source.code if m.source else "",
         m.module or "-",
-        ", ".join(tasks) + (" (shared)" if m.shared else "") if tasks else "-",
+        _tasks_cell(tasks, m, shared_parameters or {}),
         ", ".join(sorted({h.code.value for h in m.hazards})) or "-",
     ]
     if functionalized:
@@ -409,6 +410,16 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool) -> lis
 
 def _removed_codes(m: Mutation) -> list[HazardCode]:
     return [h.code for h in m.hazards if h.removed_by_rewrite]
+
+
+def _tasks_cell(tasks: tuple[str, ...], m: Mutation, shared_parameters: dict[str, tuple[str, ...]]) -> str:
+    # One task writing a parameter others read: say who else reads it, not a bare "(shared)".
+    if not tasks:
+        return "-"
+    others = [t for t in shared_parameters.get(m.target.name, ()) if t not in tasks]
+    if m.shared and len(tasks) == 1 and others:
+        return f"{tasks[0]} (read by {', '.join(others)} too)"
+    return ", ".join(tasks) + (" (shared)" if m.shared else "")
 
 
 def _target_cell(target: Target) -> str:

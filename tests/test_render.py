@@ -176,3 +176,29 @@ def test_an_intermediate_torch_named_is_shown_by_the_op_that_made_it():
     assert (second.target.produced_by, second.target.user_named) == ("linear", False)
     text = render.render_graph(graph)
     assert "intermediate h" in text and "intermediate (output of linear)" in text
+
+
+class ScaleInOneHead(nn.Module):
+    """Both heads read `scale`; the depth head rescales it after seg used it (an error too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.seg, self.depth = nn.Linear(4, 2), nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        seg = self.seg(h * self.scale)
+        with torch.no_grad():
+            self.scale.clamp_(0.5, 2.0)
+        return {"seg": seg, "depth": self.depth(h * self.scale)}
+
+
+def test_a_write_by_one_task_to_a_shared_parameter_names_the_other_readers():
+    # (Which tasks read a parameter is held to eager's gradients in test_tasks.py.)
+    torch.manual_seed(0)
+    (graph,) = quiet_audit(ScaleInOneHead(), torch.randn(3, 4)).graphs
+    (mutation,) = graph.mutations
+    assert graph.tasks_of(mutation) == ("depth",) and set(graph.shared_parameters["scale"]) == {"seg", "depth"}
+    assert render._tasks_cell(graph.tasks_of(mutation), mutation, graph.shared_parameters) == "depth (read by seg too)"
