@@ -13,6 +13,7 @@ from torch import nn
 
 import fxinplace
 from conftest import eager_backward_error, marked_line, quiet_audit
+from test_hazards import LeafInPlace
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 
@@ -47,16 +48,6 @@ class Break(nn.Module):
         return h
 
 
-class Leaf(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        self.w.mul_(2)
-        return x * self.w
-
-
 class Ema(nn.Module):
     def __init__(self):
         super().__init__()
@@ -74,7 +65,7 @@ def _reports():
     x = torch.randn(3, 4)
     yield "saved-then-mutated, two tasks", quiet_audit(SigmoidThenScale(), x)
     yield "across a graph break", quiet_audit(Break(), x)
-    yield "tracing refused", quiet_audit(Leaf(), x)
+    yield "tracing refused", quiet_audit(LeafInPlace(), torch.randn(3, 3))
     yield "buffer and safe writes", quiet_audit(Ema(), x)
     yield "functionalized", quiet_audit(SigmoidThenScale(), x, functionalize=True)
     backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize="hazards")
