@@ -224,7 +224,7 @@ STAGES = [
     "fxinplace.backend.split_tasks",
     "fxinplace.backend.find_hazards",
     "fxinplace.backend.saves_for_later_graphs",
-    "fxinplace.report.GraphReport.render",
+    "fxinplace.render.render_graph",
 ]
 
 
