@@ -206,7 +206,7 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
             caps = _column_caps(headers, rows, width)
             rows = [[_wrap(cell, cap) for cell, cap in zip(row, caps)] for row in rows]
         lines.append(tabulate(rows, headers=headers, tablefmt="simple"))
-        legend = _legend(lines[-1], headers, rows)
+        legend = _legend(graph.mutations, grouped=len(rows) < len(graph.mutations), via="via" in headers)
         if legend:
             lines.append(_fill(legend, width))
     lines += [_fill(line, width, indent=6) for line in
@@ -219,17 +219,16 @@ _WRAPPABLE = ("code", "writes", "rewrite", "tasks", "via")
 _NARROWEST = 12
 
 
-_LEGEND = (
-    ("[hidden]", "[hidden]: a write autograd's version counter does not see (`.data`, batch norm's running statistics)"),
-    ("[no_grad]", "[no_grad]: under torch.no_grad()"),
-    ("\nx", "xN: N writes alike, all safe (rows=\"all\" lists each)"),
-)
-
-
-def _legend(table: str, headers: list[str], rows: list[list]) -> str:
-    """What the table's marks mean, for the marks it has."""
-    said = [words for mark, words in _LEGEND if mark in "\n" + table]
-    if "via" in headers and any(str(r[headers.index("via")]) not in ("-", "") for r in rows):
+def _legend(mutations: Sequence[Mutation], grouped: bool, via: bool) -> str:
+    """What the table's marks mean, for the marks its mutations give it."""
+    said = []
+    if any(m.site.hidden for m in mutations):
+        said.append("[hidden]: a write autograd's version counter does not see (`.data`, batch norm's running statistics)")
+    if any(m.site.no_grad for m in mutations):
+        said.append("[no_grad]: under torch.no_grad()")
+    if grouped:
+        said.append("xN: N writes alike, all safe (rows=\"all\" lists each)")
+    if via and any(m.view_chain for m in mutations):
         said.append("via: the views from the target to the tensor written")
     return "  (" + "; ".join(said) + ")" if said else ""
 
@@ -328,14 +327,15 @@ _GROUP_FROM = 4
 def _group_repeats(rows: list[list], mutations: Sequence[Mutation], names: Sequence[str]) -> list[list]:
     """Safe writes that repeat, one row each kind: `batch_norm [hidden]` writing `*.running_mean`
     in 20 modules is one row `x20`; rows with a warning or an error stay as they are."""
-    def key(m: Mutation, row: list) -> tuple | None:
+    def key(m: Mutation) -> tuple | None:
         if any(h.severity.value != "info" for h in m.hazards):
             return None
-        return (row[1], m.target.kind, _kind_of(m.target), row[8], tuple(row[9:]))
+        return (m.op, m.site.hidden, m.site.no_grad, m.target.kind, _kind_of(m.target),
+                frozenset(h.code for h in m.hazards), m.rewrite, m.removed)
 
     groups: dict[tuple, list[int]] = {}
-    for i, (m, row) in enumerate(zip(mutations, rows)):
-        k = key(m, row)
+    for i, m in enumerate(mutations):
+        k = key(m)
         if k is not None:
             groups.setdefault(k, []).append(i)
     folded = {k: ids for k, ids in groups.items() if len(ids) >= _GROUP_FROM}
