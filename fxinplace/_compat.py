@@ -44,7 +44,7 @@ __all__ = [
     # storages and version counters
     "StorageWeakRef", "set_version", "preserve_version_counter", "increment_version",
     # Dynamo, Inductor and the backend registry
-    "current_compile_id", "traced_code", "dynamo_output_scopes", "inductor_compile_fx", "inductor_mode_options",
+    "current_compile_id", "traced_code", "dynamo_output_scopes", "graph_output_roles", "inductor_compile_fx", "inductor_mode_options",
     "lookup_backend", "list_backends", "dynamo_reset",
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
@@ -251,6 +251,64 @@ def dynamo_output_scopes() -> dict[str, dict]:
 
     output = InstructionTranslator.current_tx().output
     return {"local_name": output.local_scope, "global_name": output.global_scope}
+
+
+def graph_output_roles(gm: torch.fx.GraphModule) -> list[tuple[str, str] | None] | None:
+    """What each output of the graph Dynamo is compiling now is, to the user's code; None
+    outside a Dynamo trace or when Dynamo's state is not as expected.
+
+    One entry per output position: ("returned", path) for a tensor in the value the frame
+    returns (path: "" for the value itself, "seg" for a dict key, "[1]" for a position,
+    "aux.depth" / "aux[0]" nested); ("live", name) at a graph break, for a tensor the code
+    after the break goes on with (`name`: the local variable holding it, "" for one on the
+    stack); ("stored", attr) for a tensor only stored as an attribute (`self.cache = t`); None
+    for an output none of these reaches. Read from the instruction translator calling the
+    backend: at `return` its stack holds the returned value; at a break, the stack and the
+    locals are what the resumed code receives; attribute stores are its pending side effects.
+    Read only: nothing here changes what Dynamo compiles.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables import BaseListVariable, ConstDictVariable, TensorVariable
+
+        tx = InstructionTranslator.current_tx()
+        out = next(iter(gm.graph.find_nodes(op="output")))
+        nodes = list(out.args[0]) if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+        position = {n.name: i for i, n in enumerate(nodes) if isinstance(n, torch.fx.Node)}
+        roles: list[tuple[str, str] | None] = [None] * len(nodes)
+
+        def visit(vt: Any, role: str, path: str, depth: int = 0) -> None:
+            # Never realize a lazy tracker: that installs guards and may add graph inputs.
+            # One still lazy was never used as a tensor in this graph.
+            vt = vt.unwrap() if hasattr(vt, "unwrap") else vt
+            if depth > 8 or (hasattr(vt, "is_realized") and not vt.is_realized()):
+                return
+            if isinstance(vt, TensorVariable):
+                i = position.get(vt.as_proxy().node.name)
+                if i is not None and roles[i] is None:
+                    roles[i] = (role, path)
+            elif isinstance(vt, ConstDictVariable):
+                for key, value in vt.items.items():
+                    name = key.vt.as_python_constant()
+                    visit(value, role, f"{path}.{name}" if path else str(name), depth + 1)
+            elif isinstance(vt, BaseListVariable):
+                for j, item in enumerate(vt.items):
+                    visit(item, role, f"{path}[{j}]", depth + 1)
+
+        if graph_break_reason(gm)[1]:
+            for name, vt in tx.symbolic_locals.items():
+                visit(vt, "live", name)
+            for vt in tx.stack:
+                visit(vt, "live", "")
+        else:
+            for vt in tx.stack:
+                visit(vt, "returned", "")
+        for attrs in tx.output.side_effects.store_attr_mutations.values():
+            for attr, vt in attrs.items():
+                visit(vt, "stored", attr)
+        return roles
+    except Exception:  # a Dynamo internal moved: the caller names outputs without it
+        return None
 
 
 def inductor_compile_fx(gm: torch.fx.GraphModule, inputs: Any, config_patches: dict | None = None) -> Callable:

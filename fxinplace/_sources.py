@@ -134,6 +134,15 @@ def module_path_of(node: torch.fx.Node) -> str:
     return _ROOT.sub("", str(path))
 
 
+def module_type_of(node: torch.fx.Node) -> str:
+    """The class name of the innermost module that ran `node` ("" for the top level)."""
+    stack = nn_module_stack(node)
+    if not stack:
+        return ""
+    _, kind = list(stack.values())[-1]
+    return getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].strip("'>")
+
+
 def qualified_name_of(source) -> tuple[str, str]:
     """(kind, name) for a Dynamo `Source`: parameters and buffers by fully qualified name.
 

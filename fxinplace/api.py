@@ -9,8 +9,9 @@ import torch
 from ._compat import dynamo_reset, pytree
 from ._sources import SourceLocation, source_of, user_frame
 from .backend import InplaceAudit, emit_tables
-from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, Site
+from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, OutputKind, Site
 from .options import parse_options
+from .passes.split_tasks import task_name
 from .report import GraphReport, Report
 
 __all__ = ["audit"]
@@ -50,29 +51,42 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     finally:
         dynamo_reset()  # the audit's compiled code must not stay in the user's cache
 
-    names = _output_names(result)
+    paths = _output_paths(result)
     graphs = []
     for graph in backend.graphs:
-        report = graph.report.named([_task_name(names.get(i), shown.tasks) for i in graph.outputs])
+        report = graph.report.named(_names_from_result(graph.report, graph.outputs, paths, shown.tasks))
         emit_tables(report, shown)
         graphs.append(report)
     return Report(tuple(graphs))
 
 
-def _output_names(result: Any) -> dict[int, str]:
-    """id(tensor) -> a readable path in the model's output ("seg", "aux.depth", "1")."""
-    names: dict[int, str] = {}
+def _output_paths(result: Any) -> dict[int, str]:
+    """id(tensor) -> its path in the model's result, as `_compat.graph_output_roles` writes
+    it: "" (the result itself), "seg", "aux.depth", "[1]", "aux[0]"."""
+    paths: dict[int, str] = {}
     for path, leaf in pytree.tree_flatten_with_path(result)[0]:
         if isinstance(leaf, torch.Tensor):
-            parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-            names.setdefault(id(leaf), ".".join(parts) or "output")
+            text = ""
+            for k in path:
+                if hasattr(k, "idx"):
+                    text += f"[{k.idx}]"
+                else:
+                    key = getattr(k, "key", getattr(k, "name", k))
+                    text += f".{key}" if text else str(key)
+            paths.setdefault(id(leaf), text)
+    return paths
+
+
+def _names_from_result(graph: GraphReport, outputs: Sequence[int], paths: dict[int, str],
+                       tasks: dict[str, str]) -> list[str | None]:
+    # The backend named what the graph returns; the model's result also places what a graph
+    # before a break passed on, or what Dynamo could not place (the same naming rule).
+    names: list[str | None] = []
+    for i, tensor_id in enumerate(outputs):
+        role = graph.outputs[i] if i < len(graph.outputs) else None
+        known = role is not None and role.kind is OutputKind.RETURNED
+        names.append(task_name(paths[tensor_id], tasks) if not known and tensor_id in paths else None)
     return names
-
-
-def _task_name(key: str | None, tasks: dict[str, str]) -> str | None:
-    if key is None:
-        return None
-    return next((t for t, wanted in tasks.items() if key == wanted or key.startswith(wanted + ".")), key)
 
 
 def _trace_failure(e: BaseException, graphs: Sequence[torch.fx.GraphModule] = ()) -> GraphReport | None:

@@ -22,13 +22,13 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import (current_compile_id, graph_break_reason, hop_name, inductor_compile_fx, inductor_mode_options,
+from ._compat import (current_compile_id, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options,
                       lookup_backend, tested_range, torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, saves_for_later_graphs
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning
-from .facts import KeptReason, RewriteKind, Severity, Target
+from .facts import KeptReason, OutputKind, OutputRole, RewriteKind, Severity, Target
 from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
@@ -330,9 +330,19 @@ def analyze(
     saved_inputs: dict[torch.fx.Node, list] | None = None,
 ) -> GraphReport:
     """Split tasks and classify hazards on an already traced graph (cheap: no tensor runs)."""
-    split = split_tasks(gm, trace, opts.tasks)
+    roles = output_roles(gm)
+    split = split_tasks(gm, trace, opts.tasks, roles)
     mutations = find_hazards(gm, trace, split, saved_inputs or {})
-    return GraphReport(*identity, mutations=tuple(mutations), task_names=split.names, shared=split.shared_parameters)
+    return GraphReport(*identity, mutations=tuple(mutations), task_names=split.names, outputs=roles or (),
+                       shared=split.shared_parameters)
+
+
+def output_roles(gm: torch.fx.GraphModule) -> tuple[OutputRole | None, ...] | None:
+    """What each output of the graph being compiled is to the user's code; None when Dynamo cannot say."""
+    roles = graph_output_roles(gm)
+    if roles is None:
+        return None
+    return tuple(OutputRole(OutputKind(r[0]), r[1]) if r is not None else None for r in roles)
 
 
 def graph_identity(gm: torch.fx.GraphModule) -> tuple[str, str, str]:

@@ -15,7 +15,7 @@ from ._sources import SourceLocation
 
 __all__ = [
     "Severity", "HazardCode", "Detail", "Fix", "Target", "Site", "Saved", "Hazard", "RewriteKind", "KeptReason",
-    "Rewrite", "Mutation", "DEFAULT_SEVERITY", "FIX_OF",
+    "Rewrite", "Mutation", "OutputKind", "OutputRole", "DEFAULT_SEVERITY", "FIX_OF",
 ]
 
 
@@ -93,6 +93,20 @@ DEFAULT_SEVERITY = {code: severity for code, (severity, _) in _BY_CODE.items()}
 FIX_OF = {code: fix for code, (_, fix) in _BY_CODE.items()}
 
 
+class OutputKind(str, Enum):
+    """What a graph output is to the user's code; only a returned value can be a task's."""
+
+    RETURNED = "returned"  # in the value the traced function returns
+    LIVE = "live"  # the graph ends at a break: the code after it goes on with this value
+    STORED = "stored"  # only stored as an attribute (`self.cache = t`): no loss comes from it here
+
+
+@dataclass(frozen=True)
+class OutputRole:
+    kind: OutputKind
+    path: str  # RETURNED: "" (the value), "seg" (a dict key), "[1]", "aux.depth"; LIVE: the local; STORED: the attribute
+
+
 @dataclass(frozen=True)
 class Target:
     """What a write really writes: the owner of the storage, through any chain of views."""
@@ -122,6 +136,7 @@ class Site:
     graph: str | None = None  # the compile id, for a site in an earlier graph (across a break)
     hidden: bool = False  # the write is hidden from autograd (`.data`, an undeclared write)
     no_grad: bool = False  # ran under `torch.no_grad()`
+    module_type: str = ""  # the class of `module` (`ReLU`): where a torch module's own code made the call
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,9 @@ class Hazard:
     other_tasks: frozenset[int] = frozenset()  # cross-task-write: the tasks that read what this one writes
     pytorch_said: str | None = None  # the error PyTorch raised, for hazards found when tracing failed
     removed_by_rewrite: bool = False  # functionalize wrote the op out of place: the hazard is gone
+    # Saved-tensor hazards: only tensors the forward stores and does not return (`self.attn = a`)
+    # need the save; a backward fails only if a loss is computed from one of them (a warning).
+    stored_only: bool = False
 
     @property
     def fix(self) -> Fix:

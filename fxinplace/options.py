@@ -19,8 +19,7 @@ OPTION_HELP = {
     "print": "print one mutation table per graph to stdout (default True)",
     "file": "also append the tables to this file path; `{rank}` in it is replaced by the distributed rank (default None)",
     "strict": "raise instead of warning when the analysis itself fails (default False)",
-    "tasks": "name tasks yourself: {task name: module prefix, e.g. 'heads.seg'} "
-    "(with fxinplace.audit, an output dict key works too)",
+    "tasks": "name tasks yourself: {task name: module prefix, e.g. 'heads.seg', or the output dict key, e.g. 'seg'}",
     "raise_on": 'raise HazardError at compile time for any hazard at or above this severity: '
     '"error", "warning" or "info" (default None: never)',
     "functionalize": 'rewrite mutations out of place before compiling: False (default), True or "all" '

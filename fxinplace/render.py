@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tabulate import tabulate
 
 from ._sources import SourceLocation
-from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Saved, Site, Target
+from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, Rewrite, RewriteKind, Saved, Site, Target
 
 if TYPE_CHECKING:
     from .report import GraphReport
 
 __all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_lines", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2  # of `Report.to_dict()`; docs/report.schema.json describes it
+SCHEMA_VERSION = 3  # of `Report.to_dict()`; docs/report.schema.json describes it
 
 AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
@@ -79,8 +79,16 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
     if code in (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED):
         saved = _saved_words(h.saved)
         verb = "were" if len(saved) > 1 else "was"
-        start = (f"{' and '.join(saved)} {verb} saved for backward by {_op(h.saved_by)} (needed by the backward of "
-                 f"{_tasks(h.saved_by.tasks if h.saved_by else (), names)})")
+        needed = task_names(h.saved_by.tasks if h.saved_by else (), names)
+        start = f"{' and '.join(saved)} {verb} saved for backward by {_op(h.saved_by)}"
+        if needed:
+            start += f" (needed by the backward of {_tasks(h.saved_by.tasks, names)})"
+        if h.stored_only:
+            visible = code is HazardCode.SAVED_THEN_MUTATED
+            outcome = f"fail with \"{AUTOGRAD_ERROR}\"" if visible else "silently use the new values"
+            return (f"{start}, then {'modified in place' if visible else 'overwritten'} by {op}; only the backward of "
+                    "what this forward stores and does not return (see \"stored, not returned\") needs it: a loss "
+                    f"computed from that would {outcome}")
         if code is HazardCode.SAVED_THEN_MUTATED:
             return f"{start}, then modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
         return (f"{start}, then overwritten by {op} {_UNSEEN[h.detail or Detail.UNSEEN_PATH]}: backward raises "
@@ -184,8 +192,7 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
     if graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
                      "Dynamo's fallback, with the in-place writes as written")
-    if graph.tasks:
-        lines.append("tasks: " + ", ".join(graph.tasks))
+    lines += _task_lines(graph)
     if graph.shared_parameters:
         lines.append("shared parameters: " + _shared(graph.shared_parameters, grouped=not every_row))
     lines = [_fill(line, width) for line in lines]
@@ -370,6 +377,23 @@ def _kind_of(target: Target) -> str:
     return target.produced_by or "" if target.kind == "intermediate" else target.name.rsplit(".", 1)[-1]
 
 
+def _task_lines(graph: GraphReport) -> list[str]:
+    lines = []
+    if graph.tasks:
+        lines.append("tasks: " + ", ".join(graph.tasks))
+    live = [r.path or "(a value on the stack)" for r in graph.outputs if r is not None and r.kind is OutputKind.LIVE]
+    if live and not graph.tasks:
+        lines.append("tasks: cannot be told in this graph: it ends at a graph break, and its outputs ("
+                     + ", ".join(f"`{p}`" if p.isidentifier() else p for p in dict.fromkeys(live))
+                     + ") are values the code after the break goes on with; the losses come later")
+    stored = [r.path for r, name in zip(graph.outputs, graph.task_names)
+              if r is not None and r.kind is OutputKind.STORED and name is None]
+    if stored:
+        lines.append("stored, not returned (no task's loss comes from them here): "
+                     + ", ".join(f"`.{p}`" for p in dict.fromkeys(stored)))
+    return lines
+
+
 def _shared(shared: dict[str, tuple[str, ...]], grouped: bool) -> str:
     """`p (tasks); ...`; grouped, the parameters under one top-level module that the same tasks
     read are one entry: `body.* (60 parameters: cls, dense)`."""
@@ -397,7 +421,7 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool,
         m.op + (f" [{', '.join(flags)}]" if flags else ""),
         _target_cell(m.target) + also,
         " > ".join(m.view_chain) or "-",
-        str(m.source) if m.source else "?",
+        _where(m.site),
         m.source.code if m.source else "",
         m.module or "-",
         _tasks_cell(tasks, m, shared_parameters or {}),
@@ -429,9 +453,10 @@ def _target_cell(target: Target) -> str:
     return f"{target.kind} {target.name}"
 
 
-def task_names(positions, names: Sequence[str]) -> tuple[str, ...]:
-    """The names of the tasks at `positions`, sorted, each once."""
-    return tuple(sorted({names[i] if i < len(names) else f"output[{i}]" for i in positions}))
+def task_names(positions, names: Sequence[str | None]) -> tuple[str, ...]:
+    """The names of the tasks at `positions`, sorted, each once (positions that are no task left out)."""
+    found = {names[i] if i < len(names) else f"output[{i}]" for i in positions}
+    return tuple(sorted(found - {None}))
 
 
 def compiler_inplace_error(checkpoint_writes: Sequence[Site] = ()) -> str:
@@ -456,6 +481,7 @@ def graph_dict(graph: GraphReport) -> dict[str, Any]:
         "function": graph.function,
         "reason": graph.reason,
         "tasks": list(graph.tasks),
+        "outputs": [{"kind": r.kind.value, "path": r.path} if r is not None else None for r in graph.outputs],
         "shared_parameters": {k: list(v) for k, v in graph.shared_parameters.items()},
         "mutations": [_mutation_dict(m, names) for m in graph.mutations],
         "hazards": [_hazard_dict(h, names) for h in graph.hazards],
@@ -494,6 +520,7 @@ def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
         "saved_by": _site_dict(h.saved_by, names),
         "mutated_by": _site_dict(h.mutated_by, names),
         "detail": h.detail.value if h.detail else None,
+        "stored_only": h.stored_only,
         "message": message(h, names),
         "fix": fix_text(h) or None,
         "removed_by_rewrite": h.removed_by_rewrite,
@@ -520,6 +547,7 @@ def _site_dict(site: Site | None, names: Sequence[str]) -> dict[str, Any] | None
         "file": source.file if source else None,
         "line": source.line if source else None,
         "module": site.module,
+        "module_type": site.module_type,
         "tasks": list(task_names(site.tasks, names)),
     }
 
@@ -537,8 +565,15 @@ def _op(site: Site | None) -> str:
 
 
 def _at(site: Site) -> str:
-    where = f"{site.source}" if site.source else "an unknown line"
+    where = _where(site) if site.source or site.module_type else "an unknown line"
     return f"{where} ({site.module})" if site.module else where
+
+
+def _where(site: Site) -> str:
+    # No line of the user's made the call: a torch module's own forward did (`nn.ReLU(inplace=True)`).
+    if site.source:
+        return str(site.source)
+    return f"{site.module_type}.forward" if site.module_type else "?"
 
 
 def _how(site: Site | None) -> str:
@@ -557,7 +592,10 @@ def _tasks(positions, names: Sequence[str]) -> str:
 def _saved_name(target: Target | None) -> str:
     if target is None:
         return "a tensor"
-    return f"`{target.name}` (output of {target.produced_by})" if target.kind == "intermediate" else str(target)
+    if target.kind == "intermediate":
+        # A name torch's code gave (`input_2`) means nothing to the user: the op that made it does.
+        return f"`{target.name}` (output of {target.produced_by})" if target.user_named else f"the output of {target.produced_by}"
+    return str(target)
 
 
 def _saved_words(saved: Sequence[Saved]) -> list[str]:
@@ -567,6 +605,8 @@ def _saved_words(saved: Sequence[Saved]) -> list[str]:
             words.append("a tensor")
         elif s.made_at is None:
             words.append(f"{s.target.kind} `{s.target.name}`")
+        elif s.target.kind == "intermediate" and not s.target.user_named:
+            words.append(f"the output of {_op(s.made_at)}")
         else:
             words.append(f"`{s.target.name}` (output of {_op(s.made_at)})")
     return list(dict.fromkeys(words))

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from . import render
 from .errors import FxInplaceError
-from .facts import Hazard, Mutation, Severity, Site
+from .facts import Hazard, Mutation, OutputRole, Severity, Site
 
 __all__ = ["GraphReport", "Report", "HazardError", "SEVERITIES"]
 
@@ -29,7 +29,8 @@ class GraphReport:
     function: str
     reason: str
     mutations: tuple[Mutation, ...] = ()
-    task_names: tuple[str, ...] = ()  # one per graph output position
+    task_names: tuple[str | None, ...] = ()  # one per graph output position; None: that output is no task
+    outputs: tuple[OutputRole | None, ...] = ()  # what each output is to the user's code; () when Dynamo could not say
     shared: dict[str, frozenset[int]] = field(default_factory=dict)  # parameter -> positions of the tasks reading it
     hazards: tuple[Hazard, ...] = ()  # hazards not tied to a mutation node (e.g. tracing failures)
     analysis_error: str | None = None
@@ -38,7 +39,7 @@ class GraphReport:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.task_names))
+        return tuple(dict.fromkeys(n for n in self.task_names if n is not None))
 
     @property
     def shared_parameters(self) -> dict[str, tuple[str, ...]]:

@@ -90,7 +90,7 @@ def test_reports_of_a_compiled_model_are_kept_on_the_backend_object():
     torch.compile(TwoHeads(), backend=backend)(torch.randn(2, 4))
     (graph,) = backend.report.graphs
     assert [m.op for m in graph.mutations] == ["add_"]
-    assert graph.tasks == ("a", "b")  # the head modules' paths name the tasks
+    assert graph.tasks == ("a", "b")  # the output dict's keys name the tasks
     assert backend.report.to_dict()["graphs"][0]["mutations"][0]["node"] == graph.mutations[0].node
 
 

@@ -356,6 +356,52 @@ def test_dynamo_output_scopes_are_the_traced_frame():
         _compat.dynamo_output_scopes()
 
 
+class _RolesAndOutputs:
+    """A backend keeping `graph_output_roles` and, at run time, the tensors each graph returned."""
+
+    def __init__(self):
+        self.roles, self.outputs = [], []
+
+    def __call__(self, gm, inputs):
+        code = gm.code
+        self.roles.append(_compat.graph_output_roles(gm))
+        assert gm.code == code, "graph_output_roles changed the graph"  # e.g. by realizing a lazy local
+        outputs = []
+        self.outputs.append(outputs)
+
+        def run(*args):
+            out = gm(*args)
+            outputs[:] = list(out)
+            return out
+
+        return run
+
+
+def test_graph_output_roles_place_each_output_in_the_users_code():
+    seen = {}
+
+    @torch._dynamo.disable
+    def look(h):  # Dynamo breaks the graph here: `h` is live across it
+        seen["h"] = h
+
+    class Cached(torch.nn.Module):
+        def forward(self, x):
+            h = x * 2
+            self.cache = h + 1  # stored, not returned
+            look(h)
+            return {"seg": h.sin(), "aux": [h.cos(), x - 1]}
+
+    backend, model = _RolesAndOutputs(), Cached()
+    result = torch.compile(model, backend=backend)(torch.randn(3))
+    (before, after), (out_before, out_after) = backend.roles, backend.outputs
+    by_id = {id(t): role for t, role in zip(out_before, before)}
+    assert by_id[id(seen["h"])] == ("live", "h") and by_id[id(model.cache)] == ("stored", "cache")
+    returned = {id(t): role for t, role in zip(out_after, after)}
+    assert returned == {id(result["seg"]): ("returned", "seg"), id(result["aux"][0]): ("returned", "aux[0]"),
+                        id(result["aux"][1]): ("returned", "aux[1]")}
+    assert _compat.graph_output_roles(torch.fx.symbolic_trace(lambda x: x + 1)) is None  # outside a Dynamo trace
+
+
 def test_inductor_mode_options():
     assert _compat.inductor_mode_options("max-autotune")["max_autotune"] is True
     assert "max_autotune" not in _compat.inductor_mode_options("default")

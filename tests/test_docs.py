@@ -38,6 +38,15 @@ def test_readme_shows_the_examples_real_output():
     assert shown.strip() == result.stdout.strip()
 
 
+def test_readme_shows_the_first_snippets_real_output():
+    readme = (ROOT / "README.md").read_text()
+    code, shown = re.search(r"```python\n(.*?)```\n\nprints .*?```text\n(.*?)```", readme, flags=re.S).groups()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    assert shown.strip() == result.stdout.strip()
+
+
 def test_ci_runs_the_readme_test_command_on_every_supported_release():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

@@ -171,9 +171,9 @@ class OddOutputs(nn.Module):
 
 def test_nested_and_non_tensor_outputs_name_tasks_by_path():
     report = quiet_audit(OddOutputs(), torch.randn(2, 3))
-    assert set(report.graphs[0].tasks) == {"seg.0", "seg.1.0", "depth"}
+    assert set(report.graphs[0].tasks) == {"seg[0]", "seg[1][0]", "depth"}
     (mutation,) = report.mutations
-    assert set(report.graphs[0].tasks_of(mutation)) == {"seg.0", "seg.1.0", "depth"}
+    assert set(report.graphs[0].tasks_of(mutation)) == {"seg[0]", "seg[1][0]", "depth"}
 
 
 @pytest.mark.parametrize(

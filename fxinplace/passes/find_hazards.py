@@ -11,7 +11,7 @@ import dataclasses
 
 import torch.fx
 
-from .._sources import module_path_of, source_of
+from .._sources import module_path_of, module_type_of, source_of
 from ..facts import DEFAULT_SEVERITY, Detail, Hazard, HazardCode, Mutation, Saved, Severity, Site, Target
 from .resolve_aliases import describe_op, resolve_target, root_of, target_of_root
 from .split_tasks import TaskSplit
@@ -63,6 +63,7 @@ def find_hazards(
                 op=describe_op(shown), source=source_of(shown), module=module_path_of(shown) or module_path_of(node),
                 tasks=writers | (read if target.kind == "intermediate" else frozenset()),
                 hidden=not write.autograd_visible, no_grad=not write.grad_enabled,
+                module_type=module_type_of(shown) if module_path_of(shown) else module_type_of(node),
             )
             mutated_by = dataclasses.replace(site, tasks=writers)
             hazards = _saved_hazards(write, target, mutated_by, trace, split, stale, hidden)
@@ -87,7 +88,8 @@ def find_hazards(
 
 def site_of(node: torch.fx.Node, tasks: frozenset[int] = frozenset(), graph: str | None = None) -> Site:
     """The op `node` runs, as a site: its spelling, the user's line, its module."""
-    return Site(describe_op(node), source_of(node), module_path_of(node), tasks, graph)
+    return Site(describe_op(node), source_of(node), module_path_of(node), tasks, graph,
+                module_type=module_type_of(node))
 
 
 def _invalidated(write: Write, saved_earlier) -> list:
@@ -124,17 +126,20 @@ def _saved_hazards(write: Write, target: Target, mutated_by: Site, trace: Mutati
     hazards = []
     for code, records_of in ((HazardCode.SAVED_THEN_MUTATED, stale), (HazardCode.HIDDEN_WRITE_TO_SAVED, hidden)):
         for (saving_node, saver), records in _group(records_of).items():
-            saved_by = site_of(saver, frozenset(trace.backward_outputs.get(saving_node, ())) & split.positions)
+            needed_by = frozenset(trace.backward_outputs.get(saving_node, ())) & split.positions
+            saved_by = site_of(saver, needed_by)
             detail = _unseen_path(write, records) if code is HazardCode.HIDDEN_WRITE_TO_SAVED else None
-            hazards.append(Hazard(code, Severity.ERROR, target, mutated_by, saved_by=saved_by,
-                                  saved=_saved(records, trace), detail=detail))
+            stored_only = bool(needed_by) and needed_by <= split.stored
+            hazards.append(Hazard(code, Severity.WARNING if stored_only else Severity.ERROR, target, mutated_by,
+                                  saved_by=saved_by, saved=_saved(records, trace), detail=detail,
+                                  stored_only=stored_only))
     return hazards
 
 
 def _cross_task(target: Target, mutated_by: Site, split: TaskSplit, readers, order, node) -> Hazard | None:
     # Another task reads what this one writes: which value it sees depends on the task order.
     writers = mutated_by.tasks
-    if not writers:
+    if all(split.names[i] is None for i in writers):  # no task writes it (a cache, a graph break's values)
         return None
     others = [r for r in readers if split.outside(split.tasks_of(r), writers)]
     if not others:

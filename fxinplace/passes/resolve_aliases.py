@@ -128,8 +128,13 @@ def _inplace_position(target) -> int | None:
 def _intermediate(node: torch.fx.Node) -> Target:
     # Dynamo names a node after the variable the user's line assigns, else after its op
     # (`batch_norm`, `relu_1`) or the variable of the torch function that made it (`input_1`).
+    # Dynamo leaves torch's module frames out of the stack trace: a name made there
+    # (`input_2`, Sequential's variable) comes with the user's line that called the module,
+    # where no such variable is written.
     source, op = source_of(node), describe_op(node)
-    by_op = re.sub(r"_\d+$", "", node.name) == op.split("(")[0].split(".")[-1]
+    base = re.sub(r"_\d+$", "", node.name)
+    by_op = base == op.split("(")[0].split(".")[-1]
+    on_the_line = source is not None and base in re.findall(r"[A-Za-z_]\w*", source.code)
     return Target("intermediate", node.name, op,
-                  user_named=source is not None and not is_internal_file(source.file) and not by_op)
+                  user_named=on_the_line and not is_internal_file(source.file) and not by_op)
 
