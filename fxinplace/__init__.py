@@ -13,7 +13,8 @@ from __future__ import annotations
 from .api import audit
 from .backend import InplaceAudit, inplace_audit
 from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
-from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Saved, Severity, Site, Target
+from .facts import (Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, OutputRole, Rewrite, RewriteKind, Saved,
+                    Severity, Site, Target)
 from .report import SEVERITIES, GraphReport, HazardError, Report
 from .training_guard import (
     GuardWrite,
@@ -26,6 +27,7 @@ from .training_guard import (
 
 __all__ = [
     "audit",
+    "propose_fixes",
     "inplace_audit",
     "InplaceAudit",
     "Report",
@@ -40,6 +42,8 @@ __all__ = [
     "Site",
     "Saved",
     "Target",
+    "OutputRole",
+    "OutputKind",
     "Rewrite",
     "RewriteKind",
     "KeptReason",
@@ -55,3 +59,12 @@ __all__ = [
     "GuardWrite",
     "WriteKind",
 ]
+
+
+def __getattr__(name: str):
+    # The fix-its load libcst: only when asked for.
+    if name == "propose_fixes":
+        from .fixes import propose_fixes
+
+        return propose_fixes
+    raise AttributeError(f"module 'fxinplace' has no attribute {name!r}")

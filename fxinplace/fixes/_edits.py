@@ -1,0 +1,169 @@
+"""Source edits at the user's line, on the concrete syntax tree (libcst keeps comments and layout).
+
+Each edit takes the file's text and the line of the write, and returns the new text, or None
+when the statement there is not one it knows how to rewrite safely. Only plain local names
+are rewritten (`h.relu_()`, `h += b`, `h[:, 0] = 0`, `h = F.relu(h, inplace=True)`): an
+attribute (`self.buf.add_(1)`) would rebind the module's state, and an expression nobody
+names (`f(x).add_(1)`) has no name to bind the new value to.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+import torch
+
+from ._facts import FixKind
+
+__all__ = ["edit_statement", "flip_inplace_calls"]
+
+_AUG_OPS = {
+    cst.AddAssign: cst.Add, cst.SubtractAssign: cst.Subtract, cst.MultiplyAssign: cst.Multiply,
+    cst.DivideAssign: cst.Divide, cst.FloorDivideAssign: cst.FloorDivide, cst.ModuloAssign: cst.Modulo,
+    cst.PowerAssign: cst.Power, cst.BitAndAssign: cst.BitAnd, cst.BitOrAssign: cst.BitOr,
+    cst.BitXorAssign: cst.BitXor, cst.LeftShiftAssign: cst.LeftShift, cst.RightShiftAssign: cst.RightShift,
+    cst.MatrixMultiplyAssign: cst.MatrixMultiply,
+}
+
+
+def edit_statement(source: str, line: int) -> tuple[str, FixKind] | None:
+    """The file with the in-place statement at `line` written out of place, and how; None if
+    no safe edit is known for it."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    positions = wrapper.resolve(PositionProvider)
+    finder = _StatementAt(line, positions)
+    wrapper.visit(finder)
+    if finder.found is None:
+        return None
+    parent, index, statement = finder.found
+    edited = _out_of_place(statement)
+    if edited is None:
+        return None
+    new_statements, kind = edited
+    body = list(parent.body)
+    body[index:index + 1] = new_statements
+    module = wrapper.module.deep_replace(parent, parent.with_changes(body=body))
+    return module.code, kind
+
+
+def flip_inplace_calls(source: str, first: int, last: int, callee: str) -> tuple[str, int] | None:
+    """`callee(..., inplace=True)` -> `inplace=False` for every such call between lines
+    `first` and `last` (a constructor's body); the new text and the first line changed."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    positions = wrapper.resolve(PositionProvider)
+    flipper = _FlipInplace(first, last, callee, positions)
+    module = wrapper.visit(flipper)
+    return (module.code, min(flipper.lines)) if flipper.lines else None
+
+
+class _StatementAt(cst.CSTVisitor):
+    """The simple statement line starting at `line`, with its parent block and index there."""
+
+    def __init__(self, line: int, positions) -> None:
+        self.line, self.positions = line, positions
+        self.found: tuple[cst.CSTNode, int, cst.SimpleStatementLine] | None = None
+
+    def _look(self, block: cst.CSTNode) -> None:
+        for i, statement in enumerate(block.body):
+            if isinstance(statement, cst.SimpleStatementLine) and self.positions[statement].start.line == self.line:
+                self.found = (block, i, statement)
+
+    def visit_IndentedBlock(self, node: cst.IndentedBlock) -> None:
+        self._look(node)
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self._look(node)
+
+
+def _out_of_place(line: cst.SimpleStatementLine) -> tuple[Sequence[cst.SimpleStatementLine], FixKind] | None:
+    if len(line.body) != 1:
+        return None  # `a.add_(1); b.mul_(2)`: leave a line with several statements alone
+    (small,) = line.body
+
+    def replaced(*statements: cst.BaseSmallStatement) -> list[cst.SimpleStatementLine]:
+        first = line.with_changes(body=[statements[0]])
+        rest = [cst.SimpleStatementLine(body=[s]) for s in statements[1:]]
+        return [first, *rest]
+
+    # `h.relu_()` -> `h = h.relu()`
+    if isinstance(small, cst.Expr) and isinstance(small.value, cst.Call):
+        call = small.value
+        func = call.func
+        if (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name) and _has_out_of_place(func.attr.value)):
+            name = func.value
+            new = call.with_changes(func=func.with_changes(attr=cst.Name(func.attr.value[:-1])))
+            return replaced(cst.Assign([cst.AssignTarget(name)], new)), FixKind.OUT_OF_PLACE
+        # `F.relu(h, inplace=True)` -> `h = F.relu(h, inplace=False)`
+        if call.args and isinstance(call.args[0].value, cst.Name) and _inplace_keyword(call) is not None:
+            name = call.args[0].value
+            return replaced(cst.Assign([cst.AssignTarget(name)], _without_inplace(call))), FixKind.INPLACE_FALSE
+        return None
+    # `y = F.relu(h, inplace=True)` -> `inplace=False`
+    if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call) and _inplace_keyword(small.value) is not None:
+        if not all(isinstance(t.target, cst.Name) for t in small.targets):
+            return None
+        return replaced(small.with_changes(value=_without_inplace(small.value))), FixKind.INPLACE_FALSE
+    # `h += b` -> `h = h + b`
+    if isinstance(small, cst.AugAssign) and isinstance(small.target, cst.Name) and type(small.operator) in _AUG_OPS:
+        op = _AUG_OPS[type(small.operator)]()
+        value = small.value
+        if isinstance(value, (cst.BinaryOperation, cst.BooleanOperation, cst.Comparison, cst.IfExp, cst.Lambda)):
+            value = value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+        return replaced(cst.Assign([cst.AssignTarget(small.target)],
+                                   cst.BinaryOperation(small.target, op, value))), FixKind.OUT_OF_PLACE
+    # `h[:, 0] = v` -> `h = h.clone()` first
+    if (isinstance(small, cst.Assign) and len(small.targets) == 1 and isinstance(small.targets[0].target, cst.Subscript)
+            and isinstance(small.targets[0].target.value, cst.Name)):
+        name = small.targets[0].target.value
+        clone = cst.Assign([cst.AssignTarget(name)],
+                           cst.Call(cst.Attribute(name, cst.Name("clone"))))
+        return [line.with_changes(body=[clone]), cst.SimpleStatementLine(body=[small])], FixKind.CLONE_FIRST
+    return None
+
+
+def _has_out_of_place(method: str) -> bool:
+    # `relu_` -> `relu`; not dunders, not `requires_grad_` (no twin), not `copy_`/`zero_`/`fill_`
+    # whose twin is no function of the tensor's value.
+    twin = method[:-1]
+    return (method.endswith("_") and not method.startswith("_") and twin not in ("copy", "zero", "fill", "requires_grad")
+            and callable(getattr(torch.Tensor, twin, None)))
+
+
+def _inplace_keyword(call: cst.Call) -> cst.Arg | None:
+    for arg in call.args:
+        if (arg.keyword is not None and arg.keyword.value == "inplace" and isinstance(arg.value, cst.Name)
+                and arg.value.value == "True"):
+            return arg
+    return None
+
+
+def _without_inplace(call: cst.Call) -> cst.Call:
+    return call.with_changes(args=[a.with_changes(value=cst.Name("False")) if a is _inplace_keyword(call) else a
+                                   for a in call.args])
+
+
+class _FlipInplace(cst.CSTTransformer):
+    def __init__(self, first: int, last: int, callee: str, positions) -> None:
+        super().__init__()
+        self.first, self.last, self.callee, self.positions = first, last, callee, positions
+        self.lines: list[int] = []
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        line = self.positions[original].start.line
+        name = _callee_name(original.func)
+        if self.first <= line <= self.last and name == self.callee and _inplace_keyword(updated) is not None:
+            self.lines.append(line)
+            return _without_inplace(updated)
+        return updated
+
+
+def _callee_name(func: cst.BaseExpression) -> str | None:
+    if isinstance(func, cst.Name):
+        return func.value
+    if isinstance(func, cst.Attribute):
+        return func.attr.value
+    return None
+

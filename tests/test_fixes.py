@@ -1,0 +1,186 @@
+"""Fix-its: each error gets a patch of the user's file that is checked before it is shown, or a
+reason why none is. The truth: eager PyTorch fails on the original, trains on the patched file,
+and the patched file trains with the gradients of the functionalized original (the same
+program written out of place)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxinplace
+from fxinplace.fixes import FixKind, FixStatus, NoFixReason, propose_fixes
+
+MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+
+    class ScaleAfterSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h.mul_(2)  # sigmoid saved h
+            return h.sum(1)
+
+
+    class TwoWrites(ScaleAfterSigmoid):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h.mul_(2)
+            g = self.block(h)
+            g += 1  # tanh saved g
+            return {"a": g.sum(1), "b": super().forward(x)}
+
+
+    class SliceAfterSigmoid(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h[:, 0] = 0.0
+            return h.sum(1)
+
+
+    class ReluModuleAfterSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=True))
+
+        def forward(self, x):
+            return self.trunk(x).sum(1)
+
+
+    class FunctionalInplace(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            F.relu(h, inplace=True)
+            return h.sum(1)
+
+
+    class WritesAView(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            v = h[:, :2]
+            v.mul_(2)  # written out of place, `h` would keep its values: no fix
+            return h.sum(1)
+
+
+    class WritesAnUnnamedView(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h[:, 0].mul_(2)  # no name to bind a new tensor to
+            return h.sum(1)
+''')
+
+
+def _load(path, name="models_under_fix"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+@pytest.fixture
+def models(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    return path, _load(path)
+
+
+def _step(model, x, run=None):
+    torch.manual_seed(0)
+    model.zero_grad(set_to_none=True)
+    out = (run if run is not None else model)(x)
+    loss = sum(t.sum() for t in (out.values() if isinstance(out, dict) else [out]))
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _functionalized_step(model, x):
+    compiled = torch.compile(model, backend=fxinplace.InplaceAudit(compiler="eager", functionalize=True, print=False))
+    return _step(model, x, compiled)
+
+
+@pytest.mark.parametrize("name, kind, edited", [
+    ("ScaleAfterSigmoid", FixKind.OUT_OF_PLACE, ["-        h.mul_(2)  # sigmoid saved h",
+                                                 "+        h = h.mul(2)  # sigmoid saved h"]),
+    ("SliceAfterSigmoid", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
+    ("FunctionalInplace", FixKind.INPLACE_FALSE, ["-        F.relu(h, inplace=True)",
+                                                  "+        h = F.relu(h, inplace=False)"]),
+    ("ReluModuleAfterSigmoid", FixKind.INPLACE_FALSE, [
+        "-        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=True))",
+        "+        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=False))"]),
+])
+def test_a_checked_fix_makes_the_model_train_like_the_functionalized_original(models, name, kind, edited):
+    path, module = models
+    torch.manual_seed(0)
+    model, x = getattr(module, name)(), torch.randn(3, 4)
+    reference = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _step(model, x)  # eager PyTorch fails on the original
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECKED and fix.kind is kind and fix.file == str(path)
+    changed = [line for line in fix.diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == edited
+    assert path.read_text() == MODELS  # proposing writes nothing
+    fxinplace.fixes.FixReport((fix,)).apply()
+    patched = getattr(_load(path), name)()
+    patched.load_state_dict(reference)
+    model.load_state_dict(reference)
+    expected = _functionalized_step(model, x)
+    got = _step(patched, x)  # eager PyTorch trains the patched file
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
+
+
+def test_the_fixes_of_one_file_apply_together(models):
+    # Three writes: two in `TwoWrites.forward`, one in the base class's forward it calls.
+    path, module = models
+    torch.manual_seed(0)
+    model, x = module.TwoWrites(), torch.randn(3, 4)
+    report = propose_fixes(model, x)
+    assert [f.status for f in report.fixes] == [FixStatus.CHECKED] * 3 and len({f.line for f in report.fixes}) == 3
+    assert report.apply() == [str(path)]
+    text = path.read_text()
+    assert "h = h.mul(2)\n" in text and "h = h.mul(2)  # sigmoid saved h" in text and "g = g + 1  # tanh saved g" in text
+    fixed = _load(path).TwoWrites()
+    fixed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(fixed, x), _functionalized_step(model, x))
+
+
+def test_an_edit_that_changes_what_the_model_computes_is_not_proposed(models):
+    # Written out of place, `v` no longer aliases `h`: the output would lose the doubling.
+    _, module = models
+    torch.manual_seed(0)
+    (fix,) = propose_fixes(module.WritesAView(), torch.randn(3, 4)).fixes
+    assert fix.status is FixStatus.CHECK_FAILED and fix.reason is NoFixReason.DIFFERENT_GRADIENTS
+    assert "no checked fix" in fxinplace.fixes.FixReport((fix,)).render()
+
+
+def test_a_statement_without_a_safe_edit_says_so(models):
+    _, module = models
+    (fix,) = propose_fixes(module.WritesAnUnnamedView(), torch.randn(3, 4)).fixes
+    assert fix.status is FixStatus.NO_SAFE_EDIT and fix.reason is NoFixReason.UNKNOWN_STATEMENT
+    assert fix.diff == "" and "advice: write the op out of place" in fxinplace.fixes.FixReport((fix,)).render()
+
+
+def test_a_model_without_errors_needs_no_fix(models):
+    _, module = models
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
+    report = propose_fixes(model, torch.randn(2, 4))
+    assert report.fixes == () and report.render() == "fxinplace: no error-level hazard, nothing to fix"
