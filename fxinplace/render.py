@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_lines", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2  # of `Report.to_dict()`; docs/report.schema.json describes it
+SCHEMA_VERSION = 3  # of `Report.to_dict()`; docs/report.schema.json describes it
 
 AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
@@ -482,6 +482,9 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
             "kind": m.rewrite.kind.value,
             "reason": m.rewrite.reason.value if m.rewrite.reason else None,
             "text": rewrite_text(m.rewrite, m.target, _removed_codes(m)),
+            "detail": list(m.rewrite.detail),
+            "saved_earlier": m.rewrite.saved_earlier,
+            "checkpoints_inlined": m.rewrite.checkpoints_inlined,
         },
     }
 
@@ -497,6 +500,11 @@ def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
         "message": message(h, names),
         "fix": fix_text(h) or None,
         "removed_by_rewrite": h.removed_by_rewrite,
+        # The facts the message is made of, so that a saved report renders as it was printed.
+        "saved": [{"target": _target_dict(s.target), "made_at": _site_dict(s.made_at, names)} for s in h.saved],
+        "readers": [{"when": when, "site": _site_dict(site, names)} for when, site in h.readers],
+        "other_tasks": list(task_names(h.other_tasks, names)),
+        "pytorch_said": h.pytorch_said,
     }
 
 
@@ -508,6 +516,8 @@ def _target_dict(target: Target | None) -> dict[str, Any] | None:
         found["produced_by"] = target.produced_by
     if target.aliases:
         found["aliases"] = list(target.aliases)
+    if not target.user_named:
+        found["user_named"] = False
     return found
 
 
@@ -521,6 +531,9 @@ def _site_dict(site: Site | None, names: Sequence[str]) -> dict[str, Any] | None
         "line": source.line if source else None,
         "module": site.module,
         "tasks": list(task_names(site.tasks, names)),
+        "graph": site.graph,
+        "hidden": site.hidden,
+        "no_grad": site.no_grad,
     }
 
 
