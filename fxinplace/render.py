@@ -434,10 +434,16 @@ def task_names(positions, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted({names[i] if i < len(names) else f"output[{i}]" for i in positions}))
 
 
-def compiler_inplace_error(checkpoint_writes: Sequence[Site] = ()) -> str:
-    """The head of the `HazardError` that replaces the compiler's in-place autograd error."""
-    text = ("fxinplace: the compiler failed with PyTorch's in-place autograd error "
-            f"(\"{AUTOGRAD_ERROR}\"). This is why:")
+def compiler_inplace_error(checkpoint_writes: Sequence[Site] = (), found: bool = True) -> str:
+    """The head of the `HazardError` that replaces the compiler's in-place autograd error;
+    `found`: the audit found an error-level hazard in the graph."""
+    failed = f"fxinplace: the compiler failed with PyTorch's in-place autograd error (\"{AUTOGRAD_ERROR}\")"
+    text = f"{failed}. This is why:"
+    if not found and not checkpoint_writes:
+        return (f"{failed}, and the audit found no hazard in this graph: the write "
+                "happened outside it (in code Dynamo ran eagerly, after a graph break, in an optimizer step, "
+                "in the training loop). `fxinplace.guard` watches the loop at run time, and "
+                "`python -m fxinplace run train.py` runs a whole script with it and this audit (docs/guard.md).")
     if checkpoint_writes:
         lines = ", ".join(sorted({f"`{s.op}` at {s.source or '?'}" for s in checkpoint_writes}))
         text += (f" {lines} writes the output of a checkpoint region after the region. Eager PyTorch recomputes "
