@@ -22,53 +22,10 @@ from fxinplace import cli
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
 
-GAN = """\
-import torch
-import torch.nn as nn
-
-torch.manual_seed(0)
-gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
-disc = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
-bce = nn.BCEWithLogitsLoss()
-real, z = torch.randn(8, 6), torch.randn(8, 4)
-fake = gen(z)
-loss_d = bce(disc(real), torch.ones(8, 1)) + bce(disc(fake.detach()), torch.zeros(8, 1))
-loss_g = bce(disc(fake), torch.ones(8, 1))
-loss_d.backward()
-opt_d.step()  # STEP
-loss_g.backward()
-opt_g.step()
-"""
-
-MULTITASK = """\
-import sys
-import torch
-from torch import nn
-
-
-class MultiTask(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Linear(8, 16)
-        self.scale = nn.Parameter(torch.ones(1))
-        self.seg, self.depth = nn.Linear(16, 4), nn.Linear(16, 1)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        seg = self.seg(h) * self.scale
-        with torch.no_grad():
-            self.scale.mul_(2)  # MUTATES
-        return {"seg": seg, "depth": self.depth(h) * self.scale}
-
-
-torch.manual_seed(0)
-model = MultiTask()
-x = torch.randn(4, 8)
-if __name__ == "__main__":
-    out = torch.compile(model, backend="eager")(x)  # evaluation only: no backward
-    print({k: v.shape for k, v in out.items()})
-"""
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GAN = (ROOT / "examples" / "gan_step.py").read_text()
+MULTITASK = (ROOT / "examples" / "multitask_eval.py").read_text()
+DOC = (ROOT / "docs" / "cli.md").read_text()
 
 CLEAN = """\
 import sys
@@ -103,32 +60,42 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_a_gan_step_between_backwards_fails_naming_the_parameter_and_the_step(tmp_path):
+def _shown(command: str) -> list[str]:
+    """The lines docs/cli.md shows for `$ command`."""
+    return re.search(rf"```text\n\$ {re.escape(command)}\n(.*?)\n```", DOC, flags=re.S).group(1).splitlines()
+
+
+def test_a_gan_step_between_backwards_fails_naming_the_parameter_and_the_step():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # PyTorch's verdict
-        exec(compile(GAN, "gan.py", "exec"), {"__name__": "__main__"})
-    (tmp_path / "gan.py").write_text(GAN)
-    result = _fxinplace("run", "gan.py", cwd=tmp_path)
+        exec(compile(GAN, "gan_step.py", "exec"), {"__name__": "__main__"})
+    result = _fxinplace("run", "examples/gan_step.py", cwd=ROOT)
     assert result.returncode == 1, result.stderr
     err = result.stderr
-    assert err.startswith("Traceback (most recent call last):\n  File \"gan.py\", line 15, in <module>\n")
+    assert err.startswith("Traceback (most recent call last):\n"
+                          f"  File \"examples/gan_step.py\", line {_line(GAN, 'STEP') + 1}, in <module>\n")
     assert "StaleSavedTensorError: fxinplace.guard: one of the variables needed for gradient computation" in err
     assert "a [16, 1] view of parameter `disc.2.weight`" in err
-    assert f"changed by: `opt_d.step()` (Adam) at gan.py:{_line(GAN, 'STEP')}" in err
+    assert f"changed by: `opt_d.step()` (Adam) at examples/gan_step.py:{_line(GAN, 'STEP')}" in err
     assert "fxinplace run: 0 graphs audited; hazards: 0 error, 0 warning, 0 info; training-loop guard: " \
            "1 stale saved tensor" in err
+    # docs/cli.md shows this run (the frames inside torch and fxinplace left out)
+    lines, shown = err.splitlines(), _shown("python -m fxinplace run examples/gan_step.py")
+    assert shown[:3] == lines[:3]
+    cut = next(i for i, line in enumerate(shown) if line.startswith("fxinplace.training_guard._errors"))
+    assert shown[cut:] == lines[lines.index(shown[cut]):]
 
 
 def test_a_saved_then_mutated_shared_parameter_fails_the_run_and_is_in_the_json(tmp_path):
-    namespace = {"__name__": "model"}
-    exec(compile(MULTITASK, "multitask.py", "exec"), namespace)
+    namespace = {"__name__": "multitask_eval"}
+    exec(compile(MULTITASK, "multitask_eval.py", "exec"), namespace)
     out = namespace["model"](namespace["x"])
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # PyTorch's verdict
         (out["seg"].sum() + out["depth"].sum()).backward()
-    (tmp_path / "multitask.py").write_text(MULTITASK)
-    result = _fxinplace("run", "--json", "report.json", "--fail-on", "error", "multitask.py", cwd=tmp_path)
+    saved = tmp_path / "report.json"
+    result = _fxinplace("run", "--json", str(saved), "--fail-on", "error", "examples/multitask_eval.py", cwd=ROOT)
     assert result.returncode == 1, result.stderr
-    assert result.stdout == "{'seg': torch.Size([4, 4]), 'depth': torch.Size([4, 1])}\n"  # the script ran
-    data = json.loads((tmp_path / "report.json").read_text())
+    assert result.stdout == "{'seg': (4, 4), 'depth': (4, 1)}\n"  # the script ran
+    data = json.loads(saved.read_text())
     jsonschema.validate(data, SCHEMA)
     hazards = [h for g in data["graphs"] for m in g["mutations"] for h in m["hazards"]]
     (error,) = [h for h in hazards if h["code"] == "saved-then-mutated"]
@@ -137,14 +104,17 @@ def test_a_saved_then_mutated_shared_parameter_fails_the_run_and_is_in_the_json(
     assert "fxinplace run: 1 graph audited; hazards: 1 error," in result.stderr
     assert _flat(f"ERROR [saved-then-mutated] {error['message']}") in _flat(result.stderr)
     assert result.stderr.rstrip().endswith("fxinplace run: exit 1: hazards at or above `error` (--fail-on error)")
+    shown = _shown("python -m fxinplace run --json report.json examples/multitask_eval.py")
+    assert shown == (result.stdout + result.stderr.replace(str(saved), "report.json")).splitlines()
 
-    # (d) `show` renders the saved report: the same hazard, in the same words.
-    shown = _show(tmp_path / "report.json")
-    assert "fxinplace: graph 0/0 `forward` (graph ended: return_value)" in shown
-    assert _flat(f"ERROR [saved-then-mutated] {error['message']}") in _flat(shown)
+    # (d) `show` renders the saved report: the same hazard, in the same words, as docs/cli.md shows.
+    rendered = _show(saved, "--width", "100")
+    assert "fxinplace: graph 0/0 `forward` (graph ended: return_value)" in rendered
+    assert _flat(f"ERROR [saved-then-mutated] {error['message']}") in _flat(rendered)
+    assert rendered.splitlines() == _shown("python -m fxinplace show report.json --width 100")
 
     # The same run in this process, with --fail-on never: the script's own exit code (0).
-    assert cli.main(["run", "--fail-on", "never", str(tmp_path / "multitask.py")]) == 0
+    assert cli.main(["run", "--fail-on", "never", str(ROOT / "examples" / "multitask_eval.py")]) == 0
     assert torch.compile.__module__ == "torch"  # given back
 
 
