@@ -187,3 +187,32 @@ def test_when_the_audit_saw_nothing_the_compilers_error_points_to_the_guard_and_
     said = str(ours)
     assert "and the audit found no hazard in this graph: the write happened outside it" in said
     assert "`fxinplace.guard`" in said and "`python -m fxinplace run train.py`" in said
+
+
+THREADED = """\
+import threading
+import torch
+
+w = torch.randn(3, requires_grad=True)
+out = {}
+thread = threading.Thread(target=lambda: out.update(y=torch.sigmoid(w * 2)))  # saved in another thread
+thread.start()
+thread.join()
+y = out["y"]
+with torch.no_grad():
+    y.mul_(2)
+y.sum().backward()
+"""
+
+
+def test_an_error_from_what_nothing_watched_says_so(tmp_path, capsys):
+    # Saved-tensor hooks and function modes are per thread: a forward in another thread is
+    # outside what the guard sees, and PyTorch's own check raises.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # PyTorch's verdict
+        exec(compile(THREADED, "threaded.py", "exec"), {"__name__": "__main__"})
+    (tmp_path / "threaded.py").write_text(THREADED)
+    assert cli.main(["run", str(tmp_path / "threaded.py")]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: one of the variables needed for gradient computation has been modified by an inplace" in err
+    assert "neither the audit of the compiled graphs nor the training-loop guard saw the write" in err
+    assert "See docs/guard.md (`fxinplace.guard`)" in err
