@@ -10,7 +10,8 @@ from .report import SEVERITIES, Report
 from .training_guard import StaleSavedTensor, render_table
 from .training_guard._render import explain
 
-__all__ = ["summary", "unexplained_inplace_error", "predicted_inplace_error", "hazard_lines", "failure"]
+__all__ = ["summary", "unexplained_inplace_error", "predicted_inplace_error", "hazard_lines", "failure",
+           "json_written", "failed_on"]
 
 GUARD_DOCS = "docs/guard.md"
 
@@ -49,10 +50,10 @@ def failure(report: Report, stale: Sequence[StaleSavedTensor], min_severity: str
     return "\n".join(lines + [explain(s) for s in stale])
 
 
-def predicted_inplace_error(report: Report) -> str:
+def predicted_inplace_error(report: Report, width: int | None = None) -> str:
     """PyTorch's in-place error came, and the audit had predicted it: which hazards."""
     lines = ["fxinplace: the audit of the compiled graphs predicted this error:"]
-    return "\n".join(lines + hazard_lines(report))
+    return "\n".join(lines + hazard_lines(report, "error", width))
 
 
 def unexplained_inplace_error() -> str:
@@ -62,3 +63,11 @@ def unexplained_inplace_error() -> str:
             "what was watched (a region with its own saved-tensor hooks such as torch.utils.checkpoint, "
             "another thread, or tensors saved before the run started). See "
             f"{GUARD_DOCS} (`fxinplace.guard`) for what the guard sees.")
+
+
+def json_written(path: str) -> str:
+    return f"fxinplace run: JSON report written to {path}"
+
+
+def failed_on(fail_on: str) -> str:
+    return f"fxinplace run: exit 1: hazards at or above `{fail_on}` (--fail-on {fail_on})"

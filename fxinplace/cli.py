@@ -24,7 +24,7 @@ import types
 from typing import Any, Sequence
 
 from . import render
-from ._run_render import predicted_inplace_error, summary, unexplained_inplace_error
+from ._run_render import failed_on, json_written, predicted_inplace_error, summary, unexplained_inplace_error
 from ._watch import Watch
 from .backend import _is_autograd_inplace_error
 from .errors import FxInplaceError
@@ -81,7 +81,7 @@ def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, 
         return 1
     main_module = types.ModuleType("__main__")
     main_module.__dict__.update(__file__=str(path), __builtins__=builtins, __cached__=None)
-    saved = sys.argv, list(sys.path), sys.modules.get("__main__")
+    saved_argv, saved_path, saved_main = sys.argv, list(sys.path), sys.modules.get("__main__")
     sys.argv = [str(path), *args]
     sys.path[0] = str(path.resolve().parent)  # as `python SCRIPT` puts it (`-m` put the working directory)
     sys.modules["__main__"] = main_module
@@ -95,18 +95,19 @@ def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, 
             except Exception as e:
                 error = e
     finally:
-        sys.argv, sys.path[:], _ = saved[0], saved[1], None
-        if saved[2] is not None:
-            sys.modules["__main__"] = saved[2]
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
     sys.stdout.flush()
     report = watch.report
+    width = shutil.get_terminal_size((100, 24)).columns
     if error is not None:
         exit_code = 1
         traceback.print_exception(type(error), error, _script_frames(error.__traceback__))
-        explanation = _explain(error, report)
+        explanation = _explain(error, report, width)
         if explanation:
             print(explanation, file=sys.stderr)
-    width = shutil.get_terminal_size((100, 24)).columns
     print(summary(report, watch.stale, tables=tables, width=width), file=sys.stderr)
     if json_path:
         try:
@@ -115,9 +116,9 @@ def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, 
             print(f"fxinplace run: could not write the JSON report to --json {json_path!r}: {e}", file=sys.stderr)
             exit_code = exit_code or 1
         else:
-            print(f"fxinplace run: JSON report written to {json_path}", file=sys.stderr)
+            print(json_written(json_path), file=sys.stderr)
     if exit_code == 0 and _fails(report, watch, fail_on):
-        print(f"fxinplace run: exit 1: hazards at or above `{fail_on}` (--fail-on {fail_on})", file=sys.stderr)
+        print(failed_on(fail_on), file=sys.stderr)
         exit_code = 1
     sys.stderr.flush()
     return exit_code
@@ -146,13 +147,13 @@ def _script_frames(tb: types.TracebackType | None) -> types.TracebackType | None
     return tb
 
 
-def _explain(error: BaseException, report: Report) -> str | None:
+def _explain(error: BaseException, report: Report, width: int | None) -> str | None:
     if isinstance(error, FxInplaceError):  # the guard's and the backend's errors explain themselves
         return None
     if not _is_autograd_inplace_error(error):
         return None
     if report.hazards("error"):
-        return predicted_inplace_error(report)
+        return predicted_inplace_error(report, width)
     return unexplained_inplace_error()
 
 

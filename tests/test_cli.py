@@ -216,3 +216,35 @@ def test_an_error_from_what_nothing_watched_says_so(tmp_path, capsys):
     assert "RuntimeError: one of the variables needed for gradient computation has been modified by an inplace" in err
     assert "neither the audit of the compiled graphs nor the training-loop guard saw the write" in err
     assert "See docs/guard.md (`fxinplace.guard`)" in err
+
+
+THREADED_COMPILED = """\
+import threading
+import torch
+
+
+def forward(w):
+    s = torch.sigmoid(w * 2)
+    s.mul_(2)  # sigmoid saved s
+    return s
+
+
+w = torch.randn(3, requires_grad=True)
+out = {}
+step = torch.compile(forward, backend="eager")
+thread = threading.Thread(target=lambda: out.update(y=step(w)))
+thread.start()
+thread.join()
+out["y"].sum().backward()
+"""
+
+
+def test_an_error_the_audit_predicted_says_which_hazard(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # PyTorch's verdict
+        exec(compile(THREADED_COMPILED, "threaded.py", "exec"), {"__name__": "__main__"})
+    torch._dynamo.reset()
+    (tmp_path / "threaded.py").write_text(THREADED_COMPILED)
+    assert cli.main(["run", str(tmp_path / "threaded.py")]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: one of the variables needed for gradient computation has been modified by an inplace" in err
+    assert "fxinplace: the audit of the compiled graphs predicted this error:\n  ERROR [saved-then-mutated] `s`" in err
