@@ -248,3 +248,10 @@ def test_an_error_the_audit_predicted_says_which_hazard(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "RuntimeError: one of the variables needed for gradient computation has been modified by an inplace" in err
     assert "fxinplace: the audit of the compiled graphs predicted this error:\n  ERROR [saved-then-mutated] `s`" in err
+
+
+def test_the_console_script_is_the_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "fxinplace"]
+    assert script.value == "fxinplace.cli:main" and script.load() is cli.main
