@@ -44,8 +44,8 @@ __all__ = [
     # storages and version counters
     "StorageWeakRef", "set_version", "preserve_version_counter", "increment_version",
     # Dynamo, Inductor and the backend registry
-    "current_compile_id", "traced_code", "dynamo_output_scopes", "graph_output_roles", "inductor_compile_fx", "inductor_mode_options",
-    "lookup_backend", "list_backends", "dynamo_reset",
+    "current_compile_id", "traced_code", "dynamo_output_scopes", "graph_output_roles", "inductor_compile_fx",
+    "inductor_mode_options", "lookup_backend", "list_backends", "dynamo_reset", "compile_backend", "default_backend",
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
     "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA",
@@ -337,6 +337,24 @@ def list_backends() -> list[str]:
     from torch._dynamo.backends.registry import list_backends
 
     return list_backends(exclude_tags=())
+
+
+def compile_backend(backend: str | Callable, mode: str | None, options: dict | None, dynamic: bool | None,
+                    name: str | None = None) -> Callable:
+    """The backend object `torch.compile(backend=..., mode=..., options=...)` builds and hands to
+    Dynamo: `_TorchCompileInductorWrapper` for "inductor" (mode and options as Inductor config),
+    `_TorchCompileWrapper` for any other name or callable (mode and options as its keywords).
+    Called as `backend(gm, example_inputs)`."""
+    if backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, options, dynamic, name)
+    return torch._TorchCompileWrapper(backend, mode, options, dynamic)
+
+
+def default_backend() -> str | Callable:
+    """The backend `torch.compile(backend=None)` uses ("inductor" unless configured otherwise)."""
+    from torch._dynamo.backends.registry import get_default_backend
+
+    return get_default_backend()
 
 
 def dynamo_reset() -> None:

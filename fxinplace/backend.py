@@ -261,7 +261,7 @@ class InplaceAudit:
                         written = _checkpoint_outputs_written(graph)
                     except Exception:  # never hide the compiler's own error behind ours
                         log.debug("inplace_audit: no checkpoint note", exc_info=True)
-                raise HazardError(graph.report, errors, render.compiler_inplace_error(written)) from e
+                raise HazardError(graph.report, errors, render.compiler_inplace_error(written, bool(errors))) from e
             raise
 
 

@@ -386,8 +386,7 @@ def _task_lines(graph: GraphReport) -> list[str]:
         lines.append("tasks: cannot be told in this graph: it ends at a graph break, and its outputs ("
                      + ", ".join(f"`{p}`" if p.isidentifier() else p for p in dict.fromkeys(live))
                      + ") are values the code after the break goes on with; the losses come later")
-    stored = [r.path for r, name in zip(graph.outputs, graph.task_names)
-              if r is not None and r.kind is OutputKind.STORED and name is None]
+    stored = [r.path for r in graph.outputs if r is not None and r.kind is OutputKind.STORED]
     if stored:
         lines.append("stored, not returned (no task's loss comes from them here): "
                      + ", ".join(f"`.{p}`" for p in dict.fromkeys(stored)))
@@ -459,10 +458,16 @@ def task_names(positions, names: Sequence[str | None]) -> tuple[str, ...]:
     return tuple(sorted(found - {None}))
 
 
-def compiler_inplace_error(checkpoint_writes: Sequence[Site] = ()) -> str:
-    """The head of the `HazardError` that replaces the compiler's in-place autograd error."""
-    text = ("fxinplace: the compiler failed with PyTorch's in-place autograd error "
-            f"(\"{AUTOGRAD_ERROR}\"). This is why:")
+def compiler_inplace_error(checkpoint_writes: Sequence[Site] = (), found: bool = True) -> str:
+    """The head of the `HazardError` that replaces the compiler's in-place autograd error;
+    `found`: the audit found an error-level hazard in the graph."""
+    failed = f"fxinplace: the compiler failed with PyTorch's in-place autograd error (\"{AUTOGRAD_ERROR}\")"
+    text = f"{failed}. This is why:"
+    if not found and not checkpoint_writes:
+        return (f"{failed}, and the audit found no hazard in this graph: the write "
+                "happened outside it (in code Dynamo ran eagerly, after a graph break, in an optimizer step, "
+                "in the training loop). `fxinplace.guard` watches the loop at run time, and "
+                "`python -m fxinplace run train.py` runs a whole script with it and this audit (docs/guard.md).")
     if checkpoint_writes:
         lines = ", ".join(sorted({f"`{s.op}` at {s.source or '?'}" for s in checkpoint_writes}))
         text += (f" {lines} writes the output of a checkpoint region after the region. Eager PyTorch recomputes "
@@ -499,6 +504,7 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
         "view_chain": list(m.view_chain),
         "source": _source_dict(m.source),
         "module": m.module,
+        "module_type": m.site.module_type,
         "tasks": list(task_names(m.site.tasks, names)),
         "shared": m.shared,
         "autograd_visible": m.autograd_visible,
@@ -508,6 +514,9 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
             "kind": m.rewrite.kind.value,
             "reason": m.rewrite.reason.value if m.rewrite.reason else None,
             "text": rewrite_text(m.rewrite, m.target, _removed_codes(m)),
+            "detail": list(m.rewrite.detail),
+            "saved_earlier": m.rewrite.saved_earlier,
+            "checkpoints_inlined": m.rewrite.checkpoints_inlined,
         },
     }
 
@@ -524,6 +533,11 @@ def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
         "message": message(h, names),
         "fix": fix_text(h) or None,
         "removed_by_rewrite": h.removed_by_rewrite,
+        # The facts the message is made of, so that a saved report renders as it was printed.
+        "saved": [{"target": _target_dict(s.target), "made_at": _site_dict(s.made_at, names)} for s in h.saved],
+        "readers": [{"when": when, "site": _site_dict(site, names)} for when, site in h.readers],
+        "other_tasks": list(task_names(h.other_tasks, names)),
+        "pytorch_said": h.pytorch_said,
     }
 
 
@@ -535,6 +549,8 @@ def _target_dict(target: Target | None) -> dict[str, Any] | None:
         found["produced_by"] = target.produced_by
     if target.aliases:
         found["aliases"] = list(target.aliases)
+    if not target.user_named:
+        found["user_named"] = False
     return found
 
 
@@ -549,6 +565,9 @@ def _site_dict(site: Site | None, names: Sequence[str]) -> dict[str, Any] | None
         "module": site.module,
         "module_type": site.module_type,
         "tasks": list(task_names(site.tasks, names)),
+        "graph": site.graph,
+        "hidden": site.hidden,
+        "no_grad": site.no_grad,
     }
 
 

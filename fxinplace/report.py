@@ -108,6 +108,13 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report `to_dict()` (or the parsed `to_json()`) describes; `ValueError` names a bad field."""
+        from ._load import report_from_dict
+
+        return report_from_dict(data)
+
     def render(self, compact: bool = False) -> str:
         return "\n\n".join(g.render(compact) for g in self.graphs)
 

@@ -416,6 +416,28 @@ def test_backend_registry():
     assert {"eager", "aot_eager", "inductor", "inplace_audit"} <= set(names)
 
 
+def test_compile_backend_is_what_torch_compile_hands_dynamo():
+    # `fxinplace run` audits a `torch.compile(..., backend=b, mode=m, options=o)` by handing off
+    # to `compile_backend(b, m, o, dynamic)`: it must call the backend as torch.compile would.
+    calls = []
+
+    def recorder(gm, example_inputs, **kwargs):
+        calls.append(kwargs)
+        return gm.forward
+
+    for mode, options in [(None, None), ("reduce-overhead", None), (None, {"a": 1})]:
+        torch.compile(lambda x: x + 1, backend=recorder, mode=mode, options=options)(torch.randn(2))
+        _compat.compile_backend(recorder, mode, options, None)(torch.fx.symbolic_trace(lambda x: x + 1), [torch.randn(2)])
+        assert calls[-1] == calls[-2]
+    assert calls[1::2] == [{}, {"mode": "reduce-overhead"}, {"options": {"a": 1}}]
+    inductor = _compat.compile_backend("inductor", "max-autotune", None, None)
+    assert inductor.config["max_autotune"] is True and callable(inductor)
+    assert inductor.config.items() >= _compat.inductor_mode_options("max-autotune").items()
+    assert _compat.compile_backend("inductor", None, {"max_autotune": True}, None).config == {"max_autotune": True}
+    assert _compat.compile_backend("eager", None, None, None).compiler_fn is _compat.lookup_backend("eager")
+    assert _compat.default_backend() == "inductor"
+
+
 def test_dynamo_reset_drops_compiled_code():
     backend = _Capture()
     f = torch.compile(lambda x: x - 1, backend=backend)
