@@ -11,7 +11,7 @@ from .training_guard import StaleSavedTensor, render_table
 from .training_guard._render import explain
 
 __all__ = ["summary", "unexplained_inplace_error", "predicted_inplace_error", "hazard_lines", "failure",
-           "json_written", "failed_on"]
+           "json_written", "failed_on", "no_model_ran", "applied"]
 
 GUARD_DOCS = "docs/guard.md"
 
@@ -71,3 +71,12 @@ def json_written(path: str) -> str:
 
 def failed_on(fail_on: str) -> str:
     return f"fxinplace run: exit 1: hazards at or above `{fail_on}` (--fail-on {fail_on})"
+
+
+def no_model_ran() -> str:
+    return ("fxinplace fix: the script ran no torch.nn.Module before its first backward (or its end): nothing to "
+            "audit. Call `fxinplace.propose_fixes(model, *inputs)` on the model yourself (docs/fixes.md).")
+
+
+def applied(path: str) -> str:
+    return f"fxinplace fix: wrote the checked fixes to {path}"

@@ -2,6 +2,7 @@
 
     python -m fxinplace run [--json PATH] [--fail-on error] [--tables] train.py [args...]
     python -m fxinplace show report.json [--width N]
+    python -m fxinplace fix [--apply] train.py [args...]
 
 `run` runs the script as `python train.py args...` would (`__name__ == "__main__"`, its
 directory first on `sys.path`, `sys.argv` its own) inside a `Watch`: every `torch.compile` in
@@ -24,7 +25,8 @@ import types
 from typing import Any, Sequence
 
 from . import render
-from ._run_render import failed_on, json_written, predicted_inplace_error, summary, unexplained_inplace_error
+from ._run_render import (applied, failed_on, json_written, no_model_ran, predicted_inplace_error, summary,
+                          unexplained_inplace_error)
 from ._watch import Watch
 from .backend import _is_autograd_inplace_error
 from .errors import FxInplaceError
@@ -41,12 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.script, args.args, json_path=args.json, fail_on=args.fail_on, tables=args.tables)
+    if args.command == "fix":
+        return fix(args.script, args.args, apply=args.apply)
     return show(args.report, width=args.width)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxinplace", description="Find in-place mutation hazards in PyTorch training.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,show}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,show,fix}")
     run_ = commands.add_parser("run", help="run a training script with every torch.compile audited and the "
                                "training-loop guard on", description="Run SCRIPT as `python SCRIPT ARGS...`, "
                                "watched: every torch.compile in it audited (its own backend compiles after the "
@@ -58,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     run_.add_argument("--tables", action="store_true", help="print every graph's mutation table in the summary")
     run_.add_argument("script", help="the training script")
     run_.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    fix_ = commands.add_parser("fix", help="propose a checked source patch for each error-level hazard",
+                               description="Run SCRIPT up to its first backward call, audit each model it ran, and "
+                               "print a checked patch (a unified diff) for each error-level hazard (docs/fixes.md). "
+                               "Exit 1 when some error has no checked fix.")
+    fix_.add_argument("--apply", action="store_true", help="write the checked patches to the files (never without it)")
+    fix_.add_argument("script", help="the training script")
+    fix_.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     show_ = commands.add_parser("show", help="render a saved JSON report",
                                 description="Render a report saved by `fxinplace run --json` or Report.to_json().")
     show_.add_argument("report", help="the JSON report")
@@ -70,35 +81,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, fail_on: str = "error",
         tables: bool = False) -> int:
-    path = pathlib.Path(script)
-    if not path.is_file():
-        found = "a directory" if path.is_dir() else "no such file"
-        return _usage_error(f"fxinplace run: SCRIPT must be a Python file, got {script!r} ({found})")
-    try:
-        code = compile(path.read_bytes(), str(path), "exec")
-    except (OSError, SyntaxError, ValueError) as e:
-        traceback.print_exception(type(e), e, None)
-        return 1
-    main_module = types.ModuleType("__main__")
-    main_module.__dict__.update(__file__=str(path), __builtins__=builtins, __cached__=None)
-    saved_argv, saved_path, saved_main = sys.argv, list(sys.path), sys.modules.get("__main__")
-    sys.argv = [str(path), *args]
-    sys.path[0] = str(path.resolve().parent)  # as `python SCRIPT` puts it (`-m` put the working directory)
-    sys.modules["__main__"] = main_module
-    exit_code, error = 0, None
-    try:
-        with Watch(namespace=main_module.__dict__) as watch:
-            try:
-                exec(code, main_module.__dict__)
-            except SystemExit as e:
-                exit_code = _exit_code(e.code)
-            except Exception as e:
-                error = e
-    finally:
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
+    loaded = _load_script(script, "run")
+    if isinstance(loaded, int):
+        return loaded
+    path, code = loaded
+    main_module = _main_module(path)
+    with Watch(namespace=main_module.__dict__) as watch:
+        exit_code, error = _exec_script(path, code, args, main_module)
     sys.stdout.flush()
     report = watch.report
     width = shutil.get_terminal_size((100, 24)).columns
@@ -122,6 +111,81 @@ def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, 
         exit_code = 1
     sys.stderr.flush()
     return exit_code
+
+
+def _load_script(script: str, command: str) -> tuple[pathlib.Path, types.CodeType] | int:
+    path = pathlib.Path(script)
+    if not path.is_file():
+        found = "a directory" if path.is_dir() else "no such file"
+        return _usage_error(f"fxinplace {command}: SCRIPT must be a Python file, got {script!r} ({found})")
+    try:
+        return path, compile(path.read_bytes(), str(path), "exec")
+    except (OSError, SyntaxError, ValueError) as e:
+        traceback.print_exception(type(e), e, None)
+        return 1
+
+
+def _main_module(path: pathlib.Path) -> types.ModuleType:
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__.update(__file__=str(path), __builtins__=builtins, __cached__=None)
+    return main_module
+
+
+def _exec_script(path: pathlib.Path, code: types.CodeType, args: Sequence[str],
+                 main_module: types.ModuleType) -> tuple[int, Exception | None]:
+    """Run the script as `python SCRIPT ARGS...` would; (its exit code, the exception it raised)."""
+    saved_argv, saved_path, saved_main = sys.argv, list(sys.path), sys.modules.get("__main__")
+    sys.argv = [str(path), *args]
+    sys.path[0] = str(path.resolve().parent)  # as `python SCRIPT` puts it (`-m` put the working directory)
+    sys.modules["__main__"] = main_module
+    try:
+        exec(code, main_module.__dict__)
+    except SystemExit as e:
+        return _exit_code(e.code), None
+    except Exception as e:
+        return 1, e
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+    return 0, None
+
+
+# fix -------------------------------------------------------------------------------------------
+
+def fix(script: str, args: Sequence[str] = (), *, apply: bool = False) -> int:
+    """Run the script up to its first backward, propose a checked fix for each error-level
+    hazard of each model it ran, print them, and write them with `apply`. Exit 1 when some
+    error has no checked fix."""
+    from .fixes import FixReport, propose_fixes
+    from .fixes._capture import FirstCalls, StopScript
+
+    loaded = _load_script(script, "fix")
+    if isinstance(loaded, int):
+        return loaded
+    path, code = loaded
+    main_module = _main_module(path)
+    with FirstCalls() as first:
+        try:
+            _, error = _exec_script(path, code, args, main_module)
+        except StopScript:
+            error = None
+    sys.stdout.flush()
+    if not first.calls:
+        if error is not None:
+            traceback.print_exception(type(error), error, _script_frames(error.__traceback__))
+        print(no_model_ran(), file=sys.stderr)
+        return 1
+    fixes = []
+    for call in first.calls:
+        fixes += propose_fixes(call.module, *call.args).fixes
+    report = FixReport(tuple(fixes))
+    print(report.render())
+    if apply and report.checked:
+        for written in report.apply():
+            print(applied(written), file=sys.stderr)
+    return 0 if len(report.checked) == len(report.fixes) else 1
 
 
 def _fails(report: Report, watch: Watch, fail_on: str) -> bool:

@@ -184,3 +184,50 @@ def test_a_model_without_errors_needs_no_fix(models):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
     report = propose_fixes(model, torch.randn(2, 4))
     assert report.fixes == () and report.render() == "fxinplace: no error-level hazard, nothing to fix"
+
+
+TRAIN = textwrap.dedent('''
+    import torch
+    from models import TwoWrites
+
+    torch.manual_seed(0)
+    model = TwoWrites()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        out = model(torch.randn(3, 4))
+        loss = out["a"].pow(2).mean() + out["b"].abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print("trained")
+''')
+
+
+def _python(*args, cwd):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_fix_on_the_command_line_patches_a_training_script_that_then_trains(models):
+    path, module = models
+    (path.parent / "train.py").write_text(TRAIN)
+    plain = _python("train.py", cwd=path.parent)
+    assert plain.returncode == 1 and "modified by an inplace operation" in plain.stderr  # PyTorch's verdict
+
+    shown = _python("-m", "fxinplace", "fix", "train.py", cwd=path.parent)
+    assert shown.returncode == 0, shown.stderr
+    assert "checked fixes: 3 of 3" in shown.stdout and "+        g = g + 1  # tanh saved g" in shown.stdout
+    assert path.read_text() == MODELS  # shown, not written
+
+    applied = _python("-m", "fxinplace", "fix", "--apply", "train.py", cwd=path.parent)
+    assert applied.returncode == 0 and f"wrote the checked fixes to {path}" in applied.stderr
+    trained = _python("train.py", cwd=path.parent)
+    assert trained.returncode == 0 and trained.stdout.strip() == "trained", trained.stderr
+    torch.manual_seed(0)
+    original, x = module.TwoWrites(), torch.randn(3, 4)
+    fixed = _load(path).TwoWrites()
+    fixed.load_state_dict(original.state_dict())
+    torch.testing.assert_close(_step(fixed, x), _functionalized_step(original, x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .. import render
+from .._sources import SourceLocation
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
 
 __all__ = ["render_fixes", "semantics", "fix_line"]
@@ -36,7 +37,7 @@ def semantics(kind: FixKind) -> str:
 
 def fix_line(fix: ProposedFix) -> str:
     """One line: the fix and what it changes, or why there is none."""
-    where = f" at {fix.file}:{fix.line}" if fix.file else ""
+    where = f" at {SourceLocation(fix.file, fix.line or 0, '')}" if fix.file else ""
     if fix.status is FixStatus.CHECKED:
         return f"fix ({fix.kind.value}){where}: {semantics(fix.kind)}"
     why = _NO_FIX[fix.reason] + (f" ({fix.detail})" if fix.detail else "")
