@@ -3,15 +3,19 @@ losses `guard.losses` named, or from the keys of a model's output dict)."""
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ._fsdp import unsharded_params, unwrapped
 from ._runtime import storage_key
 
 __all__ = ["Names", "name_outputs", "heads_reached"]
+
+log = logging.getLogger(__name__)
 
 
 class Names:
@@ -58,10 +62,15 @@ class Names:
         """(kind, qualified name, is a view) of the parameter or buffer `t` is or views."""
         named: list[tuple[str, str, torch.Tensor]] = []
         for prefix, module in self.modules:
+            module = unwrapped(module)
             for n, p in module.named_parameters(remove_duplicate=False):
                 named.append(("parameter", prefix + n, p))
             for n, b in module.named_buffers(remove_duplicate=False):
                 named.append(("buffer", prefix + n, b))
+        try:  # FSDP2: autograd saves the unsharded parameter, not the registered shard
+            named.extend(("parameter", n, u) for n, u in unsharded_params(self.modules))
+        except Exception as e:  # FSDP's private state moved: the finding goes on unnamed
+            log.warning("fxinplace.guard could not read FSDP's unsharded parameters: %s", e)
         for opt_name, opt in self.optimizers:
             for gi, group in enumerate(opt.param_groups):
                 for pi, p in enumerate(group["params"]):

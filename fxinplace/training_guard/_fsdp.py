@@ -1,0 +1,136 @@
+"""FSDP2 (`fully_shard`) and DDP: the names of the tensors autograd saves under them, and the
+write to a saved unsharded parameter that FSDP's all-gather makes without a version bump.
+
+Under FSDP2 the registered parameters are sharded DTensors; the forward runs on an unsharded
+parameter that FSDP all-gathers into a tensor of its own, and that is what autograd saves (or a
+view of it: `nn.Linear` saves ``weight.t()``). An optimizer step moves the shard only. When the
+parameter is resharded by then (after every backward, and after the forward unless
+`reshard_after_forward=False`), the next backward's all-gather copies the stepped values into
+the same unsharded tensor while keeping its version counter (FSDP does this on purpose), so
+PyTorch's check passes and that backward computes gradients from the new values. `ShardWatch`
+records such a step as a hidden write to the unsharded tensor, which the saved-tensor log's
+unpack hook asks about as it asks about `.data` writes.
+
+Everything here reads FSDP2's private state (`_get_fsdp_state`, `FSDPParam`); any failure
+means no FSDP knowledge, never a failed step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ._facts import WriteKind
+from ._write_log import Written, WriteLog
+
+__all__ = ["ShardWatch", "unsharded_params", "unwrapped"]
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside DDP's and `torch.compile`'s wrappers, whose names the messages use
+    (`0.weight`, not `module.0.weight`), as `state_dict` users strip them."""
+    ddp = _ddp_class()
+    while True:
+        if ddp is not None and isinstance(module, ddp):
+            module = module.module
+        elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def unsharded_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(qualified name, unsharded parameter) of every FSDP2 parameter of `modules` that has been
+    all-gathered at least once."""
+    for name, fsdp_param in _fsdp_params(modules):
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None:
+            yield name, unsharded
+
+
+class ShardWatch:
+    """Takes the optimizer watch's records; adds, for each step that moved the shard of a
+    resharded FSDP2 parameter, a hidden write to its unsharded tensor (see the module docstring).
+
+    Args:
+        modules: the guard's models, as ``(prefix, module)``.
+        writes: the write log that keeps both records.
+        warn_once: reports a failure of the bookkeeping, once per place.
+    """
+
+    def __init__(self, modules: list[tuple[str, torch.nn.Module]], writes: WriteLog,
+                 warn_once: Callable[[str, Exception], None]) -> None:
+        self.modules = modules
+        self.writes = writes
+        self.warn_once = warn_once
+        self.by_shard: dict[int, Any] | None = None  # id(sharded parameter) -> FSDPParam
+
+    def record(self, written: Written) -> None:
+        self.writes.add(written)
+        try:
+            gathered = [u for u in map(self.unsharded_of, written.refs) if u is not None]
+        except Exception as e:
+            self.warn_once("FSDP step", e)
+            return
+        if gathered:
+            self.writes.hidden.append(Written(
+                written.seq, WriteKind.OPTIMIZER, written.op, written.by, written.at,
+                written.optimizer, tuple(map(weakref.ref, gathered)), ()))
+
+    def unsharded_of(self, ref: weakref.ref) -> torch.Tensor | None:
+        shard = ref()
+        if shard is None or not _is_dtensor(shard):
+            return None
+        if self.by_shard is None or id(shard) not in self.by_shard:
+            self.by_shard = {id(p.sharded_param): p for _, p in _fsdp_params(self.modules)}
+        fsdp_param = self.by_shard.get(id(shard))
+        if fsdp_param is None or fsdp_param.sharded_param is not shard:
+            return None
+        # Still unsharded (the root, `reshard_after_forward=False`, before its backward): the
+        # saved tensor keeps the values gathered for the forward until FSDP reshards.
+        if getattr(getattr(fsdp_param, "sharded_state", None), "name", None) == "UNSHARDED":
+            return None
+        return getattr(fsdp_param, "_unsharded_param", None)
+
+
+def _fsdp_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[tuple[str, Any]]:
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is None:
+        return
+    for prefix, top in modules:
+        top = unwrapped(top)
+        names = {id(m): n for n, m in top.named_modules(remove_duplicate=False)}
+        for m in top.modules():
+            if not isinstance(m, fsdp_module):
+                continue
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                info = fsdp_param._module_info
+                owner = names.get(id(info.module))
+                if owner is not None:
+                    yield prefix + (f"{owner}." if owner else "") + info.param_name, fsdp_param
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _ddp_class() -> type | None:
+    return getattr(torch.nn.parallel, "DistributedDataParallel", None)
+
+
+def _fsdp_module_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule

@@ -1,0 +1,348 @@
+"""fxinplace.guard under DistributedDataParallel and FSDP2 (`fully_shard`): 2 processes, gloo, CPU.
+
+One launch of two ranks runs every loop of this file, under DDP and under FSDP2, with and
+without the guard, and each rank saves what it saw (the error, the guard's finding, gradients
+and parameters) for the tests to read. The truth comes from PyTorch:
+
+- under DDP, a step between two backward calls makes eager raise PyTorch's in-place error on
+  each rank; the guard must raise instead, on each rank, naming the parameter at the versions
+  PyTorch's message gives;
+- under FSDP2, eager raises nothing: the step moves the shard, and the next backward's
+  all-gather copies the new values into the unsharded tensor autograd saved without moving its
+  version counter. The gradients then equal a single-process reference whose backward reads
+  the stepped weight (saved-tensor hooks that skip the version check) and differ from the one
+  that reads the weight the forward used (`allow_mutation_on_saved_tensors`): silently wrong,
+  so the guard must raise;
+- correct loops stay silent and compute, with DDP's reducer and FSDP's hooks running, the
+  gradients and parameters of the same loop without the guard.
+
+Run as a script (``python tests/test_guard_distributed.py RANK INIT_FILE OUT_DIR``) it is one rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not built in")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # the FSDP2 tests skip, the DDP ones run
+    fully_shard = None
+
+from fxinplace import StaleSavedTensorError, WriteKind, guard  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+TIMEOUT_S = 120
+WRAPPERS = ["ddp", "fsdp"]
+LOOPS = ["sum", "two_backwards", "step_between"]
+
+
+# --------------------------------------------------------------------------------------------
+# What each rank runs
+
+
+class MultiTask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 2), "b": nn.Linear(8, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": _mlp, "multitask": MultiTask}
+# The parameter whose saved value the step between the backward calls changes (the second
+# loss's backward needs the trunk's last weight, which the first loss's gradient moves).
+STALE = {"mlp": "2.weight", "multitask": "trunk.2.weight"}
+
+
+def _data(rank: int, step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return {"x": torch.randn(6, 4, generator=g), "ya": torch.randn(6, 2, generator=g),
+            "yb_mlp": torch.randn(6, 2, generator=g), "yb_multitask": torch.randn(6, 3, generator=g)}
+
+
+def _losses(model_name: str, out: Any, d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if model_name == "mlp":
+        return F.mse_loss(out, d["ya"]), F.mse_loss(out, d["yb_mlp"])
+    return F.mse_loss(out["a"], d["ya"]), F.mse_loss(out["b"], d["yb_multitask"])
+
+
+def _step(loop: str, la: torch.Tensor, lb: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    if loop == "sum":
+        (la + lb).backward()
+        opt.step()
+    elif loop == "two_backwards":
+        la.backward(retain_graph=True)
+        lb.backward()
+        opt.step()
+    else:  # the classic bug
+        la.backward(retain_graph=True)
+        opt.step()
+        lb.backward()
+
+
+def _wrap(wrapper: str, model: nn.Module) -> nn.Module:
+    if wrapper == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    if isinstance(model, MultiTask):
+        fully_shard(model.trunk)
+    else:
+        fully_shard(model[0])
+        fully_shard(model[2])
+    return fully_shard(model)
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective for DTensors
+    return t.detach().clone()
+
+
+def _run(wrapper: str, model_name: str, loop: str, guarded: bool, rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    wrapped = _wrap(wrapper, model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    g = guard(wrapped, optimizers={"opt": opt}) if guarded else None
+    seen: dict[str, Any] = {"error": None, "grads": [], "hazards": None}
+    steps = 1 if loop == "step_between" else 2
+    try:
+        for step in range(steps):
+            d = _data(rank, step)
+            with g if g is not None else nullcontext():
+                out = wrapped(d["x"])
+                la, lb = _losses(model_name, out, d)
+                if g is not None:
+                    g.losses({"a": la, "b": lb})
+                _step(loop, la, lb, opt)
+            seen["grads"].append({n: _full(p.grad) for n, p in model.named_parameters()})
+            opt.zero_grad()
+    except Exception as e:
+        seen["error"] = (type(e).__name__, str(e))
+        stale = getattr(e, "stale", None)
+        if stale is not None:
+            seen["stale"] = {"name": stale.name, "tensor": stale.tensor, "hidden": stale.hidden,
+                             "versions": (stale.version_saved, stale.version_now),
+                             "writes": [(w.kind.name, w.by) for w in stale.writes],
+                             "needed_for": stale.needed_for, "node": stale.node}
+            seen["grads"].append({n: _full(p.grad) for n, p in model.named_parameters()})
+    if g is not None:
+        seen["hazards"] = len(g.hazards)
+        seen["table"] = g.table()
+    seen["params"] = {n: _full(p) for n, p in model.named_parameters()}
+    return seen
+
+
+def _reference(model_name: str, check: str) -> dict[str, torch.Tensor]:
+    """The step-between loop in one process on both ranks' data (the mean of the ranks' losses,
+    as DDP and FSDP average gradients): the gradients when the second backward reads the
+    weights the forward used (`saved`) or the stepped ones (`stepped`)."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ctx = (torch.autograd.graph.allow_mutation_on_saved_tensors() if check == "saved"
+           else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    with ctx:
+        pairs = [_losses(model_name, model(d["x"]), d) for d in (_data(r, 0) for r in range(WORLD))]
+        la = sum(p[0] for p in pairs) / WORLD
+        lb = sum(p[1] for p in pairs) / WORLD
+        _step("step_between", la, lb, opt)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"file://{init_file}")
+    results: dict[str, Any] = {}
+    try:
+        for wrapper in WRAPPERS:
+            if wrapper == "fsdp" and fully_shard is None:
+                continue
+            for model_name in MODELS:
+                for loop in LOOPS:
+                    for guarded in (False, True):
+                        key = f"{wrapper}/{model_name}/{loop}/{'guard' if guarded else 'eager'}"
+                        results[key] = _run(wrapper, model_name, loop, guarded, rank)
+                dist.barrier()
+        for model_name in MODELS:
+            for check in ("saved", "stepped"):
+                results[f"reference/{model_name}/{check}"] = _reference(model_name, check)
+    except BaseException:
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# The launch, once for the module
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("guard_distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(r), str(tmp / "init"), str(tmp)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for r in range(WORLD)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {WORLD} ranks did not finish in {TIMEOUT_S} s")
+    results = []
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{out[-4000:]}"
+        got = torch.load(tmp / f"rank{r}.pt", weights_only=False)
+        assert "crash" not in got, got["crash"]
+        results.append(got)
+    return results
+
+
+def _wrapper_param(wrapper: str) -> Any:
+    skip = wrapper == "fsdp" and fully_shard is None
+    return pytest.param(wrapper, marks=pytest.mark.skipif(skip, reason="no FSDP2 in this torch"))
+
+
+wrappers = pytest.mark.parametrize("wrapper", [_wrapper_param(w) for w in WRAPPERS])
+models = pytest.mark.parametrize("model", list(MODELS))
+
+_PYTORCH_STALE = re.compile(r"\[torch\.\w+ \[([\d, ]*)\]\].*?is at version (\d+); expected version (\d+)")
+
+
+def _assert_same_numbers(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert len(a["grads"]) == len(b["grads"])
+    for ga, gb in zip(a["grads"], b["grads"]):
+        assert ga.keys() == gb.keys()
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], msg=n)
+    for n in a["params"]:
+        torch.testing.assert_close(a["params"][n], b["params"][n], msg=n)
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+
+
+@wrappers
+@models
+@pytest.mark.parametrize("loop", ["sum", "two_backwards"])
+def test_correct_loop_is_silent_and_computes_the_same(ranks, wrapper: str, model: str, loop: str) -> None:
+    for rank, got in enumerate(ranks):
+        eager = got[f"{wrapper}/{model}/{loop}/eager"]
+        guarded = got[f"{wrapper}/{model}/{loop}/guard"]
+        if (wrapper, model, loop) == ("ddp", "multitask", "two_backwards"):
+            # DDP's reducer refuses a second backward through parameters the first one marked
+            # ready while others (head `b`) were still pending: eager's error, the guard's too.
+            assert eager["error"] is not None and "mark a variable ready only once" in eager["error"][1]
+            assert guarded["error"] == eager["error"]
+        else:
+            assert eager["error"] is None and guarded["error"] is None, (rank, guarded["error"])
+        assert guarded["hazards"] == 0, guarded["table"]
+        assert guarded["table"] == f"[rank {rank}] fxinplace.guard: no stale saved tensors"
+        # The reducer's / FSDP's hooks ran: the same averaged gradients, both steps.
+        _assert_same_numbers(guarded, eager)
+
+
+@wrappers
+@models
+def test_gradients_are_averaged_over_the_ranks(ranks, wrapper: str, model: str) -> None:
+    # What the reducer's all-reduce or FSDP's reduce-scatter gives: each rank's gradient from
+    # its own data (they differ) averages to the same tensors on both ranks.
+    first = [got[f"{wrapper}/{model}/sum/guard"]["grads"][0] for got in ranks]
+    for n in first[0]:
+        torch.testing.assert_close(first[0][n], first[1][n], msg=n)
+
+
+@models
+def test_ddp_step_between_backwards_is_pytorchs_error_named_on_every_rank(ranks, model: str) -> None:
+    for rank, got in enumerate(ranks):
+        eager = got[f"ddp/{model}/step_between/eager"]
+        assert eager["error"] is not None and eager["error"][0] == "RuntimeError", eager["error"]
+        found = _PYTORCH_STALE.search(eager["error"][1])
+        assert "modified by an inplace operation" in eager["error"][1] and found, eager["error"]
+        now, saved = int(found[2]), int(found[3])
+
+        guarded = got[f"ddp/{model}/step_between/guard"]
+        kind, message = guarded["error"]
+        assert kind == StaleSavedTensorError.__name__, message
+        stale = guarded["stale"]
+        # The user's name, not DDP's `module.`-prefixed one; PyTorch's versions and shape.
+        assert stale["name"] == STALE[model]
+        assert stale["versions"] == (saved, now) and not stale["hidden"]
+        shape = [int(s) for s in found[1].split(",")]
+        assert stale["tensor"] == f"a {shape} view of parameter `{STALE[model]}`"
+        assert stale["writes"] == [(WriteKind.OPTIMIZER.name, "`opt.step()` (SGD)")]
+        assert stale["needed_for"] == "b"
+        assert message.startswith(
+            f"[rank {rank}] fxinplace.guard: one of the variables needed for gradient "
+            f"computation has been modified by an inplace operation: a {shape} view of parameter "
+            f"`{STALE[model]}` is at version {now}; expected version {saved} instead.\n")
+        assert "  changed by: `opt.step()` (SGD) at " in message
+        assert guarded["hazards"] == 1
+
+
+@pytest.mark.skipif(fully_shard is None, reason="no FSDP2 in this torch")
+@models
+def test_fsdp_step_between_backwards_is_silently_wrong_in_eager_and_named_by_the_guard(
+        ranks, model: str) -> None:
+    saved = ranks[0][f"reference/{model}/saved"]
+    stepped = ranks[0][f"reference/{model}/stepped"]
+    moved = [n for n in saved if not torch.allclose(saved[n], stepped[n])]
+    assert moved, "the reference should need the stale weight"
+    for rank, got in enumerate(ranks):
+        eager = got[f"fsdp/{model}/step_between/eager"]
+        assert eager["error"] is None, eager["error"]  # FSDP kept the version counter
+        grads = eager["grads"][0]
+        for n in grads:  # computed from the stepped weight: not the gradient of the forward
+            torch.testing.assert_close(grads[n], stepped[n], msg=n)
+        assert any(not torch.allclose(grads[n], saved[n]) for n in moved)
+
+        guarded = got[f"fsdp/{model}/step_between/guard"]
+        kind, message = guarded["error"]
+        assert kind == StaleSavedTensorError.__name__, message
+        stale = guarded["stale"]
+        assert stale["name"] == STALE[model]  # the user's parameter, not FSDP's unsharded copy
+        assert stale["hidden"] and stale["versions"][0] == stale["versions"][1]
+        assert stale["writes"] == [(WriteKind.OPTIMIZER.name, "`opt.step()` (SGD)")]
+        assert stale["needed_for"] == "b"
+        assert message.startswith(
+            f"[rank {rank}] fxinplace.guard: a [8, {8 if model == 'multitask' else 2}] view of "
+            f"parameter `{STALE[model]}` was changed after autograd saved it: an optimizer step "
+            "updated its shard and FSDP all-gathered the new values into the same unsharded "
+            "tensor")
+        assert guarded["hazards"] == 1
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
