@@ -49,8 +49,11 @@ from fxinplace import StaleSavedTensorError, WriteKind, guard  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 120
-WRAPPERS = ["ddp", "fsdp"]
-LOOPS = ["sum", "two_backwards", "step_between"]
+# FSDP2 twice: each layer (trunk) sharded on its own, resharded after forward and backward;
+# only the root sharded, which FSDP keeps unsharded from its forward to its backward.
+WRAPPERS = ["ddp", "fsdp", "fsdp_root"]
+CORRECT = ["sum", "two_backwards"]
+HAZARDS = ["step_between", "step_before"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,9 +76,6 @@ def _mlp() -> nn.Module:
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": _mlp, "multitask": MultiTask}
-# The parameter whose saved value the step between the backward calls changes (the second
-# loss's backward needs the trunk's last weight, which the first loss's gradient moves).
-STALE = {"mlp": "2.weight", "multitask": "trunk.2.weight"}
 
 
 def _data(rank: int, step: int) -> dict[str, torch.Tensor]:
@@ -90,28 +90,38 @@ def _losses(model_name: str, out: Any, d: dict[str, torch.Tensor]) -> tuple[torc
     return F.mse_loss(out["a"], d["ya"]), F.mse_loss(out["b"], d["yb_multitask"])
 
 
-def _step(loop: str, la: torch.Tensor, lb: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-    if loop == "sum":
+def _step(loop: str, step: int, la: torch.Tensor, lb: torch.Tensor,
+          opt: torch.optim.Optimizer) -> None:
+    if loop == "sum" or (loop == "step_before" and step == 0):
         (la + lb).backward()
         opt.step()
     elif loop == "two_backwards":
         la.backward(retain_graph=True)
         lb.backward()
         opt.step()
-    else:  # the classic bug
+    elif loop == "step_between":  # the classic bug
         la.backward(retain_graph=True)
         opt.step()
         lb.backward()
+    else:  # step_before: step 1 steps (on step 0's gradients) between its forward and backward
+        opt.step()
+        (la + lb).backward()
+
+
+# Steps per loop, and whether it zeroes the gradients after a step.
+STEPS = {"sum": 2, "two_backwards": 2, "step_between": 1, "step_before": 2}
+ZERO = {"sum": True, "two_backwards": True, "step_between": True, "step_before": False}
 
 
 def _wrap(wrapper: str, model: nn.Module) -> nn.Module:
     if wrapper == "ddp":
         return nn.parallel.DistributedDataParallel(model)
-    if isinstance(model, MultiTask):
-        fully_shard(model.trunk)
-    else:
-        fully_shard(model[0])
-        fully_shard(model[2])
+    if wrapper == "fsdp":
+        if isinstance(model, MultiTask):
+            fully_shard(model.trunk)
+        else:
+            fully_shard(model[0])
+            fully_shard(model[2])
     return fully_shard(model)
 
 
@@ -129,18 +139,18 @@ def _run(wrapper: str, model_name: str, loop: str, guarded: bool, rank: int) -> 
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
     g = guard(wrapped, optimizers={"opt": opt}) if guarded else None
     seen: dict[str, Any] = {"error": None, "grads": [], "hazards": None}
-    steps = 1 if loop == "step_between" else 2
     try:
-        for step in range(steps):
+        for step in range(STEPS[loop]):
             d = _data(rank, step)
             with g if g is not None else nullcontext():
                 out = wrapped(d["x"])
                 la, lb = _losses(model_name, out, d)
                 if g is not None:
                     g.losses({"a": la, "b": lb})
-                _step(loop, la, lb, opt)
+                _step(loop, step, la, lb, opt)
             seen["grads"].append({n: _full(p.grad) for n, p in model.named_parameters()})
-            opt.zero_grad()
+            if ZERO[loop]:
+                opt.zero_grad()
     except Exception as e:
         seen["error"] = (type(e).__name__, str(e))
         stale = getattr(e, "stale", None)
@@ -157,20 +167,25 @@ def _run(wrapper: str, model_name: str, loop: str, guarded: bool, rank: int) -> 
     return seen
 
 
-def _reference(model_name: str, check: str) -> dict[str, torch.Tensor]:
-    """The step-between loop in one process on both ranks' data (the mean of the ranks' losses,
-    as DDP and FSDP average gradients): the gradients when the second backward reads the
-    weights the forward used (`saved`) or the stepped ones (`stepped`)."""
+def _reference(model_name: str, loop: str, check: str) -> dict[str, torch.Tensor]:
+    """A hazard loop in one process on both ranks' data (the mean of the ranks' losses, as DDP
+    and FSDP average gradients): the gradients when the last backward reads the weights its
+    forward used (`saved`) or the stepped ones (`stepped`, a pack hook skips the check)."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    ctx = (torch.autograd.graph.allow_mutation_on_saved_tensors() if check == "saved"
-           else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
-    with ctx:
-        pairs = [_losses(model_name, model(d["x"]), d) for d in (_data(r, 0) for r in range(WORLD))]
-        la = sum(p[0] for p in pairs) / WORLD
-        lb = sum(p[1] for p in pairs) / WORLD
-        _step("step_between", la, lb, opt)
+    last = STEPS[loop] - 1
+    for step in range(STEPS[loop]):
+        ctx = (nullcontext() if step < last
+               else torch.autograd.graph.allow_mutation_on_saved_tensors() if check == "saved"
+               else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+        with ctx:
+            pairs = [_losses(model_name, model(d["x"]), d) for d in (_data(r, step) for r in range(WORLD))]
+            la = sum(p[0] for p in pairs) / WORLD
+            lb = sum(p[1] for p in pairs) / WORLD
+            _step(loop, step, la, lb, opt)
+        if ZERO[loop] and step < last:
+            opt.zero_grad()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -183,14 +198,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             if wrapper == "fsdp" and fully_shard is None:
                 continue
             for model_name in MODELS:
-                for loop in LOOPS:
+                for loop in CORRECT + HAZARDS:
                     for guarded in (False, True):
                         key = f"{wrapper}/{model_name}/{loop}/{'guard' if guarded else 'eager'}"
                         results[key] = _run(wrapper, model_name, loop, guarded, rank)
                 dist.barrier()
         for model_name in MODELS:
-            for check in ("saved", "stepped"):
-                results[f"reference/{model_name}/{check}"] = _reference(model_name, check)
+            for loop in HAZARDS:
+                for check in ("saved", "stepped"):
+                    results[f"reference/{model_name}/{loop}/{check}"] = _reference(model_name, loop, check)
     except BaseException:
         results["crash"] = traceback.format_exc()
     finally:
@@ -284,63 +300,99 @@ def test_gradients_are_averaged_over_the_ranks(ranks, wrapper: str, model: str) 
         torch.testing.assert_close(first[0][n], first[1][n], msg=n)
 
 
+def _needed_for(model: str, loop: str) -> str | None:
+    # `lb.backward()` is task `b` (`guard.losses`); `(la + lb).backward()` starts from no named
+    # loss: the multi-task model's output keys it reaches name it, the MLP's output has none.
+    if loop == "step_between":
+        return "b"
+    return "a, b" if model == "multitask" else None
+
+
+def _param_saved_as(model: str, shape: list[int]) -> str:
+    """The parameter PyTorch's message designates by shape (`nn.Linear` saves ``weight.t()``)."""
+    hits = [n for n, p in MODELS[model]().named_parameters() if list(p.shape)[::-1] == shape]
+    assert len(hits) == 1, (shape, hits)
+    return hits[0]
+
+
 @models
-def test_ddp_step_between_backwards_is_pytorchs_error_named_on_every_rank(ranks, model: str) -> None:
+@pytest.mark.parametrize("loop", HAZARDS)
+def test_ddp_hazard_is_pytorchs_error_named_on_every_rank(ranks, model: str, loop: str) -> None:
     for rank, got in enumerate(ranks):
-        eager = got[f"ddp/{model}/step_between/eager"]
+        eager = got[f"ddp/{model}/{loop}/eager"]
         assert eager["error"] is not None and eager["error"][0] == "RuntimeError", eager["error"]
         found = _PYTORCH_STALE.search(eager["error"][1])
         assert "modified by an inplace operation" in eager["error"][1] and found, eager["error"]
-        now, saved = int(found[2]), int(found[3])
+        shape = [int(s) for s in found[1].split(",")]
+        now, saved, name = int(found[2]), int(found[3]), _param_saved_as(model, shape)
 
-        guarded = got[f"ddp/{model}/step_between/guard"]
+        guarded = got[f"ddp/{model}/{loop}/guard"]
         kind, message = guarded["error"]
         assert kind == StaleSavedTensorError.__name__, message
         stale = guarded["stale"]
-        # The user's name, not DDP's `module.`-prefixed one; PyTorch's versions and shape.
-        assert stale["name"] == STALE[model]
+        # PyTorch's tensor at PyTorch's versions, by the user's name (not DDP's `module.2.weight`).
+        assert stale["name"] == name
         assert stale["versions"] == (saved, now) and not stale["hidden"]
-        shape = [int(s) for s in found[1].split(",")]
-        assert stale["tensor"] == f"a {shape} view of parameter `{STALE[model]}`"
+        assert stale["tensor"] == f"a {shape} view of parameter `{name}`"
         assert stale["writes"] == [(WriteKind.OPTIMIZER.name, "`opt.step()` (SGD)")]
-        assert stale["needed_for"] == "b"
+        assert stale["needed_for"] == _needed_for(model, loop)
         assert message.startswith(
             f"[rank {rank}] fxinplace.guard: one of the variables needed for gradient "
             f"computation has been modified by an inplace operation: a {shape} view of parameter "
-            f"`{STALE[model]}` is at version {now}; expected version {saved} instead.\n")
+            f"`{name}` is at version {now}; expected version {saved} instead.\n")
         assert "  changed by: `opt.step()` (SGD) at " in message
         assert guarded["hazards"] == 1
 
 
-@pytest.mark.skipif(fully_shard is None, reason="no FSDP2 in this torch")
-@models
-def test_fsdp_step_between_backwards_is_silently_wrong_in_eager_and_named_by_the_guard(
-        ranks, model: str) -> None:
-    saved = ranks[0][f"reference/{model}/saved"]
-    stepped = ranks[0][f"reference/{model}/stepped"]
-    moved = [n for n in saved if not torch.allclose(saved[n], stepped[n])]
-    assert moved, "the reference should need the stale weight"
-    for rank, got in enumerate(ranks):
-        eager = got[f"fsdp/{model}/step_between/eager"]
-        assert eager["error"] is None, eager["error"]  # FSDP kept the version counter
-        grads = eager["grads"][0]
-        for n in grads:  # computed from the stepped weight: not the gradient of the forward
-            torch.testing.assert_close(grads[n], stepped[n], msg=n)
-        assert any(not torch.allclose(grads[n], saved[n]) for n in moved)
+# Under FSDP2 the stale tensor is the unsharded weight the backward of the trunk's last layer
+# reads for its input gradient: the gradients that flow through it, those of the layers below,
+# are the ones eager gets wrong.
+FSDP_STALE = {"mlp": ("2.weight", {"0.weight", "0.bias"}),
+              "multitask": ("trunk.2.weight", {"trunk.0.weight", "trunk.0.bias"})}
+fsdp_wrappers = pytest.mark.parametrize("wrapper", [_wrapper_param(w) for w in WRAPPERS if w != "ddp"])
 
-        guarded = got[f"fsdp/{model}/step_between/guard"]
+
+@fsdp_wrappers
+@models
+@pytest.mark.parametrize("loop", HAZARDS)
+def test_fsdp_guard_raises_exactly_where_eager_gradients_are_wrong(
+        ranks, wrapper: str, model: str, loop: str) -> None:
+    saved = ranks[0][f"reference/{model}/{loop}/saved"]
+    stepped = ranks[0][f"reference/{model}/{loop}/stepped"]
+    name, downstream = FSDP_STALE[model]
+    # What eager does: FSDP keeps the version counter, so nothing raises; the gradients are
+    # the forward's own (`saved`) only where the step found the parameter still unsharded
+    # from that forward (the root, stepped between its forward and backward).
+    right = (wrapper, loop) == ("fsdp_root", "step_before")
+    for rank, got in enumerate(ranks):
+        eager = got[f"{wrapper}/{model}/{loop}/eager"]
+        assert eager["error"] is None, eager["error"]
+        grads = eager["grads"][-1]
+        wrong = {n for n in grads if not torch.allclose(grads[n], saved[n])}
+        assert wrong == (set() if right else downstream), (rank, wrong)
+        if loop == "step_between":  # resharded after the first backward: all re-gathered, stepped
+            for n in grads:
+                torch.testing.assert_close(grads[n], stepped[n], msg=n)
+
+        guarded = got[f"{wrapper}/{model}/{loop}/guard"]
+        if right:
+            assert guarded["error"] is None and guarded["hazards"] == 0, guarded["error"]
+            _assert_same_numbers(guarded, eager)
+            continue
         kind, message = guarded["error"]
         assert kind == StaleSavedTensorError.__name__, message
         stale = guarded["stale"]
-        assert stale["name"] == STALE[model]  # the user's parameter, not FSDP's unsharded copy
+        assert stale["name"] == name  # the user's parameter, not FSDP's unsharded tensor
         assert stale["hidden"] and stale["versions"][0] == stale["versions"][1]
         assert stale["writes"] == [(WriteKind.OPTIMIZER.name, "`opt.step()` (SGD)")]
-        assert stale["needed_for"] == "b"
+        assert stale["needed_for"] == _needed_for(model, loop)
+        rows = 8 if model == "multitask" else 2
         assert message.startswith(
-            f"[rank {rank}] fxinplace.guard: a [8, {8 if model == 'multitask' else 2}] view of "
-            f"parameter `{STALE[model]}` was changed after autograd saved it: an optimizer step "
-            "updated its shard and FSDP all-gathered the new values into the same unsharded "
-            "tensor")
+            f"[rank {rank}] fxinplace.guard: a [8, {rows}] view of parameter `{name}` was changed "
+            "after autograd saved it: an optimizer step updated its shard and FSDP all-gathered "
+            "the new values into the same unsharded tensor without moving its version counter "
+            f"(version {stale['versions'][1]}), so PyTorch would not have noticed and would have "
+            "computed gradients from the new values.\n")
         assert guarded["hazards"] == 1
 
 

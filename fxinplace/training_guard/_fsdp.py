@@ -1,5 +1,5 @@
-"""FSDP2 (`fully_shard`) and DDP: the names of the tensors autograd saves under them, and the
-write to a saved unsharded parameter that FSDP's all-gather makes without a version bump.
+"""DDP and FSDP2 (`fully_shard`): the user's model inside DDP's wrapper, and the write to a saved
+unsharded parameter that FSDP's all-gather makes without a version bump.
 
 Under FSDP2 the registered parameters are sharded DTensors; the forward runs on an unsharded
 parameter that FSDP all-gathers into a tensor of its own, and that is what autograd saves (or a
@@ -26,7 +26,7 @@ import torch
 from ._facts import WriteKind
 from ._write_log import Written, WriteLog
 
-__all__ = ["ShardWatch", "unsharded_params", "unwrapped"]
+__all__ = ["ShardWatch", "unwrapped"]
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
@@ -40,15 +40,6 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
             module = module._orig_mod
         else:
             return module
-
-
-def unsharded_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(qualified name, unsharded parameter) of every FSDP2 parameter of `modules` that has been
-    all-gathered at least once."""
-    for name, fsdp_param in _fsdp_params(modules):
-        unsharded = getattr(fsdp_param, "_unsharded_param", None)
-        if unsharded is not None:
-            yield name, unsharded
 
 
 class ShardWatch:
@@ -85,7 +76,7 @@ class ShardWatch:
         if shard is None or not _is_dtensor(shard):
             return None
         if self.by_shard is None or id(shard) not in self.by_shard:
-            self.by_shard = {id(p.sharded_param): p for _, p in _fsdp_params(self.modules)}
+            self.by_shard = {id(p.sharded_param): p for p in _fsdp_params(self.modules)}
         fsdp_param = self.by_shard.get(id(shard))
         if fsdp_param is None or fsdp_param.sharded_param is not shard:
             return None
@@ -96,22 +87,16 @@ class ShardWatch:
         return getattr(fsdp_param, "_unsharded_param", None)
 
 
-def _fsdp_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[tuple[str, Any]]:
+def _fsdp_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[Any]:
     fsdp_module = _fsdp_module_class()
     if fsdp_module is None:
         return
-    for prefix, top in modules:
-        top = unwrapped(top)
-        names = {id(m): n for n, m in top.named_modules(remove_duplicate=False)}
+    for _, top in modules:
         for m in top.modules():
-            if not isinstance(m, fsdp_module):
-                continue
-            group = m._get_fsdp_state()._fsdp_param_group
-            for fsdp_param in group.fsdp_params if group is not None else ():
-                info = fsdp_param._module_info
-                owner = names.get(id(info.module))
-                if owner is not None:
-                    yield prefix + (f"{owner}." if owner else "") + info.param_name, fsdp_param
+            if isinstance(m, fsdp_module):
+                group = m._get_fsdp_state()._fsdp_param_group
+                if group is not None:
+                    yield from group.fsdp_params
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

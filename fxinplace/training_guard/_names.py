@@ -3,19 +3,16 @@ losses `guard.losses` named, or from the keys of a model's output dict)."""
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._fsdp import unsharded_params, unwrapped
+from ._fsdp import unwrapped
 from ._runtime import storage_key
 
 __all__ = ["Names", "name_outputs", "heads_reached"]
-
-log = logging.getLogger(__name__)
 
 
 class Names:
@@ -67,10 +64,6 @@ class Names:
                 named.append(("parameter", prefix + n, p))
             for n, b in module.named_buffers(remove_duplicate=False):
                 named.append(("buffer", prefix + n, b))
-        try:  # FSDP2: autograd saves the unsharded parameter, not the registered shard
-            named.extend(("parameter", n, u) for n, u in unsharded_params(self.modules))
-        except Exception as e:  # FSDP's private state moved: the finding goes on unnamed
-            log.warning("fxinplace.guard could not read FSDP's unsharded parameters: %s", e)
         for opt_name, opt in self.optimizers:
             for gi, group in enumerate(opt.param_groups):
                 for pi, p in enumerate(group["params"]):
