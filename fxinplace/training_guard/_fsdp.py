@@ -4,8 +4,8 @@ unsharded parameter that FSDP's all-gather makes without a version bump.
 Under FSDP2 the registered parameters are sharded DTensors; the forward runs on an unsharded
 parameter that FSDP all-gathers into a tensor of its own, and that is what autograd saves (or a
 view of it: `nn.Linear` saves ``weight.t()``). An optimizer step moves the shard only. When the
-parameter is resharded by then (after every backward, and after the forward unless
-`reshard_after_forward=False`), the next backward's all-gather copies the stepped values into
+parameter is resharded by then (after every backward; after the forward too, except for the
+root module and `reshard_after_forward=False`), the next backward's all-gather copies the stepped values into
 the same unsharded tensor while keeping its version counter (FSDP does this on purpose), so
 PyTorch's check passes and that backward computes gradients from the new values. `ShardWatch`
 records such a step as a hidden write to the unsharded tensor, which the saved-tensor log's
@@ -17,6 +17,7 @@ means no FSDP knowledge, never a failed step.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,11 +59,16 @@ class ShardWatch:
         self.writes = writes
         self.warn_once = warn_once
         self.by_shard: dict[int, Any] | None = None  # id(sharded parameter) -> FSDPParam
+        self.rebuilt = False
 
     def record(self, written: Written) -> None:
         self.writes.add(written)
+        dtensor = _dtensor_class()
+        if dtensor is None:
+            return  # no DTensor anywhere: a plain model's step pays this dict look-up
         try:
-            gathered = [u for u in map(self.unsharded_of, written.refs) if u is not None]
+            shards = [p for p in (r() for r in written.refs) if type(p) is dtensor]
+            gathered = [u for u in map(self.unsharded_of, shards) if u is not None]
         except Exception as e:
             self.warn_once("FSDP step", e)
             return
@@ -71,15 +77,14 @@ class ShardWatch:
                 written.seq, WriteKind.OPTIMIZER, written.op, written.by, written.at,
                 written.optimizer, tuple(map(weakref.ref, gathered)), ()))
 
-    def unsharded_of(self, ref: weakref.ref) -> torch.Tensor | None:
-        shard = ref()
-        if shard is None or not _is_dtensor(shard):
-            return None
-        if self.by_shard is None or id(shard) not in self.by_shard:
+    def unsharded_of(self, shard: torch.Tensor) -> torch.Tensor | None:
+        if self.by_shard is None or (id(shard) not in self.by_shard and not self.rebuilt):
+            # Once per entry, again once if a shard is new (a model sharded since)
+            self.rebuilt = self.by_shard is not None
             self.by_shard = {id(p.sharded_param): p for p in _fsdp_params(self.modules)}
         fsdp_param = self.by_shard.get(id(shard))
         if fsdp_param is None or fsdp_param.sharded_param is not shard:
-            return None
+            return None  # a DTensor FSDP does not manage (tensor parallel): its own business
         # Still unsharded (the root, `reshard_after_forward=False`, before its backward): the
         # saved tensor keeps the values gathered for the forward until FSDP reshards.
         if getattr(getattr(fsdp_param, "sharded_state", None), "name", None) == "UNSHARDED":
@@ -99,12 +104,10 @@ def _fsdp_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[Any]:
                     yield from group.fsdp_params
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+def _dtensor_class() -> type | None:
+    # The sharded parameters' class (an `nn.Parameter` of a DTensor is a DTensor). Not imported
+    # here: until something else imports it, no tensor is a DTensor.
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def _ddp_class() -> type | None:
