@@ -34,10 +34,12 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     """The user's model inside DDP's and `torch.compile`'s wrappers, whose names the messages use
     (`0.weight`, not `module.0.weight`), as `state_dict` users strip them."""
     ddp = _ddp_class()
+    # Not imported here: until Dynamo is, no module is compiled.
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     while True:
         if ddp is not None and isinstance(module, ddp):
             module = module.module
-        elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        elif compiled is not None and isinstance(module, compiled):
             module = module._orig_mod
         else:
             return module
