@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._fsdp import unwrapped
 from ._runtime import storage_key
 
 __all__ = ["Names", "name_outputs", "heads_reached"]
@@ -58,6 +59,7 @@ class Names:
         """(kind, qualified name, is a view) of the parameter or buffer `t` is or views."""
         named: list[tuple[str, str, torch.Tensor]] = []
         for prefix, module in self.modules:
+            module = unwrapped(module)
             for n, p in module.named_parameters(remove_duplicate=False):
                 named.append(("parameter", prefix + n, p))
             for n, b in module.named_buffers(remove_duplicate=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from tabulate import tabulate
 
 from .._sources import SourceLocation
@@ -15,7 +16,14 @@ __all__ = ["explain", "render_table"]
 def explain(stale: StaleSavedTensor) -> str:
     """The error message: what changed, who saved it and for what, who changed it, the fix."""
     s = stale
-    if s.hidden:
+    if s.hidden and s.writes and s.writes[0].kind is WriteKind.OPTIMIZER:  # see `_fsdp`
+        head = (
+            f"fxinplace.guard: {s.tensor} was changed after autograd saved it: an optimizer step "
+            "updated its shard and FSDP all-gathered the new values into the same unsharded "
+            f"tensor without moving its version counter (version {s.version_now}), so PyTorch "
+            "would not have noticed and would have computed gradients from the new values."
+        )
+    elif s.hidden:
         head = (
             f"fxinplace.guard: {s.tensor} was written through `.data` after autograd "
             f"saved it; its version counter did not move (version {s.version_now}), so PyTorch "
@@ -27,7 +35,7 @@ def explain(stale: StaleSavedTensor) -> str:
             f"modified by an inplace operation: {s.tensor} is at version "
             f"{s.version_now}; expected version {s.version_saved} instead."
         )
-    lines = [head]
+    lines = [_rank_head() + head]
     saved = f"`{s.op}`" if s.op else _compiled_or_unknown(s.node)
     lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{_task(s.saved_for)}")
     if s.writes:
@@ -48,7 +56,7 @@ def explain(stale: StaleSavedTensor) -> str:
 def render_table(found: Sequence[StaleSavedTensor]) -> str:
     """The findings as a table, in the style of the backend's mutation tables."""
     if not found:
-        return "fxinplace.guard: no stale saved tensors"
+        return f"{_rank_head()}fxinplace.guard: no stale saved tensors"
     headers = ["#", "tensor", "saved by", "saved at", "changed by", "changed at", "needed by",
                "backward at", "task", "version"]
     rows = []
@@ -65,10 +73,10 @@ def render_table(found: Sequence[StaleSavedTensor]) -> str:
             s.node or "?",
             str(s.backward_at) if s.backward_at else "?",
             " > ".join(dict.fromkeys(tasks)) or "-",
-            f"{s.version_now} (.data)" if s.hidden else f"{s.version_saved} -> {s.version_now}",
+            _version_cell(s),
         ])
     n = len(found)
-    head = f"fxinplace.guard: {n} stale saved tensor{'s' if n != 1 else ''}"
+    head = f"{_rank_head()}fxinplace.guard: {n} stale saved tensor{'s' if n != 1 else ''}"
     return head + "\n" + tabulate(rows, headers=headers, tablefmt="simple")
 
 
@@ -103,6 +111,22 @@ def _fix(s: StaleSavedTensor) -> str:
         " `retain_graph=True` does not help: it keeps the saved tensors, not their old values. "
         "If the backward really needs the old value, clone the tensor before the write."
     )
+
+
+def _version_cell(s: StaleSavedTensor) -> str:
+    if not s.hidden:
+        return f"{s.version_saved} -> {s.version_now}"
+    gathered = s.writes and s.writes[0].kind is WriteKind.OPTIMIZER  # FSDP, see `_fsdp`
+    return f"{s.version_now} ({'all-gathered' if gathered else '.data'})"
+
+
+def _rank_head() -> str:
+    # As the backend's tables (`backend._rank`): under torch.distributed every rank reports,
+    # and the head says whose report a line of the merged output is.
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"[rank {dist.get_rank()}] "
+    return ""
 
 
 def _where(source: SourceLocation | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from ._facts import StaleSavedTensor
+from ._fsdp import ShardWatch
 from ._mode import Mode
 from ._names import Names, name_outputs
 from ._optimizer_watch import OptimizerWatch, Step
@@ -49,7 +50,9 @@ class Session:
         self.writes = WriteLog(self.mode, steps, self.warn_once)
         self.saved = SavedLog(self.mode, self.writes, names, tasks, on_stale, found,
                               self.warn_once)
-        self.optimizers = OptimizerWatch(self.mode, steps, self.writes.add, names.optimizer,
+        # Steps go through the FSDP2 watch, which adds the all-gather's hidden write (`_fsdp`).
+        shards = ShardWatch(names.modules, self.writes, self.warn_once)
+        self.optimizers = OptimizerWatch(self.mode, steps, shards.record, names.optimizer,
                                          self.warn_once)
         self.steps = steps
         self.mode.serve(inplace=self.writes.on_inplace, backward=self.saved.on_backward,
