@@ -49,6 +49,8 @@ __all__ = [
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
     "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA",
+    # FSDP2 (the training guard)
+    "fsdp_params", "fsdp_gathered",
 ]
 
 TESTED_TORCH = ((2, 13), (2, 14))  # the (major, minor) releases tested: README's "Supported torch versions"
@@ -376,3 +378,29 @@ push_torch_function_stack = torch._C._push_on_torch_function_stack
 current_autograd_node = torch._C._current_autograd_node
 # The `Tensor.data` descriptor: `t.data` reaches a torch-function mode as its `__get__`, `t.data = v` as `__set__`.
 TENSOR_DATA = torch._C.TensorBase.data
+
+
+# -- FSDP2 (the training guard) --------------------------------------------------------------------
+# Private FSDP2 state, stated by tests/test_guard_distributed.py (it needs two gloo ranks): the
+# per-parameter records of a `fully_shard` module, and the tensor its all-gather writes into.
+
+def fsdp_params(module: torch.nn.Module) -> list:
+    """The `FSDPParam`s `fully_shard(module)` manages (each with `.sharded_param`); [] for another module."""
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    if not isinstance(module, FSDPModule):
+        return []
+    group = module._get_fsdp_state()._fsdp_param_group
+    return list(group.fsdp_params) if group is not None else []
+
+
+def fsdp_gathered(fsdp_param: Any) -> torch.Tensor | None:
+    """The unsharded tensor the next all-gather of a resharded parameter writes into (autograd
+    saved it, or a view of it); None while the parameter is still unsharded."""
+    if getattr(getattr(fsdp_param, "sharded_state", None), "name", None) == "UNSHARDED":
+        return None
+    return getattr(fsdp_param, "_unsharded_param", None)

@@ -11,8 +11,8 @@ PyTorch's check passes and that backward computes gradients from the new values.
 records such a step as a hidden write to the unsharded tensor, which the saved-tensor log's
 unpack hook asks about as it asks about `.data` writes.
 
-Everything here reads FSDP2's private state (`_get_fsdp_state`, `FSDPParam`); any failure
-means no FSDP knowledge, never a failed step.
+FSDP2's private state is read through `fxinplace._compat` (`fsdp_params`, `fsdp_gathered`); any
+failure means no FSDP knowledge, never a failed step.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._compat import fsdp_gathered, fsdp_params
 from ._facts import WriteKind
 from ._write_log import Written, WriteLog
 
@@ -89,21 +90,13 @@ class ShardWatch:
             return None  # a DTensor FSDP does not manage (tensor parallel): its own business
         # Still unsharded (the root, `reshard_after_forward=False`, before its backward): the
         # saved tensor keeps the values gathered for the forward until FSDP reshards.
-        if getattr(getattr(fsdp_param, "sharded_state", None), "name", None) == "UNSHARDED":
-            return None
-        return getattr(fsdp_param, "_unsharded_param", None)
+        return fsdp_gathered(fsdp_param)
 
 
 def _fsdp_params(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[Any]:
-    fsdp_module = _fsdp_module_class()
-    if fsdp_module is None:
-        return
     for _, top in modules:
         for m in top.modules():
-            if isinstance(m, fsdp_module):
-                group = m._get_fsdp_state()._fsdp_param_group
-                if group is not None:
-                    yield from group.fsdp_params
+            yield from fsdp_params(m)
 
 
 def _dtensor_class() -> type | None:
@@ -114,13 +107,3 @@ def _dtensor_class() -> type | None:
 
 def _ddp_class() -> type | None:
     return getattr(torch.nn.parallel, "DistributedDataParallel", None)
-
-
-def _fsdp_module_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return None
-    return FSDPModule
