@@ -192,3 +192,35 @@ def test_tlparse_shows_the_report_beside_dynamos_artifacts(tmp_path):
     for graph, path in zip(reports["graphs"], shown):
         assert list(path.parent.glob("dynamo_output_graph_*.txt"))
         assert json.loads(path.read_text()) == graph
+
+
+# -- docs/usage.md shows real output ---------------------------------------------------------------
+def _section(title: str) -> str:
+    text = (ROOT / "docs" / "usage.md").read_text()
+    return re.search(rf"^## {title}\n(.*?)(?=^## )", text, flags=re.S | re.M).group(1)
+
+
+def _message(line: str) -> str:
+    # the glog prefix (time, pid, file:line) and timings vary from run to run
+    return re.sub(r"[\d.]+ ms", "N ms", line.split("] ", 1)[1])
+
+
+def test_usage_shows_the_logs_a_run_of_its_example_writes(tmp_path):
+    section = _section("Logging and tlparse")
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    shown_log, shown_trace = re.findall(r"```text\n(.*?)```", section, flags=re.S)
+    script = tmp_path / "step.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE", "TORCH_COMPILE_DEBUG")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    trace_dir = tmp_path / "trace"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**env, "TORCH_LOGS": "+fxinplace", "TORCH_TRACE": str(trace_dir)})
+    assert result.returncode == 0, result.stderr
+    ours = [line for line in result.stderr.splitlines() if re.search(r"fxinplace/\S+\.py:\d+\]", line)]
+    assert [_message(line) for line in ours] == [_message(line) for line in shown_log.splitlines()]
+    meta_line, *payload_lines = shown_trace.splitlines()
+    [(meta, payload)] = _reports(structured_log(trace_dir))
+    shown_meta = json.loads(meta_line.split("] ", 1)[1])
+    assert {**shown_meta, "has_payload": None} == {**meta, "has_payload": None}
+    assert payload.splitlines()[:len(payload_lines)] == [line[1:] for line in payload_lines]
