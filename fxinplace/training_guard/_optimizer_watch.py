@@ -3,7 +3,9 @@ parameters it moved, and lift the mode while a step (or a given optimizer's `zer
 
 from __future__ import annotations
 
+import functools
 import operator
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +83,35 @@ class OptimizerWatch:
                     opt.zero_grad = inner  # type: ignore[method-assign]
                 else:
                     del opt.zero_grad
+        return undo
+
+    def lift_module_zero_grad(self) -> Callable[[], None]:
+        """Lift the mode while `nn.Module.zero_grad` runs (`model.zero_grad()`); return the undo.
+
+        Like an optimizer's, it reads and sets `p.grad` for every parameter. Patched on the
+        class for the session, not on the given models: an instance attribute would travel
+        with the model into `torch.save` (a closure does not pickle) and `copy.deepcopy`. Only
+        in the thread that entered the guard: the mode stack is per thread.
+        """
+        inner = torch.nn.Module.zero_grad
+        mode = self.mode
+        owner = threading.get_ident()
+
+        def zero_grad(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            if is_compiling() or threading.get_ident() != owner:
+                return inner(module, *args, **kwargs)
+            mode.lift()
+            try:
+                return inner(module, *args, **kwargs)
+            finally:
+                mode.unlift()
+
+        functools.update_wrapper(zero_grad, inner)
+        torch.nn.Module.zero_grad = zero_grad  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if torch.nn.Module.zero_grad is zero_grad:  # unless replaced since
+                torch.nn.Module.zero_grad = inner  # type: ignore[method-assign]
         return undo
 
     def on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
