@@ -132,14 +132,36 @@ class OptimizerWatch:
                     break
             else:
                 return
-            moved = [p for p, v, now in zip(params, versions, map(_version_of, params)) if v != now]
-            if moved:
+            after = list(map(_version_of, params))
+            if after != versions:
                 name = self.name_of(opt)
-                self.record(Written(
-                    seq, WriteKind.OPTIMIZER, "step",
-                    f"`{name}.step()` ({type(opt).__name__})", at, name,
-                    tuple(map(weakref.ref, moved)), ()))
+                self.record(_StepWritten(
+                    seq, f"`{name}.step()` ({type(opt).__name__})", at, name, params, versions, after))
         except Exception as e:
             self.warn_once("optimizer step", e)
         finally:
             self.mode.unlift()
+
+
+class _StepWritten(Written):
+    """A step's `Written`, whose parameters moved (`refs`) are worked out when a finding asks.
+
+    The step's own list of its parameters is held, not weak references: the session (one
+    entry into the guard) holds it, and the optimizer holds the parameters anyway.
+    """
+
+    __slots__ = ("params", "before", "after", "_refs")
+
+    def __init__(self, seq: int, by: str, at: At | None, optimizer: str, params: list,
+                 before: list[int], after: list[int]) -> None:
+        # `Written.__init__` would set `refs`, a property here.
+        self.seq, self.kind, self.op, self.by, self.at = seq, WriteKind.OPTIMIZER, "step", by, at
+        self.optimizer, self.storages = optimizer, ()
+        self.params, self.before, self.after = params, before, after
+        self._refs: tuple[weakref.ref, ...] | None = None
+
+    @property  # type: ignore[override]
+    def refs(self) -> tuple[weakref.ref, ...]:
+        if self._refs is None:
+            self._refs = tuple(weakref.ref(p) for p, v, now in zip(self.params, self.before, self.after) if v != now)
+        return self._refs
