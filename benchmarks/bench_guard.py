@@ -16,16 +16,17 @@ decorated training step is. Configurations:
 - ``check="all"``: every step checked (target: at most 1.05 times no guard);
 - ``check="sampled"``: the first 3 steps checked, then one in 100 (target: at most 1.01).
 
-The configurations run interleaved, one step each per round, round after round, so that drift
-on a shared machine hits them alike; the table gives the median over all rounds, by the wall
-clock and by the process's CPU time (steadier on a shared machine: other processes do not
-count), and the median of each step's ratio to the no-guard step of the same round. Targets
-are checked on the CPU-time ratio.
+The configurations run interleaved, one step each per round, round after round, in a new
+order each round, so that drift on a shared machine hits them alike; the table gives
+the median step time over all rounds, by the wall clock and by the process's CPU time
+(steadier on a shared machine: other processes do not count), and the median of each step's
+ratio to the no-guard step of the same round. Targets are checked on the CPU-time ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -153,8 +154,12 @@ def measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], losses:
             for make in configs.values():
                 with make():
                     step(model, opt, batch, losses)
+        order, shuffle = list(configs.items()), random.Random(0).shuffle
         for _ in range(rounds):
-            for config, make in configs.items():
+            # In a new order each round: what a step leaves behind (garbage for the collector,
+            # the allocator's state) falls on whichever configuration runs next.
+            shuffle(order)
+            for config, make in order:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 with make():
                     step(model, opt, batch, losses)
