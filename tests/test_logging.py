@@ -31,9 +31,12 @@ import fxinplace
 from fxinplace import render
 
 made = [0]
+broken = [len(sys.argv) > 2]  # a fault injected into the artifact's payload
 graph_dict = render.graph_dict
 def counted(graph):
     made[0] += 1
+    if broken[0]:
+        raise ValueError("injected")
     return graph_dict(graph)
 render.graph_dict = counted
 
@@ -48,18 +51,18 @@ try:
     compiled(torch.randn(2, 3), torch.randn(3, 4, requires_grad=True)).backward()
 except Exception as e:
     print("failed:", type(e).__name__, str(e).splitlines()[0], file=sys.stderr)
-made_while_compiling = made[0]
+made_while_compiling, broken[0] = made[0], False
 graphs = [g.to_dict() for g in fxinplace.inplace_audit.report.graphs]
 print(json.dumps({"graphs": graphs, "made": made_while_compiling}))
 """
 
 
-def _run(tmp_path, compiler="eager", **env):
+def _run(tmp_path, compiler="eager", *extra, **env):
     script = tmp_path / "step.py"
     script.write_text(SCRIPT)
     base = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE", "TORCH_COMPILE_DEBUG")}
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(script), compiler], capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, str(script), compiler, *extra], capture_output=True, text=True, timeout=300,
                             env={**base, **env}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
@@ -171,6 +174,16 @@ def test_the_artifact_has_the_final_report_when_the_compiler_fails(tmp_path):
     payload = json.loads(payload)
     assert payload["compile_error"] is not None and "HazardError" in payload["compile_error"]
     assert [payload] == reports["graphs"]
+
+
+def test_a_failure_to_write_the_artifact_never_fails_the_compile(tmp_path):
+    trace_dir = tmp_path / "trace"
+    reports, stderr = _run(tmp_path, "eager", "broken", TORCH_TRACE=str(trace_dir))
+    assert "AnalysisWarning: fxinplace: could not write the report to the TORCH_TRACE log (ValueError: injected)" in stderr
+    # both graphs compiled and ran: the loop failed where eager fails, at backward
+    assert "failed: RuntimeError one of the variables needed for gradient computation" in stderr
+    assert [g["compile_id"] for g in reports["graphs"]] == ["0/0", "1/0"] and reports["made"] == 2
+    assert not _reports(structured_log(trace_dir))
 
 
 def test_without_torch_trace_no_payload_is_made(tmp_path):
