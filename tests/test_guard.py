@@ -967,12 +967,19 @@ def test_model_zero_grad_runs_off_the_mode_and_the_loop_is_still_watched() -> No
     with pytest.raises(StaleSavedTensorError) as info:
         with guard(model):
             inside = torch._C._len_torch_function_stack()
-            assert "zero_grad" not in vars(model)  # patched on the class: nothing to pickle or copy
+            # wrapped on the model's class: a copy made under the guard zeroes its own gradients
+            assert "zero_grad" not in vars(model)
+            model(x).sum().backward()
+            twin = copy.deepcopy(model)
+            twin.zero_grad()
+            assert all(p.grad is None for p in twin.parameters())
+            assert all(p.grad is not None for p in model.parameters())
+            model.depths.clear()
             loop()
     assert model.depths == [inside - 1]  # `zero_grad` ran with the guard's mode lifted
     write = info.value.stale.writes[0]
     assert (write.kind, write.by, write.source.line) == (WriteKind.INPLACE, "in-place `mul_`", marked_line(loop, "<- writes"))
-    assert nn.Module.zero_grad is original and "zero_grad" not in vars(model)
+    assert nn.Module.zero_grad is original and "zero_grad" not in vars(_Probed) and "zero_grad" not in vars(model)
 
 
 def test_out_and_inplace_true_writes_of_a_saved_tensor_are_caught_and_named() -> None:

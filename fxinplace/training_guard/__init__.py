@@ -30,7 +30,7 @@ How it works, in three parts that stay out of each other's way:
   in-place op (names ending in ``_``, ``__setitem__`` / ``__iadd__``..., ``out=``,
   ``inplace=True``), the line and loss of every `backward` / `autograd.grad` call, and
   `.data` reads and writes. It steps off the stack while the given models run forward, while
-  an optimizer steps and while a given optimizer's or a module's `zero_grad` runs: their ops
+  an optimizer steps and while a given optimizer's or model's `zero_grad` runs: their ops
   need no attention, and each would cost a Python call.
 - Global optimizer step pre/post hooks attribute version bumps to ``opt.step()`` and the
   parameter it moved.

@@ -85,15 +85,19 @@ class OptimizerWatch:
                     del opt.zero_grad
         return undo
 
-    def lift_module_zero_grad(self) -> Callable[[], None]:
-        """Lift the mode while `nn.Module.zero_grad` runs (`model.zero_grad()`); return the undo.
+    def lift_model_zero_grad(self, cls: type) -> Callable[[], None]:
+        """Lift the mode while a given model's own `zero_grad()` runs; return the undo.
 
-        Like an optimizer's, it reads and sets `p.grad` for every parameter. Patched on the
-        class for the session, not on the given models: an instance attribute would travel
-        with the model into `torch.save` (a closure does not pickle) and `copy.deepcopy`. Only
-        in the thread that entered the guard: the mode stack is per thread.
+        Like an optimizer's, it reads and sets `p.grad` for every parameter. Wrapped on the
+        model's class for the session, not on the instance: an instance attribute would travel
+        with the model into `copy.deepcopy` (the copy's `zero_grad` would zero the original's
+        gradients), and not on `nn.Module`: assigning an attribute of a class invalidates the
+        attribute caches of all its subclasses, which for `nn.Module` costs more than the lift
+        saves. Only in the thread that entered the guard: the mode stack is per thread.
         """
-        inner = torch.nn.Module.zero_grad
+        had = "zero_grad" in vars(cls)
+        own = vars(cls).get("zero_grad")
+        inner = cls.zero_grad
         mode = self.mode
         owner = threading.get_ident()
 
@@ -107,11 +111,14 @@ class OptimizerWatch:
                 mode.unlift()
 
         functools.update_wrapper(zero_grad, inner)
-        torch.nn.Module.zero_grad = zero_grad  # type: ignore[method-assign]
+        cls.zero_grad = zero_grad  # type: ignore[method-assign]
 
         def undo() -> None:
-            if torch.nn.Module.zero_grad is zero_grad:  # unless replaced since
-                torch.nn.Module.zero_grad = inner  # type: ignore[method-assign]
+            if vars(cls).get("zero_grad") is zero_grad:  # unless replaced since
+                if had:
+                    cls.zero_grad = own  # type: ignore[method-assign]
+                else:
+                    del cls.zero_grad
         return undo
 
     def on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
