@@ -46,6 +46,7 @@ __all__ = [
     # Dynamo, Inductor and the backend registry
     "current_compile_id", "traced_code", "dynamo_output_scopes", "graph_output_roles", "inductor_compile_fx",
     "inductor_mode_options", "lookup_backend", "list_backends", "dynamo_reset", "compile_backend", "default_backend",
+    "trace_artifact",
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
     "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA",
@@ -364,6 +365,20 @@ def dynamo_reset() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
+
+def trace_artifact(name: str, payload_fn: Callable[[], Any]) -> None:
+    """Write a JSON artifact `name` into the structured log `TORCH_TRACE` turns on (what tlparse
+    reads), under the compile id of the compile under way (`[0/0]`), beside Dynamo's own.
+
+    `trace_structured("artifact", ...)` needs no registration: a named TORCH_LOGS artifact would
+    have to be listed in torch's own `_registrations.py`, or `import torch` fails. `payload_fn`
+    runs only while the trace log has a handler: without TORCH_TRACE, the first structured event
+    (Dynamo's, before any backend runs) removes it.
+    """
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "json"}, payload_fn=payload_fn)
 
 
 # -- the torch-function mode stack and autograd (the training guard) -------------------------------

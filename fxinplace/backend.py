@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import shutil
 import sys
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import (current_compile_id, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options,
-                      lookup_backend, tested_range, torch_is_tested, traced_code, warn_untested_once)
+from ._compat import (current_compile_id, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx,
+                      inductor_mode_options, lookup_backend, trace_artifact, tested_range, torch_is_tested, traced_code,
+                      warn_untested_once)
 from ._cross_graph import CrossGraphState, saves_for_later_graphs
+from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning
@@ -119,6 +122,8 @@ class InplaceAudit:
             least = Severity(opts.raise_on).rank
             found = [h for h in graph.report.all_hazards() if h.severity.rank >= least]
             if found:
+                log.debug("inplace_audit: graph %s: raising HazardError for %d hazard(s) (option raise_on=%r)",
+                          graph.identity[0], len(found), opts.raise_on)
                 self._emit(graph, opts)
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
         try:
@@ -155,6 +160,7 @@ class InplaceAudit:
 
     def _emit(self, graph: _AuditedGraph, opts: AuditOptions) -> None:
         emit_tables(graph.report, opts)
+        trace_report(graph.report, opts)
 
     def _remember_outputs(self, graph: _AuditedGraph, outputs: list, opts: AuditOptions) -> None:
         # The next graph after a graph break gets these tensors as inputs: if it writes one,
@@ -172,19 +178,29 @@ class InplaceAudit:
 
     def _audit(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions) -> _AuditedGraph:
         identity = graph_identity(gm)
+        log.debug("inplace_audit: graph %s `%s` (%s): %d nodes, %d inputs", identity[0], identity[1],
+                  identity[2].splitlines()[0], len(gm.graph.nodes), len(example_inputs))
+        passes = PassTimes()
         try:
             describe_inputs(gm, example_inputs)  # once per graph: every pass reads these records
             earlier = self._cross_graph.look_up(gm, example_inputs)
+            passes("describe_inputs")
             trace = trace_mutations(gm, example_inputs)
+            passes("trace_mutations")
             self._name_state(gm, example_inputs, trace)
             for node, target in earlier.targets.items():  # an earlier graph's name comes first
                 name_input(node, target)
+            passes("name_placeholders")
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
+            passes("split_tasks+find_hazards")
             saved_outputs, saved_placeholders = saves_for_later_graphs(gm, trace)
             cross, placeholder_saves = self._cross_graph.record_inputs(
                 gm, example_inputs, trace, saved_placeholders, identity[0])
+            passes("cross_graph")
+            log.debug("inplace_audit: graph %s passes: %s", identity[0], passes)
+            log_findings(report)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             failed = GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}")
@@ -212,17 +228,25 @@ class InplaceAudit:
         """
         report = graph.report
         if not torch_is_tested() and not opts.untested_torch:
+            log.debug("inplace_audit: graph %s: functionalize skipped: torch %s is untested (option untested_torch)",
+                      graph.identity[0], torch.__version__)
             mutations = mark_kept(report.mutations, RewriteKind.KEPT_IN_PLACE, KeptReason.UNTESTED_TORCH,
                                   (torch.__version__, tested_range()))
             graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
             return gm, None
         try:
+            start = time.perf_counter()
             kept = _kept_apart(gm, graph)
             if opts.functionalize_mode == "hazards" and not any(m.severity == "error" for m in report.mutations):
+                log.debug("inplace_audit: graph %s: functionalize='hazards' and no error-level hazard: compiled unchanged",
+                          graph.identity[0])
                 done = unchanged(gm, KeptReason.NO_ERROR_HAZARD, (), kept)
             else:
                 done = functionalize(gm, example_inputs, kept)
             mutations = self._mark(gm, graph, done)
+            log.debug("inplace_audit: graph %s: functionalize took %.1f ms: %s; inputs kept apart: %s", graph.identity[0],
+                      1e3 * (time.perf_counter() - start), Counts(str(m.rewrite.kind) for m in mutations if m.rewrite),
+                      kept or "none")
         except Exception as e:  # the user's training comes first
             what = f"functionalize failed on graph {graph.identity[0]} `{graph.identity[1]}`"
             _fall_back(opts, e, what, "compiling it unchanged")
@@ -250,9 +274,15 @@ class InplaceAudit:
 
     def _compile(self, gm, example_inputs, opts: AuditOptions, mode, graph: _AuditedGraph) -> Callable:
         compiler = _resolve_compiler(opts.compiler, mode)
+        start = time.perf_counter()
         try:
-            return compiler(gm, example_inputs)
+            compiled = compiler(gm, example_inputs)
+            log.debug("inplace_audit: graph %s compiled by %s in %.1f ms", graph.identity[0], _name_of(opts.compiler),
+                      1e3 * (time.perf_counter() - start))
+            return compiled
         except Exception as e:
+            log.debug("inplace_audit: graph %s: the compiler %s failed: %s: %s", graph.identity[0],
+                      _name_of(opts.compiler), type(e).__name__, e)
             if opts.explain and _is_autograd_inplace_error(e):
                 errors = [h for h in graph.report.all_hazards() if h.severity == "error"]
                 written = []
@@ -319,7 +349,7 @@ def _fall_back(opts: AuditOptions, error: Exception, what: str, instead: str) ->
         AnalysisWarning,
         stacklevel=4,
     )
-    log.debug("%s", what, exc_info=True)
+    log.debug("inplace_audit: %s; %s", what, instead, exc_info=True)
 
 
 def analyze(
@@ -390,6 +420,28 @@ def emit_tables(report: GraphReport, opts: AuditOptions) -> None:
                 f.write(head + render.render_graph(report, compact) + "\n\n")
     except Exception as e:
         _fall_back(opts, e, "could not write the table", "training goes on")
+
+
+def trace_report(report: GraphReport, opts: AuditOptions) -> None:
+    """The graph's report as the JSON artifact `fxinplace_report` in the structured log
+    `TORCH_TRACE` writes, under the graph's compile id: tlparse shows it beside Dynamo's and
+    Inductor's artifacts. Nothing is rendered without TORCH_TRACE; never fails the compile."""
+    try:
+        trace_artifact("fxinplace_report", report.to_dict)
+    except Exception as e:
+        _fall_back(opts, e, "could not write the report to the TORCH_TRACE log", "training goes on")
+
+
+def log_findings(report: GraphReport) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        hazards = report.all_hazards()
+        log.debug("inplace_audit: graph %s: %d mutation(s), %d hazard(s) (%s); tasks: %s", report.compile_id,
+                  len(report.mutations), len(hazards), Counts(str(h.severity.value) for h in hazards),
+                  ", ".join(report.tasks) or "none")
+
+
+def _name_of(compiler: str | Callable) -> str:
+    return compiler if isinstance(compiler, str) else getattr(compiler, "__name__", type(compiler).__name__)
 
 
 def _rank() -> int | None:

@@ -5,7 +5,11 @@ on: when a torch release breaks one, the failure names it here."""
 from __future__ import annotations
 
 import contextlib
+import json
 import operator
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -14,6 +18,7 @@ import torch.fx
 
 import fxinplace
 from fxinplace import _compat
+from test_logging import ROOT, structured_log
 
 
 @pytest.mark.parametrize("version, tested", [
@@ -400,6 +405,35 @@ def test_graph_output_roles_place_each_output_in_the_users_code():
     assert returned == {id(result["seg"]): ("returned", "seg"), id(result["aux"][0]): ("returned", "aux[0]"),
                         id(result["aux"][1]): ("returned", "aux[1]")}
     assert _compat.graph_output_roles(torch.fx.symbolic_trace(lambda x: x + 1)) is None  # outside a Dynamo trace
+
+
+_TRACE_PROBE = """
+import sys, torch
+from fxinplace import _compat
+made = []
+def backend(gm, inputs):
+    _compat.trace_artifact("probe", lambda: made.append(1) or {"seen": str(_compat.current_compile_id())})
+    return gm.forward
+torch.compile(lambda x: x + 1, backend=backend)(torch.randn(3))
+print(len(made))
+"""
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["TORCH_TRACE", "no-trace"])
+def test_trace_artifact_writes_under_the_compile_id_and_makes_no_payload_without_a_trace(tmp_path, traced):
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_TRACE", "TORCH_COMPILE_DEBUG")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if traced:
+        env["TORCH_TRACE"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _TRACE_PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == (["1"] if traced else ["0"])  # the payload is made only for a trace
+    if traced:
+        [(meta, payload)] = [(m, p) for m, p in structured_log(tmp_path) if m.get("artifact", {}).get("name") == "probe"]
+        assert meta["artifact"] == {"name": "probe", "encoding": "json"}
+        assert (meta["frame_id"], meta["frame_compile_id"]) == (0, 0) and json.loads(payload) == {"seen": "0/0"}
+    else:
+        assert not list(tmp_path.iterdir())
 
 
 def test_inductor_mode_options():

@@ -827,9 +827,18 @@ def test_double_backward_gradient_penalty_is_unchanged() -> None:
         ({"model": {"a": 1}}, pytest.raises(TypeError, match=r"`model\['a'\]`")),
         ({"optimizers": "adam"}, pytest.raises(TypeError, match="`optimizers`")),
         ({"optimizers": [object()]}, pytest.raises(TypeError, match="optimizers")),
+        ({"check": "sampled"}, does_not_raise()),
+        ({"check": "sampled", "first": 1, "every": 0}, does_not_raise()),
+        ({"check": "first"}, pytest.raises(ValueError, match="`check` must be 'all' or 'sampled', got 'first'")),
+        ({"every": 10}, pytest.raises(ValueError, match="`first` and `every`.*check='all'")),
+        ({"check": "sampled", "first": 0}, pytest.raises(ValueError, match="`first` must be an int >= 1, got 0")),
+        ({"check": "sampled", "every": -1}, pytest.raises(ValueError, match="`every` must be an int >= 0, got -1")),
+        ({"check": "sampled", "every": 2.5}, pytest.raises(ValueError, match="`every` must be an int")),
+        ({"check": "sampled", "first": True}, pytest.raises(ValueError, match="`first` must be an int")),
     ],
     ids=["defaults", "warn", "bad_on_stale", "model_list", "model_dict_value", "opt_str",
-         "opt_list_value"],
+         "opt_list_value", "sampled", "sampled_first_only", "bad_check", "every_without_sampled",
+         "first_zero", "every_negative", "every_float", "first_bool"],
 )
 def test_arguments(kwargs: dict[str, Any], expectation: Any) -> None:
     with expectation:
@@ -842,6 +851,162 @@ def test_losses_must_be_a_mapping_of_tensors() -> None:
         g.losses([torch.ones(())])
     with pytest.raises(TypeError, match=r"`losses\['a'\]`"):
         g.losses({"a": 1.0})
+
+
+# --------------------------------------------------------------------------------------------
+# check="sampled": full checks on the first entries, then one in `every`; nothing installed on
+# the others, where PyTorch's own version check is all there is.
+
+
+def _sampled_loop(run: Run, g: guard, steps: int, bad_from: int, case: Case) -> list[bool]:
+    """`steps` entries of `g`, the correct loop before entry `bad_from` and the bad one from it;
+    whether the guard checked each entry (read inside it: `g.checks`)."""
+    checked = []
+    for i in range(steps):
+        checked.append(g.checks(g.entries))
+        with g:
+            (case.bad if i >= bad_from else case.good)(run, g.losses)
+    return checked
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_sampled_guard_catches_a_bad_loop_on_its_first_step(case: Case) -> None:
+    shape, now, saved, expected = _pytorch_error(case.bad, case.make)
+    run = case.make()
+    g = guard({k: run[k] for k in run.models}, optimizers=run.opts, check="sampled", first=2, every=50)
+    with pytest.raises(StaleSavedTensorError) as info:
+        _sampled_loop(run, g, steps=1, bad_from=0, case=case)
+    stale = info.value.stale
+    assert (stale.name, list(stale.shape), stale.version_now, stale.version_saved) == (expected, shape, now, saved)
+    assert stale.writes[0].by == case.by and g.hazards == [stale]
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_sampled_guard_is_silent_on_a_correct_loop_and_computes_the_same(case: Case) -> None:
+    plain = case.make()
+    for _ in range(9):
+        case.good(plain, _no_names)
+    guarded = case.make()
+    g = guard(guarded.models, optimizers=guarded.opts, check="sampled", first=2, every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checked = _sampled_loop(guarded, g, steps=9, bad_from=9, case=case)
+    assert checked == [True, True, False, False, True, False, False, True, False]
+    assert g.hazards == [] and g.entries == 9
+    _assert_same(_state(plain), _state(guarded))
+
+
+def test_sampled_guard_leaves_a_hazard_that_starts_on_an_unchecked_step_to_pytorch() -> None:
+    # The limit, stated: with first=3, every=5 the guard checks entries 0, 1, 2, 7, 12, ...; a
+    # loop that turns bad at entry 5 (a discriminator updated every k steps, say) is not
+    # checked there. PyTorch's own version check, which the guard's hooks replace only on the
+    # checked entries, still raises its own error, naming nothing.
+    case = CASES["gan_disc_step_between_gen_losses"]
+    run = case.make()
+    g = guard(run.models, optimizers=run.opts, check="sampled", first=3, every=5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        _sampled_loop(run, g, steps=6, bad_from=5, case=case)
+    assert not isinstance(info.value, StaleSavedTensorError)
+    assert g.hazards == [] and g.entries == 6 and not g.checks(5) and g.checks(7)
+    assert _restored_state() == _before_any_guard  # nothing was installed on the failing entry
+
+
+def test_sampled_guard_misses_a_data_write_on_an_unchecked_step() -> None:
+    # `.data` writes move no version counter: on an unchecked entry nothing sees them and the
+    # gradients come out wrong, as without the guard; on a checked entry they are caught.
+    case = DATA_CASES["p.data.clamp_"]
+    silent = case.bad(case.make(), _no_names)
+    run = case.make()
+    g = guard(run.models, optimizers=run.opts, check="sampled", first=1, every=2)
+    with g:  # entry 0: checked, correct loop
+        case.reference(run, g.losses)
+    assert not g.checks(1) and g.checks(2)
+    with g:  # entry 1: unchecked, the bad loop runs as without the guard
+        missed = case.bad(run, g.losses)
+    assert g.hazards == []
+    assert missed.keys() == silent.keys()
+    with pytest.raises(StaleSavedTensorError, match="through `.data`"):
+        with g:  # entry 2: checked
+            case.bad(run, g.losses)
+
+
+_before_any_guard = _restored_state()
+
+
+# --------------------------------------------------------------------------------------------
+# A model's own `zero_grad`, and writes through `out=` and `inplace=True`
+
+
+class _Probed(nn.Sequential):
+    """Records the function-mode stack depth each time `zero_grad` asks for its parameters."""
+
+    depths: list[int]
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        self.depths.append(torch._C._len_torch_function_stack())
+        return super().parameters(recurse)
+
+
+def test_model_zero_grad_runs_off_the_mode_and_the_loop_is_still_watched() -> None:
+    torch.manual_seed(0)
+    model = _Probed(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    model.depths = []
+    original = nn.Module.zero_grad
+    x = torch.randn(5, 4)
+
+    def loop() -> None:
+        model.zero_grad()
+        loss = model(x).sum()
+        with torch.no_grad():
+            model[2].weight.mul_(0.5)  # <- writes
+        loss.backward()
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loop()  # PyTorch's verdict on the loop
+    model.depths.clear()
+    with pytest.raises(StaleSavedTensorError) as info:
+        with guard(model):
+            inside = torch._C._len_torch_function_stack()
+            # wrapped on the model's class: a copy made under the guard zeroes its own gradients
+            assert "zero_grad" not in vars(model)
+            model(x).sum().backward()
+            twin = copy.deepcopy(model)
+            twin.zero_grad()
+            assert all(p.grad is None for p in twin.parameters())
+            assert all(p.grad is not None for p in model.parameters())
+            model.depths.clear()
+            loop()
+    assert model.depths == [inside - 1]  # `zero_grad` ran with the guard's mode lifted
+    write = info.value.stale.writes[0]
+    assert (write.kind, write.by, write.source.line) == (WriteKind.INPLACE, "in-place `mul_`", marked_line(loop, "<- writes"))
+    assert nn.Module.zero_grad is original and "zero_grad" not in vars(_Probed) and "zero_grad" not in vars(model)
+
+
+def test_out_and_inplace_true_writes_of_a_saved_tensor_are_caught_and_named() -> None:
+    act = nn.ReLU(inplace=True)  # not given to the guard: it runs under the mode
+
+    def with_out(x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(x)  # sigmoid saves its output
+        with torch.no_grad():
+            torch.mul(x, 2, out=s)  # <- out
+        return s.sum()
+
+    def with_inplace(x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(x)
+        act(s)  # <- inplace
+        return s.sum()
+
+    for loop, marker, op in [(with_out, "<- out", "mul"), (with_inplace, "<- inplace", "relu")]:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loop(torch.randn(3, requires_grad=True)).backward()  # PyTorch's verdict
+        with pytest.raises(StaleSavedTensorError) as info:
+            with guard():
+                loop(torch.randn(3, requires_grad=True)).backward()
+        stale = info.value.stale
+        assert (stale.version_saved, stale.version_now, stale.op) == (0, 1, "sigmoid")
+        [write] = stale.writes
+        assert (write.kind, write.op, write.by) == (WriteKind.INPLACE, op, f"in-place `{op}`")
+        assert write.source.line == marked_line(loop, marker)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ How it works, in three parts that stay out of each other's way:
   in-place op (names ending in ``_``, ``__setitem__`` / ``__iadd__``..., ``out=``,
   ``inplace=True``), the line and loss of every `backward` / `autograd.grad` call, and
   `.data` reads and writes. It steps off the stack while the given models run forward, while
-  an optimizer steps and while a given optimizer's `zero_grad` runs: their ops need no
-  attention, and each would cost a Python call.
+  an optimizer steps and while a given optimizer's or model's `zero_grad` runs: their ops
+  need no attention, and each would cost a Python call.
 - Global optimizer step pre/post hooks attribute version bumps to ``opt.step()`` and the
   parameter it moved.
 
@@ -108,6 +108,15 @@ class guard:
             in `hazards` and lets the backward go on with the changed value, as PyTorch
             would without its check: those gradients are wrong; use it to survey a loop.
         tasks_from_outputs: name tasks by the model's output keys (see ``model``).
+        check: ``"all"`` (default) checks every entry into the guard; ``"sampled"`` checks
+            the ``first`` entries, then one entry in ``every`` (``every=0``: none after the
+            first), and on the others installs nothing, for long runs. Enter the guard once
+            per step (a decorated step function) for entries to be steps. On an unchecked
+            step PyTorch's own version check still raises its own error, unnamed; a write
+            through ``.data`` goes unseen. A loop whose order changes after the first steps
+            (a discriminator updated every k steps, gradient accumulation) is checked only on
+            the sampled steps.
+        first, every: the sampling, with ``check="sampled"`` only (defaults 3 and 100).
 
     Name the tasks with `losses` (the loss a backward starts from) or `task` (a block).
     ``hazards`` collects every finding of every use of this guard; `table` renders them.
@@ -115,21 +124,43 @@ class guard:
 
     def __init__(self, model: Models | None = None, *, optimizers: Optimizers | None = None,
                  on_stale: Literal["raise", "warn"] = "raise",
-                 tasks_from_outputs: bool = True) -> None:
+                 tasks_from_outputs: bool = True,
+                 check: Literal["all", "sampled"] = "all",
+                 first: int | None = None, every: int | None = None) -> None:
         if on_stale not in ("raise", "warn"):
             raise ValueError(f"`on_stale` must be 'raise' or 'warn', got {on_stale!r}")
+        if check not in ("all", "sampled"):
+            raise ValueError(f"`check` must be 'all' or 'sampled', got {check!r}")
+        if check == "all" and (first is not None or every is not None):
+            raise ValueError("`first` and `every` set the sampling of check='sampled'; got them with "
+                             "check='all' (pass check='sampled', or leave them out)")
+        self.check = check
+        self.first = _count("first", 3 if first is None else first, least=1)
+        self.every = _count("every", 100 if every is None else every, least=0)
+        self.entries = 0  # entries so far, checked or not
         self._names = Names(_modules_of(model), _optimizers_of(optimizers))
         self.on_stale = on_stale
         self.tasks_from_outputs = tasks_from_outputs
         self.hazards: list[StaleSavedTensor] = []
         self._session: Session | None = None
         self._tasks: list[str] = []
+        self._skipping = False  # an unchecked entry (check="sampled") is under way
+
+    def checks(self, entry: int) -> bool:
+        """Does the guard check its `entry`-th entry (from 0)?"""
+        if self.check == "all" or entry < self.first:
+            return True
+        return self.every > 0 and (entry - self.first + 1) % self.every == 0
 
     def __enter__(self) -> guard:
-        if self._session is not None:
+        if self._session is not None or self._skipping:
             raise RuntimeError(
                 "this `guard` is already active; nest a second `fxinplace.guard(...)` instead "
                 "of entering the same one twice")
+        entry, self.entries = self.entries, self.entries + 1
+        if not self.checks(entry):
+            self._skipping = True  # nothing installed: the step runs as without the guard
+            return self
         # The settings are read when needed, so that a change made while active counts.
         session = Session(self._names, self._tasks, on_stale=lambda: self.on_stale,
                           found=lambda stale: self.hazards.append(stale),
@@ -141,6 +172,9 @@ class guard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         session, self._session = self._session, None
+        if self._skipping:
+            self._skipping = False
+            return
         self._names.forget_losses()
         if session is not None:
             session.stop()
@@ -167,6 +201,8 @@ class guard:
 
         Returns ``losses`` unchanged, so ``losses = g.losses({...})`` reads naturally.
         """
+        if self._skipping:
+            return losses
         self._names.add_losses(losses)
         return losses
 
@@ -175,8 +211,15 @@ class guard:
         return render_table(self.hazards)
 
     def __repr__(self) -> str:
-        state = "active" if self._session is not None else "inactive"
-        return f"fxinplace.guard({state}, on_stale={self.on_stale!r}, {len(self.hazards)} hazards)"
+        state = "active" if self._session is not None else "unchecked entry" if self._skipping else "inactive"
+        sampling = f", check='sampled', first={self.first}, every={self.every}" if self.check == "sampled" else ""
+        return f"fxinplace.guard({state}, on_stale={self.on_stale!r}{sampling}, {len(self.hazards)} hazards)"
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
+    return value
 
 
 def _modules_of(model: Models | None) -> list[tuple[str, torch.nn.Module]]:

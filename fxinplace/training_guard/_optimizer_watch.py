@@ -3,7 +3,9 @@ parameters it moved, and lift the mode while a step (or a given optimizer's `zer
 
 from __future__ import annotations
 
+import functools
 import operator
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +85,42 @@ class OptimizerWatch:
                     del opt.zero_grad
         return undo
 
+    def lift_model_zero_grad(self, cls: type) -> Callable[[], None]:
+        """Lift the mode while a given model's own `zero_grad()` runs; return the undo.
+
+        Like an optimizer's, it reads and sets `p.grad` for every parameter. Wrapped on the
+        model's class for the session, not on the instance: an instance attribute would travel
+        with the model into `copy.deepcopy` (the copy's `zero_grad` would zero the original's
+        gradients), and not on `nn.Module`: assigning an attribute of a class invalidates the
+        attribute caches of all its subclasses, which for `nn.Module` costs more than the lift
+        saves. Only in the thread that entered the guard: the mode stack is per thread.
+        """
+        had = "zero_grad" in vars(cls)
+        own = vars(cls).get("zero_grad")
+        inner = cls.zero_grad
+        mode = self.mode
+        owner = threading.get_ident()
+
+        def zero_grad(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            if is_compiling() or threading.get_ident() != owner:
+                return inner(module, *args, **kwargs)
+            mode.lift()
+            try:
+                return inner(module, *args, **kwargs)
+            finally:
+                mode.unlift()
+
+        functools.update_wrapper(zero_grad, inner)
+        cls.zero_grad = zero_grad  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if vars(cls).get("zero_grad") is zero_grad:  # unless replaced since
+                if had:
+                    cls.zero_grad = own  # type: ignore[method-assign]
+                else:
+                    del cls.zero_grad
+        return undo
+
     def on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.mode.lift()
         try:
@@ -101,14 +139,36 @@ class OptimizerWatch:
                     break
             else:
                 return
-            moved = [p for p, v, now in zip(params, versions, map(_version_of, params)) if v != now]
-            if moved:
+            after = list(map(_version_of, params))
+            if after != versions:
                 name = self.name_of(opt)
-                self.record(Written(
-                    seq, WriteKind.OPTIMIZER, "step",
-                    f"`{name}.step()` ({type(opt).__name__})", at, name,
-                    tuple(map(weakref.ref, moved)), ()))
+                self.record(_StepWritten(
+                    seq, f"`{name}.step()` ({type(opt).__name__})", at, name, params, versions, after))
         except Exception as e:
             self.warn_once("optimizer step", e)
         finally:
             self.mode.unlift()
+
+
+class _StepWritten(Written):
+    """A step's `Written`, whose parameters moved (`refs`) are worked out when a finding asks.
+
+    The step's own list of its parameters is held, not weak references: the session (one
+    entry into the guard) holds it, and the optimizer holds the parameters anyway.
+    """
+
+    __slots__ = ("params", "before", "after", "_refs")
+
+    def __init__(self, seq: int, by: str, at: At | None, optimizer: str, params: list,
+                 before: list[int], after: list[int]) -> None:
+        # `Written.__init__` would set `refs`, a property here.
+        self.seq, self.kind, self.op, self.by, self.at = seq, WriteKind.OPTIMIZER, "step", by, at
+        self.optimizer, self.storages = optimizer, ()
+        self.params, self.before, self.after = params, before, after
+        self._refs: tuple[weakref.ref, ...] | None = None
+
+    @property  # type: ignore[override]
+    def refs(self) -> tuple[weakref.ref, ...]:
+        if self._refs is None:
+            self._refs = tuple(weakref.ref(p) for p, v, now in zip(self.params, self.before, self.after) if v != now)
+        return self._refs

@@ -74,6 +74,8 @@ class Session:
                     undo.append(self.optimizers.lift_zero_grad(opt))
                 except Exception as e:  # then `zero_grad` runs under the mode, as any code
                     self.warn_once("zero_grad", e)
+            for cls in dict.fromkeys(type(module) for _, module in self.names.modules):
+                undo.append(self.optimizers.lift_model_zero_grad(cls))
             hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
             hooks.__enter__()
             undo.append(functools.partial(hooks.__exit__, None, None, None))
