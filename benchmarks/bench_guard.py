@@ -14,7 +14,9 @@ decorated training step is. Configurations:
 - ``identity hooks``: `saved_tensors_hooks` whose pack and unpack return the tensor: PyTorch's
   own cost of the hooks the guard installs (no target);
 - ``check="all"``: every step checked (target: at most 1.05 times no guard);
-- ``check="sampled"``: the first 3 steps checked, then one in 100 (target: at most 1.01).
+- ``check="sampled"``: the first 3 steps checked, then one in 100 (target: at most 1.01);
+- ``check_values=True``: every step checked, and each saved tensor fingerprinted (no target:
+  what the value check adds to ``check="all"``).
 
 The configurations run interleaved, one step each per round, round after round, in a new
 order each round, so that drift on a shared machine hits them alike; the table gives
@@ -139,11 +141,13 @@ def measure(name: str, model: nn.Module, batch: dict[str, torch.Tensor], losses:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     full = guard(model, optimizers={"opt": opt})
     sampled = guard(model, optimizers={"opt": opt}, check="sampled", first=3, every=100)
+    values = guard(model, optimizers={"opt": opt}, check_values=True)
     configs: dict[str, Callable[[], AbstractContextManager]] = {
         "no guard": nullcontext,
         "identity hooks": identity_hooks,
         'check="all"': lambda: full,
         'check="sampled"': lambda: sampled,
+        "check_values=True": lambda: values,
     }
     loops = {"sum": step_sum, "per-task grad": step_per_task}
     rows = []

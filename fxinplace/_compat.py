@@ -49,7 +49,7 @@ __all__ = [
     "trace_artifact",
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
-    "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA",
+    "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA", "DisableTorchFunction",
     # FSDP2 (the training guard)
     "fsdp_params", "fsdp_gathered",
 ]
@@ -393,6 +393,9 @@ push_torch_function_stack = torch._C._push_on_torch_function_stack
 current_autograd_node = torch._C._current_autograd_node
 # The `Tensor.data` descriptor: `t.data` reaches a torch-function mode as its `__get__`, `t.data = v` as `__set__`.
 TENSOR_DATA = torch._C.TensorBase.data
+# A context in which torch functions skip every torch-function mode (the guard's value check
+# computes its fingerprints there, unseen by the guard's own mode).
+DisableTorchFunction = torch._C.DisableTorchFunction
 
 
 # -- FSDP2 (the training guard) --------------------------------------------------------------------

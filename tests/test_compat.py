@@ -520,6 +520,22 @@ def test_current_autograd_node_in_an_unpack_hook():
     assert names == ["SinBackward0"] and _compat.current_autograd_node() is None
 
 
+def test_disable_torch_function_skips_the_modes():
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    t = torch.ones(3)
+    with Recording():
+        with _compat.DisableTorchFunction():
+            assert t.sum().item() == 3.0
+        t.sum()
+    assert len(seen) == 1
+
+
 def test_tensor_data_reaches_a_torch_function_mode_as_the_descriptor():
     seen = []
 

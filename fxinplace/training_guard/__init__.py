@@ -117,6 +117,10 @@ class guard:
             (a discriminator updated every k steps, gradient accumulation) is checked only on
             the sampled steps.
         first, every: the sampling, with ``check="sampled"`` only (defaults 3 and 100).
+        check_values: also fingerprint each saved tensor when it is saved and compare when
+            backward needs it (`_values`): catches the writes no version counter sees (`.data`
+            in the model's forward or in compiled code, kernels writing their inputs, custom
+            ops that do not declare `mutates_args`), at the cost of two reads of each saved tensor.
 
     Name the tasks with `losses` (the loss a backward starts from) or `task` (a block).
     ``hazards`` collects every finding of every use of this guard; `table` renders them.
@@ -126,7 +130,8 @@ class guard:
                  on_stale: Literal["raise", "warn"] = "raise",
                  tasks_from_outputs: bool = True,
                  check: Literal["all", "sampled"] = "all",
-                 first: int | None = None, every: int | None = None) -> None:
+                 first: int | None = None, every: int | None = None,
+                 check_values: bool = False) -> None:
         if on_stale not in ("raise", "warn"):
             raise ValueError(f"`on_stale` must be 'raise' or 'warn', got {on_stale!r}")
         if check not in ("all", "sampled"):
@@ -134,7 +139,10 @@ class guard:
         if check == "all" and (first is not None or every is not None):
             raise ValueError("`first` and `every` set the sampling of check='sampled'; got them with "
                              "check='all' (pass check='sampled', or leave them out)")
+        if not isinstance(check_values, bool):
+            raise TypeError(f"`check_values` must be True or False, got {check_values!r}")
         self.check = check
+        self.check_values = check_values
         self.first = _count("first", 3 if first is None else first, least=1)
         self.every = _count("every", 100 if every is None else every, least=0)
         self.entries = 0  # entries so far, checked or not
@@ -164,7 +172,7 @@ class guard:
         # The settings are read when needed, so that a change made while active counts.
         session = Session(self._names, self._tasks, on_stale=lambda: self.on_stale,
                           found=lambda stale: self.hazards.append(stale),
-                          tasks_from_outputs=lambda: self.tasks_from_outputs)
+                          tasks_from_outputs=lambda: self.tasks_from_outputs, check_values=self.check_values)
         session.start()
         self._session = session
         return self

@@ -49,6 +49,7 @@ class StaleSavedTensor:
     backward: str | None  # "backward" or "autograd.grad"
     backward_at: SourceLocation | None
     hidden: bool  # changed although its version counter did not move (`.data`)
+    by_value: bool = False  # found by the value check (`check_values=True`): its values changed, not its version
 
     @property
     def changed_at(self) -> SourceLocation | None:

@@ -23,6 +23,14 @@ def explain(stale: StaleSavedTensor) -> str:
             f"tensor without moving its version counter (version {s.version_now}), so PyTorch "
             "would not have noticed and would have computed gradients from the new values."
         )
+    elif s.by_value and not s.writes:
+        head = (
+            f"fxinplace.guard: the values of {s.tensor} changed after autograd saved it, and its version "
+            f"counter did not move (version {s.version_now}): a write no version counter sees (`.data` in "
+            "code the guard does not watch, such as the model's forward or compiled code; a fused or foreign "
+            "kernel that writes its input; a custom op that does not declare `mutates_args`). PyTorch would "
+            "not have noticed and would have computed gradients from the new values."
+        )
     elif s.hidden:
         head = (
             f"fxinplace.guard: {s.tensor} was written through `.data` after autograd "
@@ -117,6 +125,8 @@ def _version_cell(s: StaleSavedTensor) -> str:
     if not s.hidden:
         return f"{s.version_saved} -> {s.version_now}"
     gathered = s.writes and s.writes[0].kind is WriteKind.OPTIMIZER  # FSDP, see `_fsdp`
+    if s.by_value and not s.writes:
+        return f"{s.version_now} (values)"
     return f"{s.version_now} ({'all-gathered' if gathered else '.data'})"
 
 

@@ -34,6 +34,7 @@ from ._runtime import (
     tensors_in,
     user_at,
 )
+from ._values import changed, fingerprint
 from ._write_log import WriteLog
 
 __all__ = ["SavedLog"]
@@ -95,6 +96,7 @@ class SavedLog:
         self.warn_once = warn_once
         self.backwards: list[_Backward] = []
         self.reported: set[int] = set()  # warn mode: once per saved tensor
+        self.pending: list[tuple[tuple, torch.Tensor]] = []  # value checks on a device, read per backward
 
     # saved tensors -------------------------------------------------------------------------
 
@@ -130,9 +132,45 @@ class SavedLog:
             self.stale(_Saved(*packed))
         return t
 
-    def stale(self, saved: _Saved) -> None:
+    # The value check (`check_values=True`): the same, plus a fingerprint (`_values`).
+
+    def pack_values(self, t: torch.Tensor) -> tuple:
+        packed = self.pack(t)
         try:
-            found = self.describe(saved)
+            return packed + (fingerprint(t),)
+        except Exception as e:  # no fingerprint: the version check still stands
+            self.warn_once("value check", e)
+            return packed + (None,)
+
+    def unpack_values(self, packed: tuple) -> torch.Tensor:
+        t = packed[0]
+        if t._version != packed[1] or (self.hidden and self.writes.hidden_write_after(t, packed[2])):
+            self.stale(_Saved(*packed[:6]))
+        elif packed[6] is not None:
+            try:
+                differs = changed(packed[6], t)
+            except Exception as e:
+                self.warn_once("value check", e)
+                return t
+            if isinstance(differs, torch.Tensor):
+                self.pending.append((packed, differs))
+            elif differs:
+                self.stale(_Saved(*packed[:6]), by_value=True)
+        return t
+
+    def check_pending(self) -> None:
+        """Read the device-side value checks of the backward that just ran (one sync)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        flags = torch.stack([flag.reshape(()) for _, flag in pending]).cpu().tolist()
+        for (packed, _), differs in zip(pending, flags):
+            if differs:
+                self.stale(_Saved(*packed[:6]), by_value=True)
+
+    def stale(self, saved: _Saved, by_value: bool = False) -> None:
+        try:
+            found = self.describe(saved, by_value)
         except Exception as e:  # still refuse the stale value, with what is known
             log.warning("fxinplace.guard could not describe a stale saved tensor: %s", e,
                         exc_info=True)
@@ -141,7 +179,7 @@ class SavedLog:
                 tensor=f"a {list(t.shape)} tensor", name=None, shape=tuple(t.shape), op=None, node=None,
                 saved_at=None, saved_for=None, version_saved=saved.version,
                 version_now=t._version, writes=(), needed_for=None, backward=None,
-                backward_at=None, hidden=t._version == saved.version)
+                backward_at=None, hidden=t._version == saved.version, by_value=by_value)
         if self.on_stale() == "raise":
             self.found(found)
             raise StaleSavedTensorError(found)
@@ -150,7 +188,7 @@ class SavedLog:
             self.found(found)
             warnings.warn(StaleSavedTensorWarning(explain(found)), stacklevel=2)
 
-    def describe(self, saved: _Saved) -> StaleSavedTensor:
+    def describe(self, saved: _Saved, by_value: bool = False) -> StaleSavedTensor:
         t = saved.tensor
         key = storage_key(t)
         kind, name, is_view = self.names.tensor(t, key)
@@ -182,7 +220,7 @@ class SavedLog:
             version_saved=saved.version, version_now=t._version, writes=writes,
             needed_for=needed_for, backward=call.call if call else None,
             backward_at=location(call.at) if call else None,
-            hidden=t._version == saved.version,
+            hidden=t._version == saved.version, by_value=by_value,
         )
 
     # backward calls (from the mode) --------------------------------------------------------
@@ -208,7 +246,9 @@ class SavedLog:
         mode.forget()
         prev, mode.op = mode.op, None
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            self.check_pending()  # the value checks of this backward, on a device: read now
+            return result
         finally:
             mode.op = prev
             mode.forget()

@@ -40,8 +40,9 @@ class Session:
     def __init__(self, names: Names, tasks: list[str],
                  on_stale: Callable[[], Literal["raise", "warn"]],
                  found: Callable[[StaleSavedTensor], None],
-                 tasks_from_outputs: Callable[[], bool]) -> None:
+                 tasks_from_outputs: Callable[[], bool], check_values: bool = False) -> None:
         self.names = names
+        self.check_values = check_values
         self.tasks_from_outputs = tasks_from_outputs
         self.failed: set[str] = set()
         self.undo: list[Callable[[], Any]] = []
@@ -76,7 +77,9 @@ class Session:
                     self.warn_once("zero_grad", e)
             for cls in dict.fromkeys(type(module) for _, module in self.names.modules):
                 undo.append(self.optimizers.lift_model_zero_grad(cls))
-            hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
+            saved = self.saved
+            pack, unpack = (saved.pack_values, saved.unpack_values) if self.check_values else (saved.pack, saved.unpack)
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
             hooks.__enter__()
             undo.append(functools.partial(hooks.__exit__, None, None, None))
             self.mode.__enter__()
@@ -86,6 +89,12 @@ class Session:
             raise
 
     def stop(self) -> None:
+        try:
+            self.saved.check_pending()  # a backward the mode did not see (run by compiled code)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
         self.steps.clear()
         self.mode.forget()
         self.mode.land()
