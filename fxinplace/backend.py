@@ -41,7 +41,7 @@ from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations
 from .report import GraphReport, HazardError, Report
 
-__all__ = ["InplaceAudit", "inplace_audit", "GraphRecord"]
+__all__ = ["InplaceAudit", "inplace_audit", "GraphRecord", "compiled_writes_to"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class GraphRecord:
     report: GraphReport
     outputs: tuple[int, ...] = ()  # id() of each tensor the latest call returned (`fxinplace.audit` names tasks)
     gm: weakref.ref | None = None  # the graph module, while Dynamo keeps it
+    # (the real parameter, buffer or input written, index in `report.mutations`): the training
+    # guard names a compiled write with its audit's facts (`compiled_writes_to`).
+    written: tuple[tuple[weakref.ref, int], ...] = ()
 
 
 @dataclass
@@ -92,6 +95,7 @@ class InplaceAudit:
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(options)
+        _LIVE.add(self)
         self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
         self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
@@ -205,7 +209,8 @@ class InplaceAudit:
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             failed = GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}")
             return _AuditedGraph(gm, identity, None, GraphRecord(failed, gm=weakref.ref(gm)))
-        return _AuditedGraph(gm, identity, trace, GraphRecord(report, gm=weakref.ref(gm)), saved_outputs=saved_outputs, saved_inputs=saved_inputs,
+        record = GraphRecord(report, gm=weakref.ref(gm), written=_written_state(gm, example_inputs, trace, report))
+        return _AuditedGraph(gm, identity, trace, record, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
@@ -293,6 +298,37 @@ class InplaceAudit:
                         log.debug("inplace_audit: no checkpoint note", exc_info=True)
                 raise HazardError(graph.report, errors, render.compiler_inplace_error(written, bool(errors))) from e
             raise
+
+
+_LIVE: weakref.WeakSet[InplaceAudit] = weakref.WeakSet()  # every backend object alive
+
+
+def compiled_writes_to(t: torch.Tensor) -> list[tuple[GraphReport, Any]]:
+    """(graph report, mutation) for each write an audited graph makes to `t`'s memory (a
+    parameter, buffer or input it was compiled with): who changed `t`, when compiled code did."""
+    storage = t.untyped_storage().data_ptr()
+    found = []
+    for audit in list(_LIVE):
+        for record in audit.graphs:
+            for ref, index in record.written:
+                written = ref()
+                if written is not None and written.untyped_storage().data_ptr() == storage:
+                    found.append((record.report, record.report.mutations[index]))
+    return found
+
+
+def _written_state(gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+                   report: GraphReport) -> tuple[tuple[weakref.ref, int], ...]:
+    try:
+        by_target = {}
+        for placeholder, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            if isinstance(value, torch.Tensor):
+                by_target.setdefault(target_of_root(placeholder, trace), value)
+        return tuple((weakref.ref(by_target[m.target]), i) for i, m in enumerate(report.mutations)
+                     if m.target.kind != "intermediate" and m.target in by_target)
+    except Exception:  # a nicety for the guard's messages: never the audit's failure
+        log.debug("inplace_audit: could not keep the tensors graph %s writes", report.compile_id, exc_info=True)
+        return ()
 
 
 def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:

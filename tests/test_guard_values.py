@@ -133,3 +133,32 @@ def test_the_version_check_still_comes_first():
 def test_check_values_must_be_a_bool(value):
     with pytest.raises(TypeError, match="`check_values` must be True or False"):
         fxinplace.guard(check_values=value)
+
+
+def test_batch_norms_own_update_of_its_running_statistics_is_no_finding():
+    # Saved before its kernel updates them, unread by a training backward: PyTorch trains right.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    reference = copy.deepcopy(model)
+    reference(x).sum().backward()
+    with fxinplace.guard(model, check_values=True) as g:
+        model(x).sum().backward()
+    assert g.hazards == []
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_data_write_to_running_statistics_an_eval_backward_reads_is_named():
+    # In eval mode batch norm's backward reads the running statistics: a `.data` write between
+    # the forward and the backward changes the gradient (PyTorch: silently), the check names it.
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3).eval()
+    bn.running_var.data.fill_(2.0)
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(fxinplace.StaleSavedTensorError) as raised:
+        with fxinplace.guard(check_values=True):
+            y = bn(x)
+            bn.running_var.data.mul_(4.0)  # a `.data` write the guard's mode sees: named as such
+            y.sum().backward()
+    assert raised.value.stale.hidden

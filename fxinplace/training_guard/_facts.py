@@ -14,6 +14,7 @@ class WriteKind(str, Enum):
     OPTIMIZER = "optimizer step"
     INPLACE = "in-place op"
     DATA = "write through .data"
+    COMPILED = "write in a compiled graph"  # not seen run: named by the graph's audit (`inplace_audit`)
 
 
 @dataclass(frozen=True)

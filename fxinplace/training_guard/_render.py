@@ -8,9 +8,23 @@ import torch
 from tabulate import tabulate
 
 from .._sources import SourceLocation
-from ._facts import StaleSavedTensor, WriteKind
+from ._facts import GuardWrite, StaleSavedTensor, WriteKind
 
-__all__ = ["explain", "render_table"]
+__all__ = ["explain", "render_table", "compiled_writes"]
+
+
+def compiled_writes(t: torch.Tensor) -> tuple[GuardWrite, ...]:
+    """The writes to `t` that graphs compiled with `inplace_audit` make, in the words of their
+    audit: a write the guard saw no op make (compiled kernels run unseen)."""
+    from ..backend import compiled_writes_to  # only on a finding: the guard runs without the backend
+
+    writes = []
+    for graph, m in compiled_writes_to(t):
+        tasks = graph.tasks_of(m)
+        task = f", task {', '.join(tasks)}" if tasks else ""
+        writes.append(GuardWrite(WriteKind.COMPILED, m.op, f"`{m.op}` in graph {graph.compile_id} `{graph.function}` "
+                                 f"(compiled, audited by inplace_audit{task})", m.source))
+    return tuple(dict.fromkeys(writes))
 
 
 def explain(stale: StaleSavedTensor) -> str:

@@ -22,7 +22,7 @@ from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
 from ._facts import GuardWrite, StaleSavedTensor
 from ._mode import Mode
 from ._names import Names, heads_reached
-from ._render import explain
+from ._render import compiled_writes, explain
 from ._runtime import (
     At,
     forward_op,
@@ -67,6 +67,15 @@ class _Backward:
         self.task = task  # the `guard.task` block's; the losses' names are read on a finding
         self.roots = roots
         self.heads: list[str] | None = None  # the model outputs it reaches, on a finding
+
+
+def _unread_running_stat(t: torch.Tensor) -> bool:
+    # Batch norm in training saves its running statistics before its kernel updates them (no
+    # version bump), and its backward never reads them (derivatives.yaml: they enter the
+    # formula only when not training): a value change there is the op's own, and harmless.
+    # The saved leaf that requires no grad of such a node is one of them.
+    node = current_autograd_node()
+    return node is not None and getattr(node, "_saved_training", None) is True and t.is_leaf and not t.requires_grad
 
 
 class SavedLog:
@@ -153,8 +162,9 @@ class SavedLog:
                 self.warn_once("value check", e)
                 return t
             if isinstance(differs, torch.Tensor):
-                self.pending.append((packed, differs))
-            elif differs:
+                if not _unread_running_stat(t):
+                    self.pending.append((packed, differs))
+            elif differs and not _unread_running_stat(t):
                 self.stale(_Saved(*packed[:6]), by_value=True)
         return t
 
@@ -205,7 +215,7 @@ class SavedLog:
         writes = tuple(
             GuardWrite(w.kind, w.op, w.by, location(w.at), w.optimizer)
             for w in sorted(self.writes.writes_to(t, saved.seq, key), key=lambda w: w.seq)
-        )
+        ) or compiled_writes(t)
         call = self.backwards[-1] if self.backwards else None
         needed_for = None
         if call is not None:
