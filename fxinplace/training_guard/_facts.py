@@ -50,6 +50,7 @@ class StaleSavedTensor:
     backward: str | None  # "backward" or "autograd.grad"
     backward_at: SourceLocation | None
     hidden: bool  # changed although its version counter did not move (`.data`)
+    called_at: SourceLocation | None = None  # the loop's line that called the model whose forward saved it
     by_value: bool = False  # found by the value check (`check_values=True`): its values changed, not its version
 
     @property

@@ -87,6 +87,7 @@ class Mode(TorchFunctionMode):
         # step that need no attention (the version counters say what a step moved; forward ops
         # need no names), and a Python call each.
         self.lift_depth = 0
+        self.calls: list = []  # the loop's lines calling the given models now (`At`), outermost first
         self.lifted = False
 
     def serve(self, *, inplace: Handler, backward: Handler, data_get: Handler,

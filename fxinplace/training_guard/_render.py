@@ -59,7 +59,10 @@ def explain(stale: StaleSavedTensor) -> str:
         )
     lines = [_rank_head() + head]
     saved = f"`{s.op}`" if s.op else _compiled_or_unknown(s.node)
-    lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{_task(s.saved_for)}")
+    called = (f", called from {_where(s.called_at)}"
+              if s.called_at is not None and (s.saved_at is None or (s.called_at.file, s.called_at.line)
+                                             != (s.saved_at.file, s.saved_at.line)) else "")
+    lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called}{_task(s.saved_for)}")
     if s.writes:
         for w in s.writes:
             lines.append(f"  changed by: {w.by} at {_where(w.source)}")

@@ -55,6 +55,7 @@ class _Saved(NamedTuple):
     op: Any
     at: At | None  # the user's frame: its code and instruction offset
     task: str | None
+    called_at: At | None = None  # the loop's line that called the given model saving it
 
 
 class _Backward:
@@ -132,8 +133,9 @@ class SavedLog:
         # A leaf is saved as is (autograd does the same); anything else detached, which keeps
         # storage and version counter but not the grad_fn, so an output saved by its own node
         # makes no reference cycle (see the saved_tensors_hooks docs).
+        calls = mode.calls
         return (t if t.is_leaf else t.detach(), t._version, next_seq(), mode.op, at,
-                tasks[-1] if tasks else None)  # a `_Saved`
+                tasks[-1] if tasks else None, calls[-1] if calls else None)  # a `_Saved`
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         t = packed[0]
@@ -154,10 +156,10 @@ class SavedLog:
     def unpack_values(self, packed: tuple) -> torch.Tensor:
         t = packed[0]
         if t._version != packed[1] or (self.hidden and self.writes.hidden_write_after(t, packed[2])):
-            self.stale(_Saved(*packed[:6]))
-        elif packed[6] is not None:
+            self.stale(_Saved(*packed[:7]))
+        elif packed[7] is not None:
             try:
-                differs = changed(packed[6], t)
+                differs = changed(packed[7], t)
             except Exception as e:
                 self.warn_once("value check", e)
                 return t
@@ -165,7 +167,7 @@ class SavedLog:
                 if not _unread_running_stat(t):
                     self.pending.append((packed, differs))
             elif differs and not _unread_running_stat(t):
-                self.stale(_Saved(*packed[:6]), by_value=True)
+                self.stale(_Saved(*packed[:7]), by_value=True)
         return t
 
     def check_pending(self) -> None:
@@ -176,7 +178,7 @@ class SavedLog:
         flags = torch.stack([flag.reshape(()) for _, flag in pending]).cpu().tolist()
         for (packed, _), differs in zip(pending, flags):
             if differs:
-                self.stale(_Saved(*packed[:6]), by_value=True)
+                self.stale(_Saved(*packed[:7]), by_value=True)
 
     def stale(self, saved: _Saved, by_value: bool = False) -> None:
         try:
@@ -226,7 +228,7 @@ class SavedLog:
                 needed_for = ", ".join(call.heads) or None
         return StaleSavedTensor(
             tensor=what, name=name, shape=shape, op=op, node=node_name,
-            saved_at=location(saved.at), saved_for=saved.task,
+            saved_at=location(saved.at), saved_for=saved.task, called_at=location(saved.called_at),
             version_saved=saved.version, version_now=t._version, writes=writes,
             needed_for=needed_for, backward=call.call if call else None,
             backward_at=location(call.at) if call else None,

@@ -15,7 +15,7 @@ from ._fsdp import ShardWatch
 from ._mode import Mode
 from ._names import Names, name_outputs
 from ._optimizer_watch import OptimizerWatch, Step
-from ._runtime import is_compiling
+from ._runtime import getframe, is_compiling, user_at
 from ._saved_log import SavedLog
 from ._write_log import WriteLog
 
@@ -120,11 +120,21 @@ class Session:
 
     def on_model_call(self, module: torch.nn.Module, args: Any) -> None:
         if not is_compiling():
+            # The loop's line that called the model (`netD(fake)`): a model run several times a
+            # step saves from the same forward line each time.
+            calls = self.mode.calls
+            try:
+                calls.append(user_at(getframe(1)) if not calls else calls[-1])
+            except Exception as e:
+                calls.append(None)
+                self.warn_once("model call", e)
             self.mode.lift()
 
     def on_model_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if is_compiling():
             return
+        if self.mode.calls:
+            self.mode.calls.pop()
         try:
             if self.tasks_from_outputs() and isinstance(output, Mapping):
                 name_outputs(output)
