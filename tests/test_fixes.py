@@ -81,6 +81,21 @@ MODELS = textwrap.dedent('''
             h = torch.sigmoid(self.fc(x))
             h[:, 0].mul_(2)  # no name to bind a new tensor to
             return h.sum(1)
+
+
+    class SavedAcrossBreak(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            torch._dynamo.graph_break()
+            h.mul_(2)  # saved in the first graph, written in the second
+            return h.sum(1)
+
+
+    class SavedAcrossBreakTwin(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h = h * 2
+            return h.sum(1)
 ''')
 
 
@@ -177,6 +192,40 @@ def test_a_statement_without_a_safe_edit_says_so(models):
     (fix,) = propose_fixes(module.WritesAnUnnamedView(), torch.randn(3, 4)).fixes
     assert fix.status is FixStatus.NO_SAFE_EDIT and fix.reason is NoFixReason.UNKNOWN_STATEMENT
     assert fix.diff == "" and "advice: write the op out of place" in fxinplace.fixes.FixReport((fix,)).render()
+
+
+def test_a_write_in_the_graph_after_the_save_gets_a_fix_checked_against_the_out_of_place_twin(models):
+    # Functionalizing rewrites one graph at a time: across the break the functionalized original
+    # still fails, so the check's reference is the step of a program that keeps what it saves.
+    path, module = models
+    torch.manual_seed(0)
+    model, x = module.SavedAcrossBreak(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _step(model, x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _functionalized_step(model, x)
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECKED and fix.kind is FixKind.OUT_OF_PLACE, fix
+    fxinplace.fixes.FixReport((fix,)).apply()
+    patched, twin = _load(path).SavedAcrossBreak(), module.SavedAcrossBreakTwin()
+    patched.load_state_dict(model.state_dict())
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(patched, x), _step(twin, x))
+
+
+def test_an_input_the_caller_computed_is_copied_for_the_check(models):
+    # A non-leaf input cannot be deep-copied; it is copied as a tensor that again has a grad_fn.
+    path, module = models
+    torch.manual_seed(0)
+    model, leaf = module.ScaleAfterSigmoid(), torch.randn(3, 4, requires_grad=True)
+    x = leaf * 1.5
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECKED and fix.kind is FixKind.OUT_OF_PLACE, fix
+    assert x.grad_fn is not None and leaf.grad is None  # the caller's tensors are left as they were
+    fxinplace.fixes.FixReport((fix,)).apply()
+    patched = _load(path).ScaleAfterSigmoid()
+    patched.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(patched, x.detach()), _functionalized_step(model, x.detach()))
 
 
 def test_a_model_without_errors_needs_no_fix(models):

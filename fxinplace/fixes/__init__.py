@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._compat import dynamo_reset
+from .._compat import dynamo_reset, pytree
 from .._sources import is_internal_file
 from ..facts import Hazard, Severity
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
@@ -102,11 +102,26 @@ def _errors(model, args, kwargs) -> list[tuple[Hazard, tuple]]:
     copied = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = audit(copied, *copy.deepcopy(args), options={"print": False}, **copy.deepcopy(kwargs))
+        report = audit(copied, *_copied(args), options={"print": False}, **_copied(kwargs))
     return [(h, report.graph_of(h).task_names) for h in report.hazards("error") if h.severity is Severity.ERROR]
 
 
+def _copied(inputs):
+    # A deep copy, but a tensor the caller computed (`D(G(z))`, `l * 1.5`) cannot be deep-copied
+    # with its graph: it becomes a detached copy that again has a grad_fn, so that an in-place
+    # write to it is still one to a non-leaf.
+    memo: dict[int, Any] = {}
+    for t in pytree.tree_leaves(inputs):
+        if isinstance(t, torch.Tensor) and not t.is_leaf:
+            memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad).clone()
+    return copy.deepcopy(inputs, memo)
+
+
 def _functionalized_outcome(model, args, kwargs):
+    """One step of the functionalized original: the same program written out of place. Where
+    it still fails with the in-place error (a save and its write in two graphs, across a break,
+    are left as they are), one eager step that saves a copy of each tensor autograd saves: the
+    gradients an out-of-place program gets."""
     from ..backend import InplaceAudit
 
     copied = copy.deepcopy(model)
@@ -114,9 +129,14 @@ def _functionalized_outcome(model, args, kwargs):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return outcome_of(lambda: compiled(*copy.deepcopy(args), **copy.deepcopy(kwargs)), copied)
+            outcome = outcome_of(lambda: compiled(*_copied(args), **_copied(kwargs)), copied)
     finally:
         dynamo_reset()
+    if outcome.error is None or "modified by an inplace operation" not in outcome.error:
+        return outcome
+    copied = copy.deepcopy(model)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        return outcome_of(lambda: copied(*_copied(args), **_copied(kwargs)), copied)
 
 
 def _fix(model, args, kwargs, hazard: Hazard, before: list[Hazard], reference) -> ProposedFix:
@@ -238,7 +258,7 @@ def _checked(proposed: ProposedFix, patched, args, kwargs, keys, before, referen
         ours = _functionalized_outcome(patched, args, kwargs)
     else:
         patched = copy.deepcopy(patched)
-        ours = outcome_of(lambda: patched(*copy.deepcopy(args), **copy.deepcopy(kwargs)), patched)
+        ours = outcome_of(lambda: patched(*_copied(args), **_copied(kwargs)), patched)
     differs = difference(ours, reference)
     if differs is not None:
         return failed(NoFixReason.DIFFERENT_GRADIENTS, differs)
