@@ -68,6 +68,13 @@ MODELS = textwrap.dedent('''
             return h.sum(1)
 
 
+    class TorchFunctionInplace(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            torch.relu_(h)  # a function of the module `torch`, which must not be rebound
+            return h.sum(1)
+
+
     class WritesAView(ScaleAfterSigmoid):
         def forward(self, x):
             h = torch.sigmoid(self.fc(x))
@@ -137,6 +144,9 @@ def _functionalized_step(model, x):
     ("SliceAfterSigmoid", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
     ("FunctionalInplace", FixKind.INPLACE_FALSE, ["-        F.relu(h, inplace=True)",
                                                   "+        h = F.relu(h, inplace=False)"]),
+    ("TorchFunctionInplace", FixKind.OUT_OF_PLACE, [
+        "-        torch.relu_(h)  # a function of the module `torch`, which must not be rebound",
+        "+        h = torch.relu(h)  # a function of the module `torch`, which must not be rebound"]),
     ("ReluModuleAfterSigmoid", FixKind.INPLACE_FALSE, [
         "-        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=True))",
         "+        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=False))"]),
