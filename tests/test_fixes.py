@@ -90,6 +90,14 @@ MODELS = textwrap.dedent('''
             return h.sum(1)
 
 
+    class NoGradWriteOfInputs(nn.Module):
+        def forward(self, x):
+            h = torch.tanh(x)
+            with torch.no_grad():
+                h[h > 0] = 1.0  # tanh saved h; a copy made here would have no history
+            return h * 2
+
+
     class SavedAcrossBreak(ScaleAfterSigmoid):
         def forward(self, x):
             h = torch.sigmoid(self.fc(x))
@@ -195,6 +203,20 @@ def test_an_edit_that_changes_what_the_model_computes_is_not_proposed(models):
     (fix,) = propose_fixes(module.WritesAView(), torch.randn(3, 4)).fixes
     assert fix.status is FixStatus.CHECK_FAILED and fix.reason is NoFixReason.DIFFERENT_GRADIENTS
     assert "no checked fix" in fxinplace.fixes.FixReport((fix,)).render()
+
+
+def test_an_edit_that_cuts_the_gradient_of_an_input_is_not_proposed(models):
+    # Under no_grad, `h = h.clone()` has no history: the caller's `x` would get no gradient.
+    path, module = models
+    model, x = module.NoGradWriteOfInputs(), torch.randn(3, 4, requires_grad=True)
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECK_FAILED and fix.reason is NoFixReason.DIFFERENT_GRADIENTS, fix
+    assert "input 0" in fix.detail and x.grad is None
+    path.write_text(fix.patched_source)  # PyTorch's verdict on the edit, and on the program kept out of place
+    assert not _load(path).NoGradWriteOfInputs()(x).requires_grad
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_a_statement_without_a_safe_edit_says_so(models):

@@ -106,15 +106,30 @@ def _errors(model, args, kwargs) -> list[tuple[Hazard, tuple]]:
     return [(h, report.graph_of(h).task_names) for h in report.hazards("error") if h.severity is Severity.ERROR]
 
 
-def _copied(inputs):
-    # A deep copy, but a tensor the caller computed (`D(G(z))`, `l * 1.5`) cannot be deep-copied
-    # with its graph: it becomes a detached copy that again has a grad_fn, so that an in-place
-    # write to it is still one to a non-leaf.
+def _copied(inputs, leaves: list[torch.Tensor] | None = None):
+    """A deep copy; `leaves` gets, for each input that requires grad, the leaf its gradient reaches.
+
+    A tensor the caller computed (`D(G(z))`, `l * 1.5`) cannot be deep-copied with its graph: it
+    becomes a clone of a fresh leaf, so that an in-place write to it is still one to a non-leaf."""
     memo: dict[int, Any] = {}
+    stand_ins = {}
     for t in pytree.tree_leaves(inputs):
         if isinstance(t, torch.Tensor) and not t.is_leaf:
-            memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad).clone()
-    return copy.deepcopy(inputs, memo)
+            stand_ins[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+            memo[id(t)] = stand_ins[id(t)].clone()
+    copied = copy.deepcopy(inputs, memo)
+    if leaves is not None:
+        for original, new in zip(pytree.tree_leaves(inputs), pytree.tree_leaves(copied)):
+            if isinstance(original, torch.Tensor) and original.requires_grad:
+                leaves.append(stand_ins.get(id(original), new))
+    return copied
+
+
+def _step(model, args, kwargs, call=None):
+    """One training step of `call` (the model) on copies of the inputs, with their gradients."""
+    leaves: list[torch.Tensor] = []
+    a, k = _copied(args, leaves), _copied(kwargs, leaves)
+    return outcome_of(lambda: (call if call is not None else model)(*a, **k), model, inputs=leaves)
 
 
 def _functionalized_outcome(model, args, kwargs):
@@ -129,14 +144,14 @@ def _functionalized_outcome(model, args, kwargs):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outcome = outcome_of(lambda: compiled(*_copied(args), **_copied(kwargs)), copied)
+            outcome = _step(copied, args, kwargs, compiled)
     finally:
         dynamo_reset()
     if outcome.error is None or "modified by an inplace operation" not in outcome.error:
         return outcome
     copied = copy.deepcopy(model)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        return outcome_of(lambda: copied(*_copied(args), **_copied(kwargs)), copied)
+        return _step(copied, args, kwargs)
 
 
 def _fix(model, args, kwargs, hazard: Hazard, before: list[Hazard], reference) -> ProposedFix:
@@ -258,7 +273,7 @@ def _checked(proposed: ProposedFix, patched, args, kwargs, keys, before, referen
         ours = _functionalized_outcome(patched, args, kwargs)
     else:
         patched = copy.deepcopy(patched)
-        ours = outcome_of(lambda: patched(*_copied(args), **_copied(kwargs)), patched)
+        ours = _step(patched, args, kwargs)
     differs = difference(ours, reference)
     if differs is not None:
         return failed(NoFixReason.DIFFERENT_GRADIENTS, differs)

@@ -100,8 +100,8 @@ def _out_of_place(line: cst.SimpleStatementLine,
                     and isinstance(call.args[0].value, cst.Name) and _has_free_twin(module, func.attr.value)):
                 new = call.with_changes(func=func.with_changes(attr=cst.Name(func.attr.value[:-1])))
                 return replaced(cst.Assign([cst.AssignTarget(call.args[0].value)], new)), FixKind.OUT_OF_PLACE
-            return None
-        if (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name) and _has_out_of_place(func.attr.value)):
+        elif (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name)
+              and _has_out_of_place(func.attr.value)):
             name = func.value
             new = call.with_changes(func=func.with_changes(attr=cst.Name(func.attr.value[:-1])))
             return replaced(cst.Assign([cst.AssignTarget(name)], new)), FixKind.OUT_OF_PLACE
