@@ -285,9 +285,13 @@ def verify(case: Case, report: FixReport, directory: pathlib.Path) -> tuple[str 
     if len(checked) == len(report.fixes):
         got = _step(patched, patched, _copy_args(args))  # eager PyTorch, nothing in between
         how = "eager"
-    else:
+    elif functionalized is not None:
         got = _functionalized(patched, _copy_args(args))
         how = "functionalized, other errors remain"
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            got = _step(patched, patched, _copy_args(args))
+        how = "eager saving copies, other errors remain"
     if functionalized is None:
         return _compare(got, saved), f"{how}, vs eager saving copies: the functionalized original fails"
     differs = _compare(got, functionalized)
