@@ -304,15 +304,19 @@ def _statement_kind(fix) -> str:
     """What the statement fxinplace does not rewrite is, from its text: the figures' breakdown."""
     text = linecache.getline(fix.file, fix.line).split("#")[0].strip() if fix.file else ""
     if ".data" in text:
-        return "a `.data` write"
+        return "`.data` write"
     if "out=" in text:
-        return "an `out=` write"
+        return "`out=` write"
     if re.match(r"(self|[\w.]*\.(weight|bias|running_\w+))\.", text) or re.match(r"[\w.]+\.\w+\[.*\]\s*=", text):
-        return "a write to module state (`self.x`)"
-    if re.match(r"[\w.]+\[[^]]*\]\.\w+_\(", text):
-        return "a write to an unnamed view (`h[i].add_()`)"
-    if re.search(r"= self\.\w+\(", text) or re.match(r"self\.\w+\(", text):
-        return "a write inside a module's call"
+        return "write to module state"
+    if re.match(r"\w+(\[[^]]*\]|\.view\([^)]*\))+(\.\w+_\(|\[.*\]\s*=)", text):
+        return "write to an unnamed view"
+    if re.match(r"\w+\.(copy|zero|fill)_\(", text):
+        return "copy_/zero_/fill_ (no twin)"
+    if re.search(r"\bif\b.*\belse\b", text):
+        return "conditional expression"
+    if re.search(r"(= |^)(self\.\w+|[\w.]*batch_norm)\(", text):
+        return "write inside a call"
     return f"other: `{text}`"
 
 
@@ -356,7 +360,7 @@ def main() -> int:
                     if fix.status is FixStatus.CHECKED:
                         figures["checked"] += 1
                     elif fix.reason is NoFixReason.UNKNOWN_STATEMENT:
-                        figures[f"{fix.status.value}: {fix.reason.value}: {_statement_kind(fix)}"] += 1
+                        figures[f"{fix.status.value}: {_statement_kind(fix)}"] += 1
                     else:
                         figures[f"{fix.status.value}: {fix.reason.value}"] += 1
                     if args.verbose:
