@@ -90,6 +90,27 @@ MODELS = textwrap.dedent('''
             return h.sum(1)
 
 
+    class FlagNamedInplace(ScaleAfterSigmoid):
+        def __init__(self, inplace=True):
+            super().__init__()
+            self.inplace = inplace  # the user's own flag: not an `nn.ReLU(inplace=True)`
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            if self.inplace:
+                h.mul_(2)
+            return h.sum(1)
+
+
+    class HoldsFlagNamedInplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = FlagNamedInplace()
+
+        def forward(self, x):
+            return self.inner(x)
+
+
     class NoGradWriteOfInputs(nn.Module):
         def forward(self, x):
             h = torch.tanh(x)
@@ -150,6 +171,7 @@ def _functionalized_step(model, x):
     ("ScaleAfterSigmoid", FixKind.OUT_OF_PLACE, ["-        h.mul_(2)  # sigmoid saved h",
                                                  "+        h = h.mul(2)  # sigmoid saved h"]),
     ("SliceAfterSigmoid", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
+    ("HoldsFlagNamedInplace", FixKind.OUT_OF_PLACE, ["-            h.mul_(2)", "+            h = h.mul(2)"]),
     ("FunctionalInplace", FixKind.INPLACE_FALSE, ["-        F.relu(h, inplace=True)",
                                                   "+        h = F.relu(h, inplace=False)"]),
     ("TorchFunctionInplace", FixKind.OUT_OF_PLACE, [

@@ -222,6 +222,11 @@ def _inplace_module(model, site):
         return None
     if getattr(module, "inplace", None) is not True or type(module).__name__ != site.module_type:
         return None
+    # torch's own module (`nn.ReLU`) writes in its code; a class of the user's with an `inplace`
+    # flag of its own wrote at a line of the user's, which the statement edit rewrites.
+    forward = getattr(type(module).forward, "__code__", None)
+    if forward is None or not is_internal_file(forward.co_filename):
+        return None
     parts = site.module.split(".")
     for n in range(len(parts) - 1, -1, -1):
         owner_path = ".".join(parts[:n])
