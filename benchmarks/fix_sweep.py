@@ -18,9 +18,12 @@ imported, the patched model is loaded with the original's weights and trained on
 PyTorch, which must not raise, and its outputs and gradients (of the parameters and of the
 inputs that require grad) must equal those of the functionalized original
 (`torch.compile(model, backend=InplaceAudit(compiler="eager", functionalize=True))`) at
-`torch.testing.assert_close`'s default tolerances. Where some error of the model has no checked
-fix, eager PyTorch may still refuse it: the patched copy is then compared functionalized too.
-The files under tests/ are only read.
+`torch.testing.assert_close`'s default tolerances, or, where the functionalized original still
+fails (a tensor saved before a graph break and written after it) or differs, those of an
+eager step that saves a copy of every tensor autograd saves (the out-of-place program's
+gradients; the entry says which). Where some error of the model has no checked fix, eager
+PyTorch may still refuse it: the patched copy is then compared functionalized (or saving
+copies) too. The files under tests/ are only read.
 """
 
 from __future__ import annotations
