@@ -68,6 +68,13 @@ MODELS = textwrap.dedent('''
             return h.sum(1)
 
 
+    class TorchFunctionInplace(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            torch.relu_(h)  # a function of the module `torch`, which must not be rebound
+            return h.sum(1)
+
+
     class WritesAView(ScaleAfterSigmoid):
         def forward(self, x):
             h = torch.sigmoid(self.fc(x))
@@ -80,6 +87,50 @@ MODELS = textwrap.dedent('''
         def forward(self, x):
             h = torch.sigmoid(self.fc(x))
             h[:, 0].mul_(2)  # no name to bind a new tensor to
+            return h.sum(1)
+
+
+    class FlagNamedInplace(ScaleAfterSigmoid):
+        def __init__(self, inplace=True):
+            super().__init__()
+            self.inplace = inplace  # the user's own flag: not an `nn.ReLU(inplace=True)`
+
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            if self.inplace:
+                h.mul_(2)
+            return h.sum(1)
+
+
+    class HoldsFlagNamedInplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = FlagNamedInplace()
+
+        def forward(self, x):
+            return self.inner(x)
+
+
+    class NoGradWriteOfInputs(nn.Module):
+        def forward(self, x):
+            h = torch.tanh(x)
+            with torch.no_grad():
+                h[h > 0] = 1.0  # tanh saved h; a copy made here would have no history
+            return h * 2
+
+
+    class SavedAcrossBreak(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            torch._dynamo.graph_break()
+            h.mul_(2)  # saved in the first graph, written in the second
+            return h.sum(1)
+
+
+    class SavedAcrossBreakTwin(ScaleAfterSigmoid):
+        def forward(self, x):
+            h = torch.sigmoid(self.fc(x))
+            h = h * 2
             return h.sum(1)
 ''')
 
@@ -120,8 +171,12 @@ def _functionalized_step(model, x):
     ("ScaleAfterSigmoid", FixKind.OUT_OF_PLACE, ["-        h.mul_(2)  # sigmoid saved h",
                                                  "+        h = h.mul(2)  # sigmoid saved h"]),
     ("SliceAfterSigmoid", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
+    ("HoldsFlagNamedInplace", FixKind.OUT_OF_PLACE, ["-            h.mul_(2)", "+            h = h.mul(2)"]),
     ("FunctionalInplace", FixKind.INPLACE_FALSE, ["-        F.relu(h, inplace=True)",
                                                   "+        h = F.relu(h, inplace=False)"]),
+    ("TorchFunctionInplace", FixKind.OUT_OF_PLACE, [
+        "-        torch.relu_(h)  # a function of the module `torch`, which must not be rebound",
+        "+        h = torch.relu(h)  # a function of the module `torch`, which must not be rebound"]),
     ("ReluModuleAfterSigmoid", FixKind.INPLACE_FALSE, [
         "-        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=True))",
         "+        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.ReLU(inplace=False))"]),
@@ -172,11 +227,59 @@ def test_an_edit_that_changes_what_the_model_computes_is_not_proposed(models):
     assert "no checked fix" in fxinplace.fixes.FixReport((fix,)).render()
 
 
+def test_an_edit_that_cuts_the_gradient_of_an_input_is_not_proposed(models):
+    # Under no_grad, `h = h.clone()` has no history: the caller's `x` would get no gradient.
+    path, module = models
+    model, x = module.NoGradWriteOfInputs(), torch.randn(3, 4, requires_grad=True)
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECK_FAILED and fix.reason is NoFixReason.DIFFERENT_GRADIENTS, fix
+    assert "input 0" in fix.detail and x.grad is None
+    path.write_text(fix.patched_source)  # PyTorch's verdict on the edit, and on the program kept out of place
+    assert not _load(path).NoGradWriteOfInputs()(x).requires_grad
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_a_statement_without_a_safe_edit_says_so(models):
     _, module = models
     (fix,) = propose_fixes(module.WritesAnUnnamedView(), torch.randn(3, 4)).fixes
     assert fix.status is FixStatus.NO_SAFE_EDIT and fix.reason is NoFixReason.UNKNOWN_STATEMENT
     assert fix.diff == "" and "advice: write the op out of place" in fxinplace.fixes.FixReport((fix,)).render()
+
+
+def test_a_write_in_the_graph_after_the_save_gets_a_fix_checked_against_the_out_of_place_twin(models):
+    # Functionalizing rewrites one graph at a time: across the break the functionalized original
+    # still fails, so the check's reference is the step of a program that keeps what it saves.
+    path, module = models
+    torch.manual_seed(0)
+    model, x = module.SavedAcrossBreak(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _step(model, x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _functionalized_step(model, x)
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECKED and fix.kind is FixKind.OUT_OF_PLACE, fix
+    fxinplace.fixes.FixReport((fix,)).apply()
+    patched, twin = _load(path).SavedAcrossBreak(), module.SavedAcrossBreakTwin()
+    patched.load_state_dict(model.state_dict())
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(patched, x), _step(twin, x))
+
+
+def test_an_input_the_caller_computed_is_copied_for_the_check(models):
+    # A non-leaf input cannot be deep-copied; it is copied as a tensor that again has a grad_fn.
+    path, module = models
+    torch.manual_seed(0)
+    model, leaf = module.ScaleAfterSigmoid(), torch.randn(3, 4, requires_grad=True)
+    x = leaf * 1.5
+    (fix,) = propose_fixes(model, x).fixes
+    assert fix.status is FixStatus.CHECKED and fix.kind is FixKind.OUT_OF_PLACE, fix
+    assert x.grad_fn is not None and leaf.grad is None  # the caller's tensors are left as they were
+    fxinplace.fixes.FixReport((fix,)).apply()
+    patched = _load(path).ScaleAfterSigmoid()
+    patched.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(patched, x.detach()), _functionalized_step(model, x.detach()))
 
 
 def test_a_model_without_errors_needs_no_fix(models):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._compat import dynamo_reset
+from .._compat import dynamo_reset, pytree
 from .._sources import is_internal_file
 from ..facts import Hazard, Severity
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
@@ -102,11 +102,41 @@ def _errors(model, args, kwargs) -> list[tuple[Hazard, tuple]]:
     copied = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = audit(copied, *copy.deepcopy(args), options={"print": False}, **copy.deepcopy(kwargs))
+        report = audit(copied, *_copied(args), options={"print": False}, **_copied(kwargs))
     return [(h, report.graph_of(h).task_names) for h in report.hazards("error") if h.severity is Severity.ERROR]
 
 
+def _copied(inputs, leaves: list[torch.Tensor] | None = None):
+    """A deep copy; `leaves` gets, for each input that requires grad, the leaf its gradient reaches.
+
+    A tensor the caller computed (`D(G(z))`, `l * 1.5`) cannot be deep-copied with its graph: it
+    becomes a clone of a fresh leaf, so that an in-place write to it is still one to a non-leaf."""
+    memo: dict[int, Any] = {}
+    stand_ins = {}
+    for t in pytree.tree_leaves(inputs):
+        if isinstance(t, torch.Tensor) and not t.is_leaf:
+            stand_ins[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+            memo[id(t)] = stand_ins[id(t)].clone()
+    copied = copy.deepcopy(inputs, memo)
+    if leaves is not None:
+        for original, new in zip(pytree.tree_leaves(inputs), pytree.tree_leaves(copied)):
+            if isinstance(original, torch.Tensor) and original.requires_grad:
+                leaves.append(stand_ins.get(id(original), new))
+    return copied
+
+
+def _step(model, args, kwargs, call=None):
+    """One training step of `call` (the model) on copies of the inputs, with their gradients."""
+    leaves: list[torch.Tensor] = []
+    a, k = _copied(args, leaves), _copied(kwargs, leaves)
+    return outcome_of(lambda: (call if call is not None else model)(*a, **k), model, inputs=leaves)
+
+
 def _functionalized_outcome(model, args, kwargs):
+    """One step of the functionalized original: the same program written out of place. Where
+    it still fails with the in-place error (a save and its write in two graphs, across a break,
+    are left as they are), one eager step that saves a copy of each tensor autograd saves: the
+    gradients an out-of-place program gets."""
     from ..backend import InplaceAudit
 
     copied = copy.deepcopy(model)
@@ -114,9 +144,14 @@ def _functionalized_outcome(model, args, kwargs):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return outcome_of(lambda: compiled(*copy.deepcopy(args), **copy.deepcopy(kwargs)), copied)
+            outcome = _step(copied, args, kwargs, compiled)
     finally:
         dynamo_reset()
+    if outcome.error is None or "modified by an inplace operation" not in outcome.error:
+        return outcome
+    copied = copy.deepcopy(model)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        return _step(copied, args, kwargs)
 
 
 def _fix(model, args, kwargs, hazard: Hazard, before: list[Hazard], reference) -> ProposedFix:
@@ -187,6 +222,11 @@ def _inplace_module(model, site):
         return None
     if getattr(module, "inplace", None) is not True or type(module).__name__ != site.module_type:
         return None
+    # torch's own module (`nn.ReLU`) writes in its code; a class of the user's with an `inplace`
+    # flag of its own wrote at a line of the user's, which the statement edit rewrites.
+    forward = getattr(type(module).forward, "__code__", None)
+    if forward is None or not is_internal_file(forward.co_filename):
+        return None
     parts = site.module.split(".")
     for n in range(len(parts) - 1, -1, -1):
         owner_path = ".".join(parts[:n])
@@ -238,7 +278,7 @@ def _checked(proposed: ProposedFix, patched, args, kwargs, keys, before, referen
         ours = _functionalized_outcome(patched, args, kwargs)
     else:
         patched = copy.deepcopy(patched)
-        ours = outcome_of(lambda: patched(*copy.deepcopy(args), **copy.deepcopy(kwargs)), patched)
+        ours = _step(patched, args, kwargs)
     differs = difference(ours, reference)
     if differs is not None:
         return failed(NoFixReason.DIFFERENT_GRADIENTS, differs)

@@ -15,7 +15,7 @@ import inspect
 import textwrap
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import libcst as cst
 from libcst.metadata import MetadataWrapper, PositionProvider
@@ -98,20 +98,26 @@ class Outcome:
     buffers: dict[str, torch.Tensor]
 
 
-def outcome_of(run: Callable[[], Any], model: torch.nn.Module, seed: int = 0) -> Outcome:
-    """One training step: the outputs, the gradients of the sum of every float output, and the buffers."""
+def outcome_of(run: Callable[[], Any], model: torch.nn.Module, seed: int = 0,
+               inputs: Sequence[torch.Tensor] = ()) -> Outcome:
+    """One training step: the outputs, the gradients of the parameters and of `inputs`, and the
+    buffers. The loss weighs each output element by a fixed random number: under a plain sum,
+    the gradient through a softmax is zero, and any edit upstream of it would look right."""
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     try:
         result = run()
         outputs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
-        loss = sum(t.float().sum() for t in outputs if t.requires_grad)
+        weights = torch.Generator().manual_seed(seed + 1)
+        loss = sum((t.float() * torch.randn(t.shape, generator=weights).to(t.device)).sum()
+                   for t in outputs if t.requires_grad)
         if isinstance(loss, torch.Tensor):
             loss.backward()
     except Exception as e:
         return Outcome(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", [], {}, {})
-    return Outcome(None, [t.detach().clone() for t in outputs],
-                   {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()},
+    grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    grads.update({f"input {i}": (t.grad.clone() if t.grad is not None else None) for i, t in enumerate(inputs)})
+    return Outcome(None, [t.detach().clone() for t in outputs], grads,
                    {n: b.detach().clone() for n, b in model.named_buffers()})
 
 

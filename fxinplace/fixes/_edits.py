@@ -2,7 +2,7 @@
 
 Each edit takes the file's text and the line of the write, and returns the new text, or None
 when the statement there is not one it knows how to rewrite safely. Only plain local names
-are rewritten (`h.relu_()`, `h += b`, `h[:, 0] = 0`, `h = F.relu(h, inplace=True)`): an
+are rewritten (`h.relu_()`, `torch.relu_(h)`, `h += b`, `h[:, 0] = 0`, `h = F.relu(h, inplace=True)`): an
 attribute (`self.buf.add_(1)`) would rebind the module's state, and an expression nobody
 names (`f(x).add_(1)`) has no name to bind the new value to.
 """
@@ -39,7 +39,7 @@ def edit_statement(source: str, line: int) -> tuple[str, FixKind] | None:
     if finder.found is None:
         return None
     parent, index, statement = finder.found
-    edited = _out_of_place(statement)
+    edited = _out_of_place(statement, _imported_modules(wrapper.module))
     if edited is None:
         return None
     new_statements, kind = edited
@@ -78,7 +78,8 @@ class _StatementAt(cst.CSTVisitor):
         self._look(node)
 
 
-def _out_of_place(line: cst.SimpleStatementLine) -> tuple[Sequence[cst.SimpleStatementLine], FixKind] | None:
+def _out_of_place(line: cst.SimpleStatementLine,
+                  imports: dict[str, str]) -> tuple[Sequence[cst.SimpleStatementLine], FixKind] | None:
     if len(line.body) != 1:
         return None  # `a.add_(1); b.mul_(2)`: leave a line with several statements alone
     (small,) = line.body
@@ -92,7 +93,15 @@ def _out_of_place(line: cst.SimpleStatementLine) -> tuple[Sequence[cst.SimpleSta
     if isinstance(small, cst.Expr) and isinstance(small.value, cst.Call):
         call = small.value
         func = call.func
-        if (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name) and _has_out_of_place(func.attr.value)):
+        # `torch.relu_(h)` -> `h = torch.relu(h)`: `torch` is a module, not a tensor to rebind
+        module = _module_of(func.value, imports) if isinstance(func, cst.Attribute) else None
+        if module is not None:
+            if (call.args and call.args[0].keyword is None and not call.args[0].star
+                    and isinstance(call.args[0].value, cst.Name) and _has_free_twin(module, func.attr.value)):
+                new = call.with_changes(func=func.with_changes(attr=cst.Name(func.attr.value[:-1])))
+                return replaced(cst.Assign([cst.AssignTarget(call.args[0].value)], new)), FixKind.OUT_OF_PLACE
+        elif (isinstance(func, cst.Attribute) and isinstance(func.value, cst.Name)
+              and _has_out_of_place(func.attr.value)):
             name = func.value
             new = call.with_changes(func=func.with_changes(attr=cst.Name(func.attr.value[:-1])))
             return replaced(cst.Assign([cst.AssignTarget(name)], new)), FixKind.OUT_OF_PLACE
@@ -122,6 +131,61 @@ def _out_of_place(line: cst.SimpleStatementLine) -> tuple[Sequence[cst.SimpleSta
                            cst.Call(cst.Attribute(name, cst.Name("clone"))))
         return [line.with_changes(body=[clone]), cst.SimpleStatementLine(body=[small])], FixKind.CLONE_FIRST
     return None
+
+
+# The modules whose `op_(t, ...)` functions have an out-of-place twin `op(t, ...)` of the same
+# arguments. Not `torch.nn.init`: its `kaiming_uniform_` and the like fill the tensor with
+# new values, and its twins without `_` are deprecated aliases that write in place too.
+_FREE_FUNCTION_MODULES = ("torch", "torch.nn.functional")
+
+
+def _imported_modules(module: cst.Module) -> dict[str, str]:
+    """The names the file's top-level imports bind to a module: `import torch.nn.functional as F`
+    -> {"F": "torch.nn.functional"}, `from torch import nn` -> {"nn": "torch.nn"}."""
+    names: dict[str, str] = {}
+    for statement in module.body:
+        if not isinstance(statement, cst.SimpleStatementLine):
+            continue
+        for small in statement.body:
+            if isinstance(small, cst.Import):
+                for alias in small.names:
+                    dotted = _dotted(alias.name)
+                    if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
+                        names[alias.asname.name.value] = dotted
+                    else:
+                        names[dotted.split(".")[0]] = dotted.split(".")[0]
+            elif (isinstance(small, cst.ImportFrom) and small.module is not None and not small.relative
+                  and not isinstance(small.names, cst.ImportStar)):
+                for alias in small.names:
+                    bound = alias.asname.name.value if alias.asname is not None else _dotted(alias.name)
+                    names[bound] = f"{_dotted(small.module)}.{_dotted(alias.name)}"
+    return names
+
+
+def _dotted(node: cst.BaseExpression) -> str:
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        return f"{_dotted(node.value)}.{node.attr.value}"
+    return ""
+
+
+def _module_of(node: cst.BaseExpression, imports: dict[str, str]) -> str | None:
+    # `torch`, `F`, `torch.nn.functional`: the dotted module an expression names, if an import bound it.
+    dotted = _dotted(node)
+    head, _, rest = dotted.partition(".")
+    if head not in imports:
+        return None
+    return imports[head] + (f".{rest}" if rest else "")
+
+
+def _has_free_twin(module: str, function: str) -> bool:
+    if module not in _FREE_FUNCTION_MODULES or not function.endswith("_") or function.startswith("_"):
+        return False
+    twin = function[:-1]
+    namespace = torch if module == "torch" else torch.nn.functional
+    return twin not in ("copy", "zero", "fill") and callable(getattr(namespace, twin, None)) \
+        and callable(getattr(namespace, function, None))
 
 
 def _has_out_of_place(method: str) -> bool:

@@ -11,7 +11,7 @@ __all__ = ["FixKind", "FixStatus", "NoFixReason", "ProposedFix"]
 
 
 class FixKind(str, Enum):
-    OUT_OF_PLACE = "out-of-place"  # `h += b` -> `h = h + b`, `x.relu_()` -> `x = x.relu()`
+    OUT_OF_PLACE = "out-of-place"  # `h += b` -> `h = h + b`, `x.relu_()` -> `x = x.relu()`, `torch.relu_(x)` -> `x = torch.relu(x)`
     INPLACE_FALSE = "inplace-false"  # `inplace=True` -> `inplace=False` (a functional call or a module's constructor)
     CLONE_FIRST = "clone-first"  # `h = h.clone()` before a slice assignment
 
