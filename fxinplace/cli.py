@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return run(args.script, args.args, json_path=args.json, fail_on=args.fail_on, tables=args.tables)
     if args.command == "fix":
-        return fix(args.script, args.args, apply=args.apply)
+        return fix(args.script, args.args, apply=args.apply, json_path=args.json)
     return show(args.report, width=args.width)
 
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                                "print a checked patch (a unified diff) for each error-level hazard (docs/fixes.md). "
                                "Exit 1 when some error has no checked fix.")
     fix_.add_argument("--apply", action="store_true", help="write the checked patches to the files (never without it)")
+    fix_.add_argument("--json", metavar="PATH", help="write the fixes, with their hazards, as JSON to PATH")
     fix_.add_argument("script", help="the training script")
     fix_.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     show_ = commands.add_parser("show", help="render a saved JSON report",
@@ -154,7 +155,7 @@ def _exec_script(path: pathlib.Path, code: types.CodeType, args: Sequence[str],
 
 # fix -------------------------------------------------------------------------------------------
 
-def fix(script: str, args: Sequence[str] = (), *, apply: bool = False) -> int:
+def fix(script: str, args: Sequence[str] = (), *, apply: bool = False, json_path: str | None = None) -> int:
     """Run the script up to its first backward, propose a checked fix for each error-level
     hazard of each model it ran, print them, and write them with `apply`. Exit 1 when some
     error has no checked fix."""
@@ -182,6 +183,12 @@ def fix(script: str, args: Sequence[str] = (), *, apply: bool = False) -> int:
         fixes += propose_fixes(call.module, *call.args).fixes
     report = FixReport(tuple(fixes))
     print(report.render())
+    if json_path:
+        try:
+            pathlib.Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"fxinplace fix: could not write --json {json_path!r}: {e}", file=sys.stderr)
+            return 1
     if apply and report.checked:
         for written in report.apply():
             print(applied(written), file=sys.stderr)

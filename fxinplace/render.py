@@ -18,7 +18,8 @@ from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, Output
 if TYPE_CHECKING:
     from .report import GraphReport
 
-__all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_lines", "SCHEMA_VERSION"]
+__all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_dict", "hazard_lines",
+           "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 3  # of `Report.to_dict()`; docs/report.schema.json describes it
 
@@ -519,6 +520,11 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
             "checkpoints_inlined": m.rewrite.checkpoints_inlined,
         },
     }
+
+
+def hazard_dict(h: Hazard, names: Sequence[str | None] = ()) -> dict[str, Any]:
+    """One hazard as the report's JSON writes it (docs/report.schema.json, `hazard`)."""
+    return _hazard_dict(h, names)
 
 
 def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:

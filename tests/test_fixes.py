@@ -6,6 +6,7 @@ program written out of place)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import textwrap
 
@@ -320,8 +321,12 @@ def test_fix_on_the_command_line_patches_a_training_script_that_then_trains(mode
     plain = _python("train.py", cwd=path.parent)
     assert plain.returncode == 1 and "modified by an inplace operation" in plain.stderr  # PyTorch's verdict
 
-    shown = _python("-m", "fxinplace", "fix", "train.py", cwd=path.parent)
+    shown = _python("-m", "fxinplace", "fix", "--json", "fixes.json", "train.py", cwd=path.parent)
     assert shown.returncode == 0, shown.stderr
+    data = json.loads((path.parent / "fixes.json").read_text())
+    assert data["checked"] == data["total"] == 3 and {f["status"] for f in data["fixes"]} == {"checked"}
+    assert {h["code"] for f in data["fixes"] for h in f["hazards"]} == {"saved-then-mutated"}
+    assert any("+        g = g + 1  # tanh saved g" in f["diff"] for f in data["fixes"])
     assert "checked fixes: 3 of 3" in shown.stdout and "+        g = g + 1  # tanh saved g" in shown.stdout
     assert path.read_text() == MODELS  # shown, not written
 

@@ -29,7 +29,7 @@ from ..facts import Hazard, Severity
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
 from ._edits import edit_statement, flip_inplace_calls
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
-from ._render import render_fixes
+from ._render import fixes_dict, render_fixes
 
 __all__ = ["propose_fixes", "FixReport", "ProposedFix", "FixKind", "FixStatus", "NoFixReason"]
 
@@ -46,6 +46,10 @@ class FixReport:
 
     def render(self) -> str:
         return render_fixes(self.fixes)
+
+    def to_dict(self) -> dict:
+        """The fixes as data: status, kind, file, line, diff, reason, and the hazards (docs/fixes.md)."""
+        return fixes_dict(self.fixes)
 
     def apply(self) -> list[str]:
         """Write every checked patch to its file, those to one file together (from the

@@ -8,7 +8,7 @@ from .. import render
 from .._sources import SourceLocation
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
 
-__all__ = ["render_fixes", "semantics", "fix_line"]
+__all__ = ["render_fixes", "semantics", "fix_line", "fixes_dict"]
 
 _SEMANTICS = {
     FixKind.OUT_OF_PLACE: "same values, one extra tensor: the name now holds a new tensor, and whatever else "
@@ -58,3 +58,24 @@ def render_fixes(fixes: Sequence[ProposedFix]) -> str:
     checked = sum(f.status is FixStatus.CHECKED for f in fixes)
     blocks.append(f"checked fixes: {checked} of {len(fixes)}")
     return "\n\n".join(blocks)
+
+
+def fixes_dict(fixes: Sequence[ProposedFix]) -> dict:
+    """The fixes as data (`fxinplace fix --json`): per entry its status, the edit, and the
+    hazards it is for, as the report's JSON writes them."""
+    return {
+        "fixes": [{
+            "status": f.status.value,
+            "kind": f.kind.value if f.kind else None,
+            "semantics": semantics(f.kind) if f.kind and f.status is FixStatus.CHECKED else None,
+            "file": f.file,
+            "line": f.line,
+            "diff": f.diff if f.status is FixStatus.CHECKED else "",
+            "reason": f.reason.value if f.reason else None,
+            "detail": f.detail,
+            "text": fix_line(f),
+            "hazards": [render.hazard_dict(h, f.task_names) for h in (f.hazard, *f.also)],
+        } for f in fixes],
+        "checked": sum(f.status is FixStatus.CHECKED for f in fixes),
+        "total": len(fixes),
+    }
