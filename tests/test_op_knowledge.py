@@ -163,8 +163,17 @@ def test_spelled_in_place():
         graph.call_function(operator.setitem, (x, 0, 2.0)),
         graph.call_function(torch.relu_, (x,)),
         graph.call_function(F.relu, (x,), {"inplace": True}),
+        graph.call_function(operator.iadd, (x, 1)),
         graph.call_method("add", (x, 1)),
         graph.call_method("__add__", (x, 1)),
         graph.call_function(F.relu, (x,)),
+        graph.call_function(operator.add, (x, 1)),
     ]
-    assert [is_spelled_inplace(n) for n in nodes] == [True, True, True, True, False, False, False]
+    assert [is_spelled_inplace(n) for n in nodes] == [True] * 5 + [False] * 4
+
+
+@pytest.mark.parametrize("op", [operator.iadd, operator.imul, operator.isub, operator.itruediv])
+def test_operator_inplace_functions_write_their_tensor_in_eager(op):
+    t = torch.ones(3)
+    before = t._version
+    assert op(t, 2.0) is t and t._version > before  # what `is_spelled_inplace` claims for them

@@ -298,3 +298,20 @@ def test_ddp_two_processes_gloo(tmp_path):
         text = (tmp_path / f"tables-{rank}.txt").read_text()
         heads = [line for line in text.splitlines() if "fxinplace: graph" in line]
         assert len(heads) == graphs[rank] and all(h.startswith(f"[rank {rank}] ") for h in heads)
+
+
+def test_an_augmented_assignment_under_inference_mode_is_a_write():
+    # `h += 1` (operator.iadd in Dynamo's graph) under inference_mode: found, and the model computes as eager.
+    def f(x):
+        h = x.exp()
+        h += 1
+        return h
+
+    x = torch.randn(3)
+    backend = strict_backend()
+    with torch.inference_mode():
+        expected = f(x.clone())
+        out = torch.compile(f, backend=backend)(x)
+    assert_close_at_scale(out, expected)
+    (mutation,) = backend.report.mutations
+    assert mutation.op == "+=" and mutation.target.kind == "intermediate"

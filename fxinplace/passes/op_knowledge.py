@@ -105,7 +105,13 @@ def is_inplace_function(n: torch.fx.Node) -> bool:
     name = getattr(n.target, "__name__", "")
     return n.op == "call_function" and (
         (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or n.kwargs.get("inplace") is True
+        or n.target in _OPERATOR_INPLACE
     )
+
+
+# `t += y` is `operator.iadd` in Dynamo's graph (FACTS.md): its `__name__` is "iadd".
+_OPERATOR_INPLACE = frozenset(getattr(operator, f"i{op}") for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift"))
 
 
 def is_spelled_inplace(n: torch.fx.Node) -> bool:

@@ -234,7 +234,8 @@ class TracingInterpreter(torch.fx.Interpreter):
         _match_eager_out_versions(n, out, inputs, before)
         bumped = [(arg, t) for (arg, t), v in zip(inputs, before) if v is not None and version_of(t) != v]
         written = _pick_written(n, bumped)
-        if not written and inputs and before[0] is None and is_spelled_inplace(n):
+        if (not written and inputs and before[0] is None and is_spelled_inplace(n)
+                and n.args and inputs[0][0] is n.args[0]):
             written = [inputs[0]]  # inference tensors have no version counter: trust the spelling
         # Every tensor passed in `out=` is written (its `.out` overload's schema says `Tensor(a!)`).
         hidden = {id(a) for a in [*(a for a, _ in _hidden_write_values(n, args, kwargs)), *out]}
