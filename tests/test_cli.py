@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fxinplace import cli
+from test_compat import SavedThenWritten  # sigmoid saves s, then `s[:, 0] = 1.0`
 
 SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
@@ -160,17 +161,6 @@ def test_bad_input_says_what_was_expected(tmp_path, capsys):
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
-class SigmoidThenWrite(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        s = torch.sigmoid(self.fc(x))
-        s[:, 0] = 1.0  # sigmoid saved s
-        return s
-
-
 @pytest.mark.filterwarnings("ignore:Error detected in")
 def test_when_the_audit_saw_nothing_the_compilers_error_points_to_the_guard_and_run(monkeypatch):
     # The write is in the graph here, but hide it from the audit: what the message says when a
@@ -180,7 +170,7 @@ def test_when_the_audit_saw_nothing_the_compilers_error_points_to_the_guard_and_
     monkeypatch.setattr(fxinplace.backend, "find_hazards", lambda *args: [])
     audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False)
     with pytest.raises(Exception, match="the compiler failed with PyTorch's in-place autograd error") as info:
-        torch.compile(SigmoidThenWrite(), backend=audit)(torch.randn(2, 4))
+        torch.compile(SavedThenWritten(), backend=audit)(torch.randn(2, 4))
     ours = info.value.inner_exception  # Dynamo wraps what a backend raises
     assert isinstance(ours, fxinplace.HazardError)
     assert isinstance(ours.__cause__, RuntimeError) and "modified by an inplace operation" in str(ours.__cause__)

@@ -8,23 +8,16 @@ import torch
 from tabulate import tabulate
 
 from .._sources import SourceLocation
-from ._facts import GuardWrite, StaleSavedTensor, WriteKind
+from ._facts import StaleSavedTensor, WriteKind
 
-__all__ = ["explain", "render_table", "compiled_writes"]
+__all__ = ["explain", "render_table", "compiled_write_by"]
 
 
-def compiled_writes(t: torch.Tensor) -> tuple[GuardWrite, ...]:
-    """The writes to `t` that graphs compiled with `inplace_audit` make, in the words of their
-    audit: a write the guard saw no op make (compiled kernels run unseen)."""
-    from ..backend import compiled_writes_to  # only on a finding: the guard runs without the backend
-
-    writes = []
-    for graph, m in compiled_writes_to(t):
-        tasks = graph.tasks_of(m)
-        task = f", task {', '.join(tasks)}" if tasks else ""
-        writes.append(GuardWrite(WriteKind.COMPILED, m.op, f"`{m.op}` in graph {graph.compile_id} `{graph.function}` "
-                                 f"(compiled, audited by inplace_audit{task})", m.source))
-    return tuple(dict.fromkeys(writes))
+def compiled_write_by(graph, mutation) -> str:
+    """How a message names a write a graph compiled with `inplace_audit` makes (`_write_log`)."""
+    tasks = graph.tasks_of(mutation)
+    task = f", task {', '.join(tasks)}" if tasks else ""
+    return f"`{mutation.op}` in graph {graph.compile_id} `{graph.function}` (compiled, audited by inplace_audit{task})"
 
 
 def explain(stale: StaleSavedTensor) -> str:

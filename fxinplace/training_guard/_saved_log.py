@@ -22,7 +22,7 @@ from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
 from ._facts import GuardWrite, StaleSavedTensor
 from ._mode import Mode
 from ._names import Names, heads_reached
-from ._render import compiled_writes, explain
+from ._render import explain
 from ._runtime import (
     At,
     forward_op,
@@ -35,7 +35,7 @@ from ._runtime import (
     user_at,
 )
 from ._values import changed, fingerprint
-from ._write_log import WriteLog
+from ._write_log import WriteLog, compiled_writes
 
 __all__ = ["SavedLog"]
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from ._facts import WriteKind
+from ._facts import GuardWrite, WriteKind
 from ._mode import Mode
+from ._render import compiled_write_by
 from ._runtime import At, getframe, next_seq, op_name, storage_key, tensors_in, user_at
 
-__all__ = ["Written", "WriteLog"]
+__all__ = ["Written", "WriteLog", "compiled_writes"]
 
 # Bounded logs: a write only matters while a graph saved before it is alive, i.e. for a step or
 # two; the bounds keep a long run from growing them.
@@ -171,3 +172,13 @@ class WriteLog:
         except Exception as e:
             self.warn_once(".data", e)
         return result
+
+
+def compiled_writes(t: torch.Tensor) -> tuple[GuardWrite, ...]:
+    """The writes to `t` that graphs compiled with `inplace_audit` make, from their audits: the
+    guard sees no op run there (compiled kernels), the audit knows the op and the line."""
+    from ..backend import compiled_writes_to  # only on a finding: the guard runs without the backend
+
+    found = (GuardWrite(WriteKind.COMPILED, m.op, compiled_write_by(graph, m), m.source)
+             for graph, m in compiled_writes_to(t))
+    return tuple(dict.fromkeys(found))
