@@ -4,6 +4,7 @@ Tasks are output positions underneath; a saved graph names them, so each name be
 position of its first place in the graph's `tasks`, and `render` names it as it was. A
 report of schema version 2 lacks some of the facts its messages were made of (what a hazard
 saved, the readers of a cross-task write): they load empty, and those messages say less.
+Version 4 added each hazard's checked fix (`patch`, null unless fixes were asked for).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import re
 from typing import Any
 
 from ._sources import SourceLocation
-from .facts import (Detail, Hazard, HazardCode, KeptReason, Mutation, OutputKind, OutputRole, Rewrite, RewriteKind, Saved,
-                    Severity, Site, Target)
+from .facts import (Detail, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation, NoFixReason, OutputKind,
+                    OutputRole, Patch, Rewrite, RewriteKind, Saved, Severity, Site, Target)
 
 __all__ = ["report_from_dict", "LOADABLE_VERSIONS"]
 
-LOADABLE_VERSIONS = (2, 3)
+LOADABLE_VERSIONS = (2, 3, 4)
 
 _OUTPUT = re.compile(r"output\[(\d+)\]")  # how `render.task_names` names a position it has no name for
 
@@ -30,7 +31,7 @@ def report_from_dict(data: Any):
     _expect(isinstance(data, dict), "the report", "a JSON object with `schema_version` and `graphs`", data)
     version = data.get("schema_version")
     _expect(version in LOADABLE_VERSIONS, "`schema_version`",
-            " or ".join(map(str, LOADABLE_VERSIONS)) + " (a report written by `Report.to_json()`)", version)
+            ", ".join(map(str, LOADABLE_VERSIONS[:-1])) + f" or {LOADABLE_VERSIONS[-1]} (a report written by `Report.to_json()`)", version)
     graphs = _field(data, "graphs", "the report", list)
     return Report(tuple(_graph(g, f"graphs[{i}]") for i, g in enumerate(graphs)))
 
@@ -109,7 +110,19 @@ def _hazard(data: Any, where: str, positions: _Positions) -> Hazard:
         pytorch_said=data.get("pytorch_said"),
         removed_by_rewrite=bool(data.get("removed_by_rewrite", False)),
         stored_only=bool(data.get("stored_only", False)),
+        patch=_patch(data.get("patch"), f"{where}.patch"),
     )
+
+
+def _patch(data: Any, where: str) -> Patch | None:
+    if data is None:
+        return None
+    _expect(isinstance(data, dict), where, "an object or null", data)
+    kind, reason = data.get("kind"), data.get("reason")
+    return Patch(_enum(FixStatus, _field(data, "status", where, str), f"{where}.status"),
+                 _enum(FixKind, kind, f"{where}.kind") if kind else None, data.get("file"), data.get("line"),
+                 data.get("diff") or "", _enum(NoFixReason, reason, f"{where}.reason") if reason else None,
+                 data.get("detail") or "")
 
 
 def _site(data: Any, positions: _Positions) -> Site | None:

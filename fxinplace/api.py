@@ -31,14 +31,24 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     where they can be recovered. `options` are the backend's options; the compiler defaults
     to "eager" here (the audit does not need compiled code) and tables are printed unless
     `options={"print": False}`. The call runs the model for real: parameters, buffers and
-    inputs are updated as in any forward call.
+    inputs are updated as in any forward call. With `options={"fixes": True}`, each
+    error-level hazard also gets a checked fix (`Hazard.patch`; docs/fixes.md), worked out on
+    copies of the model and inputs before the audited call.
     """
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise TypeError(f"fxinplace.audit: `model` must be a torch.nn.Module or a callable, got {type(model).__name__}")
     options = {"compiler": "eager", **(options or {})}
-    backend = InplaceAudit(**{**options, "print": False, "file": None})  # tables come once tasks have names
-    backend.model = model if isinstance(model, torch.nn.Module) else None
     shown = parse_options(options)
+    fixes = None
+    if shown.fixes:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"fxinplace.audit: option `fixes` needs a torch.nn.Module (the fix is checked on a copy "
+                            f"of it), got {type(model).__name__}")
+        from .fixes import propose_fixes
+
+        fixes = propose_fixes(model, *args, **kwargs)  # on copies: the audited call below sees the model as it was
+    backend = InplaceAudit(**{**options, "print": False, "file": None, "fixes": False})  # tables come once tasks have names
+    backend.model = model if isinstance(model, torch.nn.Module) else None
     compiled = torch.compile(model, backend=backend)
     try:
         result = compiled(*args, **kwargs)
@@ -46,6 +56,8 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         failure = _trace_failure(e, [gm for g in backend.graphs if g.gm is not None and (gm := g.gm()) is not None])
         if failure is None:
             raise
+        if fixes is not None:
+            failure = fixes.attached_to(failure)
         emit_tables(failure, shown)
         return Report((failure,))
     finally:
@@ -55,6 +67,8 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     graphs = []
     for graph in backend.graphs:
         report = graph.report.named(_names_from_result(graph.report, graph.outputs, paths, shown.tasks))
+        if fixes is not None:
+            report = fixes.attached_to(report)
         emit_tables(report, shown)
         graphs.append(report)
     return Report(tuple(graphs))

@@ -82,6 +82,15 @@ class _AuditedGraph:
         self.record.report = report
 
 
+def _without_fixes(options: AuditOptions) -> AuditOptions:
+    # A fix is checked by running the model on its inputs: only `fxinplace.audit` has them.
+    if options.fixes:
+        raise ValueError("inplace_audit: option `fixes` needs the model and its inputs, to check each fix on a copy; "
+                         "use fxinplace.audit(model, x, options={\"fixes\": True}) or `python -m fxinplace fix "
+                         "train.py` instead of torch.compile")
+    return options
+
+
 class InplaceAudit:
     """A torch.compile backend that audits in-place mutations, keeping one report per graph.
 
@@ -94,7 +103,7 @@ class InplaceAudit:
     """
 
     def __init__(self, **options: Any) -> None:
-        self.options = parse_options(options)
+        self.options = _without_fixes(parse_options(options))
         _LIVE.add(self)
         self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
@@ -110,7 +119,7 @@ class InplaceAudit:
         self._cross_graph.clear()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs: Any):
-        opts = self.options if not options else parse_options({**self._explicit_options(), **options})
+        opts = self.options if not options else _without_fixes(parse_options({**self._explicit_options(), **options}))
         mode = kwargs.pop("mode", None)
         if kwargs:
             log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))

@@ -15,7 +15,8 @@ from ._sources import SourceLocation
 
 __all__ = [
     "Severity", "HazardCode", "Detail", "Fix", "Target", "Site", "Saved", "Hazard", "RewriteKind", "KeptReason",
-    "Rewrite", "Mutation", "OutputKind", "OutputRole", "DEFAULT_SEVERITY", "FIX_OF",
+    "Rewrite", "Mutation", "OutputKind", "OutputRole", "DEFAULT_SEVERITY", "FIX_OF", "FixKind", "FixStatus",
+    "NoFixReason", "Patch",
 ]
 
 
@@ -74,6 +75,52 @@ class Fix(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class FixKind(str, Enum):
+    """The edit a checked fix makes (`fxinplace.fixes`)."""
+
+    OUT_OF_PLACE = "out-of-place"  # `h += b` -> `h = h + b`, `x.relu_()` -> `x = x.relu()`, `torch.relu_(x)` -> `x = torch.relu(x)`
+    INPLACE_FALSE = "inplace-false"  # `inplace=True` -> `inplace=False` (a functional call or a module's constructor)
+    CLONE_FIRST = "clone-first"  # `h = h.clone()` before a slice assignment
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FixStatus(str, Enum):
+    CHECKED = "checked"  # the patched model audits clean and trains like the functionalized original
+    NO_SAFE_EDIT = "no-safe-edit"  # `reason` says why
+    CHECK_FAILED = "check-failed"  # an edit exists, but the patched model failed its check (`reason`)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NoFixReason(str, Enum):
+    NO_SOURCE = "no-source"  # no line of the user's: the write is in torch's code, or the file is gone
+    UNKNOWN_STATEMENT = "unknown-statement"  # not a statement we know how to rewrite safely (`out=`, an attribute)
+    NOT_A_METHOD = "not-a-method"  # the line is in no method of the model's modules we can swap for the check
+    NO_CONSTRUCTOR = "no-constructor"  # a module's `inplace=True`: no constructor call of ours makes it
+    HAZARD_REMAINS = "hazard-remains"  # the patched model still has the hazard
+    NEW_ERROR = "new-error"  # the patched model has another error-level hazard, or fails
+    DIFFERENT_GRADIENTS = "different-gradients"  # outputs or gradients differ from the functionalized original
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A checked edit of the user's file that removes an error-level hazard, or why there is none."""
+
+    status: FixStatus
+    kind: FixKind | None = None
+    file: str | None = None
+    line: int | None = None
+    diff: str = ""  # a unified diff of the user's file (CHECKED only)
+    reason: NoFixReason | None = None  # for NO_SAFE_EDIT and CHECK_FAILED
+    detail: str = ""  # for a failed check: what differed, or the error
 
 
 # code -> (its default severity, the kind of change that removes it)
@@ -163,6 +210,9 @@ class Hazard:
     # Saved-tensor hazards: only tensors the forward stores and does not return (`self.attn = a`)
     # need the save; a backward fails only if a loss is computed from one of them (a warning).
     stored_only: bool = False
+    # A checked edit for an error-level hazard, where one was asked for (`fxinplace.audit(...,
+    # options={"fixes": True})`); None otherwise.
+    patch: Patch | None = None
 
     @property
     def fix(self) -> Fix:

@@ -31,6 +31,9 @@ OPTION_HELP = {
     "table": '"full" (default) or "compact": the compact table leaves out the code, module and view-chain columns',
     "rows": '"grouped" (default): safe writes that repeat (batch norm in every block) print as one row with a count, '
     'and shared parameters by top-level module; "all": one row each (the `file` table always has every row)',
+    "fixes": "with `fxinplace.audit` only: propose a checked fix for each error-level hazard (an edit of your "
+    "file, checked on a copy of the model; docs/fixes.md), shown under the hazard and in its JSON (`patch`) "
+    "(default False)",
     "width": "columns the printed table fits, wrapping long cells (default None: the terminal's width, 100 when "
     "stdout is not a terminal); 0: no wrapping",
 }
@@ -50,6 +53,7 @@ class AuditOptions:
     rows: str = "grouped"
     width: int | None = None
     untested_torch: bool = False
+    fixes: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +89,7 @@ def _check(key: str, value: Any) -> None:
     def bad(expected: str) -> ValueError:
         return ValueError(f"inplace_audit: option `{key}` must be {expected}, got {value!r}. ({OPTION_HELP[key]})")
 
-    if key in ("print", "strict", "explain", "untested_torch"):
+    if key in ("print", "strict", "explain", "untested_torch", "fixes"):
         if not isinstance(value, bool):
             raise bad("True or False")
     elif key == "table":

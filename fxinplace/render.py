@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tabulate import tabulate
 
 from ._sources import SourceLocation
-from .facts import Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, Rewrite, RewriteKind, Saved, Site, Target
+from .facts import (Detail, Fix, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation, NoFixReason, OutputKind,
+                    Patch, Rewrite, RewriteKind, Saved, Site, Target)
 
 if TYPE_CHECKING:
     from .report import GraphReport
 
-__all__ = ["message", "fix_text", "rewrite_text", "render_graph", "graph_dict", "hazard_dict", "hazard_lines",
+__all__ = ["message", "fix_text", "patch_text", "patch_dict", "semantics", "rewrite_text", "render_graph", "graph_dict", "hazard_dict", "hazard_lines",
            "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 3  # of `Report.to_dict()`; docs/report.schema.json describes it
+SCHEMA_VERSION = 4  # of `Report.to_dict()`; docs/report.schema.json describes it
 
 AUTOGRAD_ERROR = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
@@ -34,6 +35,25 @@ _FIX_TEXT = {
     Fix.ORDER_THE_TASKS: "decide which task should see the new value: write a copy (`h = h.clone()`) for the "
     "others, or write the op out of place",
     Fix.NONE: "",
+}
+
+_SEMANTICS = {
+    FixKind.OUT_OF_PLACE: "same values, one extra tensor: the name now holds a new tensor, and whatever else "
+                          "holds the old one (a view, a list, the caller) keeps the old values",
+    FixKind.INPLACE_FALSE: "same values, one extra tensor per call: the input is no longer overwritten",
+    FixKind.CLONE_FIRST: "same values, one extra copy: the write lands in the copy, the tensor autograd saved "
+                         "keeps its values",
+}
+
+_NO_FIX = {
+    NoFixReason.NO_SOURCE: "no line of yours made this write (it is in torch's code, or the file is gone)",
+    NoFixReason.UNKNOWN_STATEMENT: "the statement is not one fxinplace rewrites safely (only a plain name is "
+                                   "rewritten: `h.relu_()`, `h += b`, `h[i] = v`, `inplace=True`)",
+    NoFixReason.NOT_A_METHOD: "the line is in no method of the model's modules (the check swaps the method)",
+    NoFixReason.NO_CONSTRUCTOR: "no constructor call of yours builds the module with `inplace=True`",
+    NoFixReason.HAZARD_REMAINS: "the patched model still has the hazard",
+    NoFixReason.NEW_ERROR: "the patched model has a new error",
+    NoFixReason.DIFFERENT_GRADIENTS: "the patched model does not train like the functionalized original",
 }
 
 # Hazards PyTorch itself refused while Dynamo traced (`fxinplace.audit` reports them).
@@ -57,6 +77,38 @@ _UNSEEN = {
 def fix_text(hazard: Hazard) -> str:
     """The advice for `hazard` in one sentence ("" for a note)."""
     return _FIX_TEXT[hazard.fix]
+
+
+def semantics(kind: FixKind) -> str:
+    """What a checked edit of `kind` changes, in one sentence."""
+    return _SEMANTICS[kind]
+
+
+def patch_text(patch: Patch, hazard: Hazard) -> str:
+    """One line: the checked fix and what it changes, or why there is none (then `hazard`'s advice)."""
+    where = f" at {SourceLocation(patch.file, patch.line or 0, '')}" if patch.file else ""
+    if patch.status is FixStatus.CHECKED:
+        return f"fix ({patch.kind.value}){where}: {semantics(patch.kind)}"
+    why = _NO_FIX[patch.reason] + (f" ({patch.detail})" if patch.detail else "")
+    advice = fix_text(hazard)
+    status = "no checked fix" if patch.status is FixStatus.CHECK_FAILED else "no safe edit"
+    return f"{status}{where}: {why}" + (f"; advice: {advice}" if advice else "")
+
+
+def patch_dict(patch: Patch, hazard: Hazard) -> dict[str, Any]:
+    """A fix as the report's JSON writes it (docs/report.schema.json, `patch`)."""
+    checked = patch.status is FixStatus.CHECKED
+    return {
+        "status": patch.status.value,
+        "kind": patch.kind.value if patch.kind else None,
+        "semantics": semantics(patch.kind) if patch.kind and checked else None,
+        "file": patch.file,
+        "line": patch.line,
+        "diff": patch.diff if checked else "",
+        "reason": patch.reason.value if patch.reason else None,
+        "detail": patch.detail,
+        "text": patch_text(patch, hazard),
+    }
 
 
 def message(hazard: Hazard, names: Sequence[str] = ()) -> str:
@@ -124,8 +176,16 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
 
 def hazard_lines(hazards: Sequence[Hazard], names: Sequence[str] = ()) -> list[str]:
     """One line per hazard: `  ERROR [code] message`; one op that overwrites several tensors
-    one saving op saved (batch norm's two running statistics) is one line."""
-    return [f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}" for h in _merged(hazards)]
+    one saving op saved (batch norm's two running statistics) is one line. A hazard with a
+    checked fix (or the reason there is none) is followed by `    fix ...`, once after the
+    hazards of one write."""
+    merged, lines = _merged(hazards), []
+    for i, h in enumerate(merged):
+        lines.append(f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}")
+        following = merged[i + 1].patch if i + 1 < len(merged) else None
+        if h.patch is not None and h.patch != following:
+            lines.append(f"    {patch_text(h.patch, h)}")
+    return lines
 
 
 def _merged(hazards: Sequence[Hazard]) -> list[Hazard]:
@@ -544,6 +604,7 @@ def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
         "readers": [{"when": when, "site": _site_dict(site, names)} for when, site in h.readers],
         "other_tasks": list(task_names(h.other_tasks, names)),
         "pytorch_said": h.pytorch_said,
+        "patch": patch_dict(h.patch, h) if h.patch is not None else None,
     }
 
 

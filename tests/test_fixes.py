@@ -290,6 +290,72 @@ def test_a_model_without_errors_needs_no_fix(models):
     assert report.fixes == () and report.render() == "fxinplace: no error-level hazard, nothing to fix"
 
 
+def _apply_diff(text: str, diff: str) -> str:
+    # The changed lines of a unified diff, at the line numbers of the original (context unchecked,
+    # so that several diffs of one file, each against the original, apply bottom up).
+    changes, number = [], 0
+    for line in diff.splitlines(True):
+        if line.startswith("@@"):
+            number = int(line.split()[1].split(",")[0][1:])
+        elif line.startswith(("---", "+++")):
+            continue
+        elif line.startswith("-"):
+            changes.append((number, line[1:], None))
+            number += 1
+        elif line.startswith("+"):
+            changes.append((number, None, line[1:]))
+        else:
+            number += 1
+    lines = text.splitlines(True)
+    for at, removed, added in sorted(changes, key=lambda c: (c[0], c[1] is None), reverse=True):
+        if removed is not None:
+            assert lines[at - 1] == removed, (at, removed)
+            del lines[at - 1]
+        else:
+            lines.insert(at - 1, added)
+    return "".join(lines)
+
+
+def test_the_audit_with_fixes_carries_each_errors_checked_patch_and_the_patches_train(models, capsys):
+    from test_report import SCHEMA
+    import jsonschema
+
+    path, module = models
+    torch.manual_seed(0)
+    model, x = module.TwoWrites(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _step(module.TwoWrites(), x)  # eager PyTorch fails
+    report = fxinplace.audit(model, x, options={"fixes": True, "width": 0})
+    printed = capsys.readouterr().out
+    errors = report.hazards("error")
+    assert len(errors) >= 3 and all(h.patch is not None and h.patch.status is FixStatus.CHECKED for h in errors)
+    assert all((h.patch.file, h.patch.line) == (h.source.file, h.source.line) for h in errors)
+    patches = list(dict.fromkeys(h.patch for h in errors))
+    assert len(patches) == 3 and printed.count("\n    fix (out-of-place) at ") == 3
+    data = report.to_dict()
+    jsonschema.validate(data, SCHEMA)
+    assert fxinplace.Report.from_dict(data).to_dict() == data
+
+    # The report's own diffs, applied to the file: eager PyTorch trains it like the functionalized original.
+    text = MODELS
+    for patch in patches:
+        text = _apply_diff(text, patch.diff)
+    path.write_text(text)
+    fixed = _load(path).TwoWrites()
+    fixed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_step(fixed, x), _functionalized_step(model, x))
+
+
+def test_fixes_need_the_model_and_its_inputs_so_the_backend_refuses_them():
+    with pytest.raises(ValueError, match=r"option `fixes` needs the model and its inputs.*fxinplace\.audit"):
+        fxinplace.InplaceAudit(fixes=True)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(Exception, match=r"option `fixes` needs the model and its inputs"):
+        torch.compile(model, backend="inplace_audit", options={"fixes": True})(torch.randn(1, 2))
+    with pytest.raises(TypeError, match=r"option `fixes` needs a torch.nn.Module"):
+        fxinplace.audit(lambda t: t * 2, torch.randn(2), options={"fixes": True})
+
+
 TRAIN = textwrap.dedent('''
     import torch
     from models import TwoWrites

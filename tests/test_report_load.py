@@ -21,7 +21,7 @@ def test_a_real_report_survives_json(name, report):
 
 @pytest.mark.parametrize("data, said", [
     ([], "the report must be a JSON object"),
-    ({"graphs": []}, "`schema_version` must be 2 or 3"),
+    ({"graphs": []}, "`schema_version` must be 2, 3 or 4"),
     ({"schema_version": 3}, "the report has no field `graphs`"),
     ({"schema_version": 3, "graphs": {}}, "the report.graphs must be a JSON array"),
     ({"schema_version": 3, "graphs": [{"compile_id": "0/0"}]}, "graphs[0] has no field `tasks`"),

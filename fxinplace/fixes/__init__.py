@@ -26,6 +26,7 @@ import torch
 from .._compat import dynamo_reset, pytree
 from .._sources import is_internal_file
 from ..facts import Hazard, Severity
+from ..report import GraphReport
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
 from ._edits import edit_statement, flip_inplace_calls
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
@@ -50,6 +51,19 @@ class FixReport:
     def to_dict(self) -> dict:
         """The fixes as data: status, kind, file, line, diff, reason, and the hazards (docs/fixes.md)."""
         return fixes_dict(self.fixes)
+
+    def attached_to(self, graph: GraphReport) -> GraphReport:
+        """`graph` with each error-level hazard carrying its entry's `Patch` (`Hazard.patch`): the
+        entry for the same write (the same line, or module and op), found by auditing a copy."""
+        by_key = {_key(h, None): fix.patch for fix in self.fixes for h in (fix.hazard, *fix.also)}
+        by_key.pop(None, None)
+
+        def patched(hazards: tuple[Hazard, ...]) -> tuple[Hazard, ...]:
+            return tuple(dataclasses.replace(h, patch=by_key[_key(h, None)])
+                         if h.severity is Severity.ERROR and _key(h, None) in by_key else h for h in hazards)
+
+        mutations = tuple(dataclasses.replace(m, hazards=patched(m.hazards)) for m in graph.mutations)
+        return dataclasses.replace(graph, mutations=mutations, hazards=patched(graph.hazards))
 
     def apply(self) -> list[str]:
         """Write every checked patch to its file, those to one file together (from the

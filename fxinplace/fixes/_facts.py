@@ -1,35 +1,14 @@
-"""What a fix is, as records: the words are in `_render`."""
+"""A proposed fix: the `Patch` the report records, with what `apply()` needs to write it.
+
+The kinds, statuses and reasons are `fxinplace.facts` records; the words are in `fxinplace.render`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
-from ..facts import Hazard
+from ..facts import FixKind, FixStatus, Hazard, NoFixReason, Patch
 
 __all__ = ["FixKind", "FixStatus", "NoFixReason", "ProposedFix"]
-
-
-class FixKind(str, Enum):
-    OUT_OF_PLACE = "out-of-place"  # `h += b` -> `h = h + b`, `x.relu_()` -> `x = x.relu()`, `torch.relu_(x)` -> `x = torch.relu(x)`
-    INPLACE_FALSE = "inplace-false"  # `inplace=True` -> `inplace=False` (a functional call or a module's constructor)
-    CLONE_FIRST = "clone-first"  # `h = h.clone()` before a slice assignment
-
-
-class FixStatus(str, Enum):
-    CHECKED = "checked"  # the patched model audits clean and trains like the functionalized original
-    NO_SAFE_EDIT = "no-safe-edit"  # `reason` says why
-    CHECK_FAILED = "check-failed"  # an edit exists, but the patched model failed its check (`reason`)
-
-
-class NoFixReason(str, Enum):
-    NO_SOURCE = "no-source"  # no line of the user's: the write is in torch's code, or the file is gone
-    UNKNOWN_STATEMENT = "unknown-statement"  # not a statement we know how to rewrite safely (`out=`, an attribute)
-    NOT_A_METHOD = "not-a-method"  # the line is in no method of the model's modules we can swap for the check
-    NO_CONSTRUCTOR = "no-constructor"  # a module's `inplace=True`: no constructor call of ours makes it
-    HAZARD_REMAINS = "hazard-remains"  # the patched model still has the hazard
-    NEW_ERROR = "new-error"  # the patched model has another error-level hazard, or fails
-    DIFFERENT_GRADIENTS = "different-gradients"  # outputs or gradients differ from the functionalized original
 
 
 @dataclass(frozen=True)
@@ -48,3 +27,9 @@ class ProposedFix:
     edit: tuple = ()
     task_names: tuple[str | None, ...] = ()  # the graph's, to word the hazard
     also: tuple[Hazard, ...] = ()  # the other error-level hazards of the same write (saved by another op)
+
+    @property
+    def patch(self) -> Patch:
+        """The fix as the report records it on each hazard it is for."""
+        return Patch(self.status, self.kind, self.file, self.line, self.diff if self.status is FixStatus.CHECKED else "",
+                     self.reason, self.detail)
