@@ -68,6 +68,7 @@ TEST_FILES = (
 # Constructors the file's tables do not give (the buggy variant of a model built twice).
 EXTRA = {
     ("test_real_world", "ResNetMultiTask"): [((), {"buggy": True}, lambda: (torch.randn(2, 3, 8, 8),))],
+    ("test_torchvision", "ResNetTwoTasks"): [((), {"buggy": True}, lambda: (torch.randn(2, 3, 64, 64),))],
 }
 
 # Inputs tried, in order, for a class no table gives inputs for.

@@ -122,7 +122,7 @@ def _patch(data: Any, where: str) -> Patch | None:
     return Patch(_enum(FixStatus, _field(data, "status", where, str), f"{where}.status"),
                  _enum(FixKind, kind, f"{where}.kind") if kind else None, data.get("file"), data.get("line"),
                  data.get("diff") or "", _enum(NoFixReason, reason, f"{where}.reason") if reason else None,
-                 data.get("detail") or "")
+                 data.get("detail") or "", tuple(_source(s) for s in data.get("gradients_from") or ()))
 
 
 def _site(data: Any, positions: _Positions) -> Site | None:

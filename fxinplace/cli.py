@@ -15,18 +15,18 @@ hazard at or above `--fail-on` was found.
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
 import pathlib
 import shutil
 import sys
 import traceback
 import types
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import render
 from ._run_render import (applied, failed_on, json_written, no_model_ran, predicted_inplace_error, summary,
                           unexplained_inplace_error)
+from ._script import exec_script, main_module, script_frames
 from ._watch import Watch
 from .backend import _is_autograd_inplace_error
 from .errors import FxInplaceError
@@ -86,15 +86,15 @@ def run(script: str, args: Sequence[str] = (), *, json_path: str | None = None, 
     if isinstance(loaded, int):
         return loaded
     path, code = loaded
-    main_module = _main_module(path)
-    with Watch(namespace=main_module.__dict__) as watch:
-        exit_code, error = _exec_script(path, code, args, main_module)
+    script = main_module(path)
+    with Watch(namespace=script.__dict__) as watch:
+        exit_code, error = exec_script(path, code, args, script)
     sys.stdout.flush()
     report = watch.report
     width = shutil.get_terminal_size((100, 24)).columns
     if error is not None:
         exit_code = 1
-        traceback.print_exception(type(error), error, _script_frames(error.__traceback__))
+        traceback.print_exception(type(error), error, script_frames(error.__traceback__))
         explanation = _explain(error, report, width)
         if explanation:
             print(explanation, file=sys.stderr)
@@ -126,61 +126,37 @@ def _load_script(script: str, command: str) -> tuple[pathlib.Path, types.CodeTyp
         return 1
 
 
-def _main_module(path: pathlib.Path) -> types.ModuleType:
-    main_module = types.ModuleType("__main__")
-    main_module.__dict__.update(__file__=str(path), __builtins__=builtins, __cached__=None)
-    return main_module
-
-
-def _exec_script(path: pathlib.Path, code: types.CodeType, args: Sequence[str],
-                 main_module: types.ModuleType) -> tuple[int, Exception | None]:
-    """Run the script as `python SCRIPT ARGS...` would; (its exit code, the exception it raised)."""
-    saved_argv, saved_path, saved_main = sys.argv, list(sys.path), sys.modules.get("__main__")
-    sys.argv = [str(path), *args]
-    sys.path[0] = str(path.resolve().parent)  # as `python SCRIPT` puts it (`-m` put the working directory)
-    sys.modules["__main__"] = main_module
-    try:
-        exec(code, main_module.__dict__)
-    except SystemExit as e:
-        return _exit_code(e.code), None
-    except Exception as e:
-        return 1, e
-    finally:
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
-    return 0, None
-
-
 # fix -------------------------------------------------------------------------------------------
 
 def fix(script: str, args: Sequence[str] = (), *, apply: bool = False, json_path: str | None = None) -> int:
     """Run the script up to its first backward, propose a checked fix for each error-level
-    hazard of each model it ran, print them, and write them with `apply`. Exit 1 when some
-    error has no checked fix."""
+    hazard of each model it ran; run it again watched, for the guard's loop findings (a step
+    between two backward calls); print the fixes, and write them with `apply`. Exit 1 when
+    some error has no checked fix."""
     from .fixes import FixReport, propose_fixes
     from .fixes._capture import FirstCalls, StopScript
+    from .fixes._loop import loop_fixes
 
     loaded = _load_script(script, "fix")
     if isinstance(loaded, int):
         return loaded
     path, code = loaded
-    main_module = _main_module(path)
     with FirstCalls() as first:
         try:
-            _, error = _exec_script(path, code, args, main_module)
+            _, error = exec_script(path, code, args, main_module(path))
         except StopScript:
             error = None
     sys.stdout.flush()
     if not first.calls:
         if error is not None:
-            traceback.print_exception(type(error), error, _script_frames(error.__traceback__))
+            traceback.print_exception(type(error), error, script_frames(error.__traceback__))
         print(no_model_ran(), file=sys.stderr)
         return 1
     fixes = []
     for call in first.calls:
         fixes += propose_fixes(call.module, *call.args).fixes
+    # The loop's own findings (a step between two backward calls): the script runs again, watched.
+    fixes += loop_fixes(path, args, model_errors=bool(fixes))
     report = FixReport(tuple(fixes))
     print(report.render())
     if json_path:
@@ -199,23 +175,6 @@ def _fails(report: Report, watch: Watch, fail_on: str) -> bool:
     if fail_on == "never":
         return False
     return bool(report.hazards(fail_on) or watch.stale)
-
-
-def _exit_code(code: Any) -> int:
-    # As Python exits on `SystemExit(code)`: None is 0, an int itself, anything else printed, 1.
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _script_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    # Python's own traceback for a script starts in the script: leave out this module's frames.
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return tb
 
 
 def _explain(error: BaseException, report: Report, width: int | None) -> str | None:

@@ -83,6 +83,7 @@ class FixKind(str, Enum):
     OUT_OF_PLACE = "out-of-place"  # `h += b` -> `h = h + b`, `x.relu_()` -> `x = x.relu()`, `torch.relu_(x)` -> `x = torch.relu(x)`
     INPLACE_FALSE = "inplace-false"  # `inplace=True` -> `inplace=False` (a functional call or a module's constructor)
     CLONE_FIRST = "clone-first"  # `h = h.clone()` before a slice assignment
+    MOVE_STEP = "move-step"  # the guard's loop finding: `opt.step()` after the backward that needed the old weights
 
     def __str__(self) -> str:
         return self.value
@@ -105,6 +106,9 @@ class NoFixReason(str, Enum):
     HAZARD_REMAINS = "hazard-remains"  # the patched model still has the hazard
     NEW_ERROR = "new-error"  # the patched model has another error-level hazard, or fails
     DIFFERENT_GRADIENTS = "different-gradients"  # outputs or gradients differ from the functionalized original
+    NOT_A_STEP = "not-a-step"  # a loop finding whose write is no optimizer step (a clip, an EMA, `.data`)
+    NOT_IN_SCRIPT = "not-in-script"  # the step or the backward is not in the script (the check runs the patched script)
+    NO_GRADIENT = "no-gradient"  # moved, the step would see no gradient (a `zero_grad` runs before it)
 
     def __str__(self) -> str:
         return self.value
@@ -121,6 +125,9 @@ class Patch:
     diff: str = ""  # a unified diff of the user's file (CHECKED only)
     reason: NoFixReason | None = None  # for NO_SAFE_EDIT and CHECK_FAILED
     detail: str = ""  # for a failed check: what differed, or the error
+    # MOVE_STEP: the backward calls whose gradients the moved step now also takes (none: the
+    # same gradients as before, the step just runs later), as measured on the patched loop.
+    gradients_from: tuple[SourceLocation, ...] = ()
 
 
 # code -> (its default severity, the kind of change that removes it)

@@ -43,6 +43,8 @@ _SEMANTICS = {
     FixKind.INPLACE_FALSE: "same values, one extra tensor per call: the input is no longer overwritten",
     FixKind.CLONE_FIRST: "same values, one extra copy: the write lands in the copy, the tensor autograd saved "
                          "keeps its values",
+    FixKind.MOVE_STEP: "same gradients: the step runs after the backward that needed the old weights, and no "
+                       "backward in between adds to its parameters' gradients",
 }
 
 _NO_FIX = {
@@ -54,6 +56,11 @@ _NO_FIX = {
     NoFixReason.HAZARD_REMAINS: "the patched model still has the hazard",
     NoFixReason.NEW_ERROR: "the patched model has a new error",
     NoFixReason.DIFFERENT_GRADIENTS: "the patched model does not train like the functionalized original",
+    NoFixReason.NOT_A_STEP: "not every write to it is an optimizer step (fxinplace moves only `opt.step()` "
+                            "statements)",
+    NoFixReason.NOT_IN_SCRIPT: "the step or the backward is not in the script itself (the check runs the patched "
+                               "script)",
+    NoFixReason.NO_GRADIENT: "moved after that backward, the step would see no gradient",
 }
 
 # Hazards PyTorch itself refused while Dynamo traced (`fxinplace.audit` reports them).
@@ -79,35 +86,40 @@ def fix_text(hazard: Hazard) -> str:
     return _FIX_TEXT[hazard.fix]
 
 
-def semantics(kind: FixKind) -> str:
-    """What a checked edit of `kind` changes, in one sentence."""
-    return _SEMANTICS[kind]
+def semantics(patch: Patch) -> str:
+    """What a checked edit changes, in one sentence."""
+    if patch.kind is FixKind.MOVE_STEP and patch.gradients_from:
+        calls = " and ".join(f"`{s.code}` at {s}" if s.code else str(s) for s in patch.gradients_from)
+        return (f"the step now also takes the gradients {calls} adds to its parameters; where they must not count "
+                "(a GAN's discriminator step, which must not learn from the generator's loss), run the forward "
+                "again after the step instead")
+    return _SEMANTICS[patch.kind]
 
 
-def patch_text(patch: Patch, hazard: Hazard) -> str:
-    """One line: the checked fix and what it changes, or why there is none (then `hazard`'s advice)."""
+def patch_text(patch: Patch, advice: str) -> str:
+    """One line: the checked fix and what it changes, or why there is none (then `advice`)."""
     where = f" at {SourceLocation(patch.file, patch.line or 0, '')}" if patch.file else ""
     if patch.status is FixStatus.CHECKED:
-        return f"fix ({patch.kind.value}){where}: {semantics(patch.kind)}"
+        return f"fix ({patch.kind.value}){where}: {semantics(patch)}"
     why = _NO_FIX[patch.reason] + (f" ({patch.detail})" if patch.detail else "")
-    advice = fix_text(hazard)
     status = "no checked fix" if patch.status is FixStatus.CHECK_FAILED else "no safe edit"
     return f"{status}{where}: {why}" + (f"; advice: {advice}" if advice else "")
 
 
-def patch_dict(patch: Patch, hazard: Hazard) -> dict[str, Any]:
+def patch_dict(patch: Patch, advice: str) -> dict[str, Any]:
     """A fix as the report's JSON writes it (docs/report.schema.json, `patch`)."""
     checked = patch.status is FixStatus.CHECKED
     return {
         "status": patch.status.value,
         "kind": patch.kind.value if patch.kind else None,
-        "semantics": semantics(patch.kind) if patch.kind and checked else None,
+        "semantics": semantics(patch) if patch.kind and checked else None,
         "file": patch.file,
         "line": patch.line,
         "diff": patch.diff if checked else "",
         "reason": patch.reason.value if patch.reason else None,
         "detail": patch.detail,
-        "text": patch_text(patch, hazard),
+        "gradients_from": [_source_dict(s) for s in patch.gradients_from],
+        "text": patch_text(patch, advice),
     }
 
 
@@ -184,7 +196,7 @@ def hazard_lines(hazards: Sequence[Hazard], names: Sequence[str] = ()) -> list[s
         lines.append(f"  {h.severity.value.upper()} [{h.code.value}] {message(h, names)}")
         following = merged[i + 1].patch if i + 1 < len(merged) else None
         if h.patch is not None and h.patch != following:
-            lines.append(f"    {patch_text(h.patch, h)}")
+            lines.append(f"    {patch_text(h.patch, fix_text(h))}")
     return lines
 
 
@@ -604,7 +616,7 @@ def _hazard_dict(h: Hazard, names: Sequence[str]) -> dict[str, Any]:
         "readers": [{"when": when, "site": _site_dict(site, names)} for when, site in h.readers],
         "other_tasks": list(task_names(h.other_tasks, names)),
         "pytorch_said": h.pytorch_said,
-        "patch": patch_dict(h.patch, h) if h.patch is not None else None,
+        "patch": patch_dict(h.patch, fix_text(h)) if h.patch is not None else None,
     }
 
 

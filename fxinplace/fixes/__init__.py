@@ -28,7 +28,7 @@ from .._sources import is_internal_file
 from ..facts import Hazard, Severity
 from ..report import GraphReport
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
-from ._edits import edit_statement, flip_inplace_calls
+from ._edits import edit_statement, flip_inplace_calls, move_step
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
 from ._render import fixes_dict, render_fixes
 
@@ -85,6 +85,9 @@ class FixReport:
 
 
 def _redo(edit: tuple, text: str) -> str | None:
+    if edit[0] == "move":
+        done = move_step(text, *edit[1:])
+        return done[0] if done else None
     if edit[0] == "statement":
         done = edit_statement(text, edit[1])
         return done[0] if done else None

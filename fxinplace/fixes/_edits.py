@@ -18,7 +18,7 @@ import torch
 
 from ._facts import FixKind
 
-__all__ = ["edit_statement", "flip_inplace_calls"]
+__all__ = ["edit_statement", "flip_inplace_calls", "move_step"]
 
 _AUG_OPS = {
     cst.AddAssign: cst.Add, cst.SubtractAssign: cst.Subtract, cst.MultiplyAssign: cst.Multiply,
@@ -57,6 +57,39 @@ def flip_inplace_calls(source: str, first: int, last: int, callee: str) -> tuple
     flipper = _FlipInplace(first, last, callee, positions)
     module = wrapper.visit(flipper)
     return (module.code, min(flipper.lines)) if flipper.lines else None
+
+
+def move_step(source: str, step_line: int, backward_line: int) -> tuple[str, int, tuple[int, int, int]] | None:
+    """The file with the statement `opt.step()` at `step_line` moved to just after the statement
+    at `backward_line` (a later statement of the same block), the step's new line, and the lines
+    that moved up: (first, last, by), new lines first..last were lines first+by..last+by; None
+    when they are not two such statements of one block."""
+    wrapper = MetadataWrapper(cst.parse_module(source))
+    positions = wrapper.resolve(PositionProvider)
+    steps, backwards = _StatementAt(step_line, positions), _StatementAt(backward_line, positions)
+    wrapper.visit(steps)
+    wrapper.visit(backwards)
+    if steps.found is None or backwards.found is None:
+        return None
+    (parent, i, step), (other, j, backward) = steps.found, backwards.found
+    if parent is not other or j <= i or not _is_step_call(step):
+        return None
+    body = list(parent.body)
+    body.insert(j, body.pop(i))  # right after the backward, which moved up to j - 1
+    module = wrapper.module.deep_replace(parent, parent.with_changes(body=body))
+    # The step's lines (its comments and blank lines above it go with it) leave from above the
+    # backward's end, and come back below it.
+    span = len(step.leading_lines) + positions[step].end.line - positions[step].start.line + 1
+    first, last = positions[step].start.line - len(step.leading_lines), positions[backward].end.line - span
+    return module.code, last + len(step.leading_lines) + 1, (first, last, span)
+
+
+def _is_step_call(line: cst.SimpleStatementLine) -> bool:
+    # `opt.step()`, `self.opt_d.step()`: one call of a method named `step`, nothing else on the line.
+    if len(line.body) != 1 or not isinstance(line.body[0], cst.Expr):
+        return False
+    call = line.body[0].value
+    return isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute) and call.func.attr.value == "step"
 
 
 class _StatementAt(cst.CSTVisitor):

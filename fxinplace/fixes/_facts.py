@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..facts import FixKind, FixStatus, Hazard, NoFixReason, Patch
+from ..training_guard import StaleSavedTensor
 
 __all__ = ["FixKind", "FixStatus", "NoFixReason", "ProposedFix"]
 
 
 @dataclass(frozen=True)
 class ProposedFix:
-    hazard: Hazard
+    hazard: Hazard | None  # None for a loop finding of the guard (`finding`)
     status: FixStatus
     kind: FixKind | None = None
     file: str | None = None
@@ -23,13 +24,16 @@ class ProposedFix:
     reason: NoFixReason | None = None
     detail: str = ""  # for a failed check: what differed, or the error
     # How to redo the edit on a text where other fixes already landed (`FixReport.apply`):
-    # ("statement", line) or ("constructor", first line, last line, module class name).
+    # ("statement", line), ("constructor", first line, last line, module class name) or
+    # ("move", step line, backward line).
     edit: tuple = ()
     task_names: tuple[str | None, ...] = ()  # the graph's, to word the hazard
     also: tuple[Hazard, ...] = ()  # the other error-level hazards of the same write (saved by another op)
+    finding: StaleSavedTensor | None = None  # the guard's finding a `move-step` fix is for
+    gradients_from: tuple = ()  # `Patch.gradients_from`
 
     @property
     def patch(self) -> Patch:
         """The fix as the report records it on each hazard it is for."""
         return Patch(self.status, self.kind, self.file, self.line, self.diff if self.status is FixStatus.CHECKED else "",
-                     self.reason, self.detail)
+                     self.reason, self.detail, self.gradients_from)

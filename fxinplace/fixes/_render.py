@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .. import render
+from ..training_guard._render import advice, explain, finding_dict
 from ._facts import FixStatus, ProposedFix
 
 __all__ = ["render_fixes", "fix_line", "fixes_dict"]
@@ -12,7 +13,18 @@ __all__ = ["render_fixes", "fix_line", "fixes_dict"]
 
 def fix_line(fix: ProposedFix) -> str:
     """One line: the fix and what it changes, or why there is none."""
-    return render.patch_text(fix.patch, fix.hazard)
+    return render.patch_text(fix.patch, _advice(fix))
+
+
+def _advice(fix: ProposedFix) -> str:
+    return advice(fix.finding) if fix.finding is not None else render.fix_text(fix.hazard)
+
+
+def _head(fix: ProposedFix) -> str:
+    if fix.finding is not None:  # the guard's message, its own advice left for the fix line
+        return "ERROR [stale-saved-tensor] " + "\n".join(explain(fix.finding).splitlines()[:-1])
+    return "\n".join(f"{h.severity.value.upper()} [{h.code.value}] {render.message(h, fix.task_names)}"
+                     for h in (fix.hazard, *fix.also))
 
 
 def render_fixes(fixes: Sequence[ProposedFix]) -> str:
@@ -20,9 +32,7 @@ def render_fixes(fixes: Sequence[ProposedFix]) -> str:
         return "fxinplace: no error-level hazard, nothing to fix"
     blocks = []
     for fix in fixes:
-        head = "\n".join(f"{h.severity.value.upper()} [{h.code.value}] {render.message(h, fix.task_names)}"
-                         for h in (fix.hazard, *fix.also))
-        blocks.append("\n".join([head, "  " + fix_line(fix)] + ([fix.diff.rstrip("\n")] if fix.diff and
+        blocks.append("\n".join([_head(fix), "  " + fix_line(fix)] + ([fix.diff.rstrip("\n")] if fix.diff and
                                                                fix.status is FixStatus.CHECKED else [])))
     checked = sum(f.status is FixStatus.CHECKED for f in fixes)
     blocks.append(f"checked fixes: {checked} of {len(fixes)}")
@@ -34,8 +44,9 @@ def fixes_dict(fixes: Sequence[ProposedFix]) -> dict:
     hazards it is for, as the report's JSON writes them."""
     return {
         "fixes": [{
-            **render.patch_dict(f.patch, f.hazard),
-            "hazards": [render.hazard_dict(h, f.task_names) for h in (f.hazard, *f.also)],
+            **render.patch_dict(f.patch, _advice(f)),
+            "hazards": [render.hazard_dict(h, f.task_names) for h in (f.hazard, *f.also) if h is not None],
+            "finding": finding_dict(f.finding) if f.finding is not None else None,
         } for f in fixes],
         "checked": sum(f.status is FixStatus.CHECKED for f in fixes),
         "total": len(fixes),

@@ -10,7 +10,7 @@ from tabulate import tabulate
 from .._sources import SourceLocation
 from ._facts import StaleSavedTensor, WriteKind
 
-__all__ = ["explain", "render_table", "compiled_write_by"]
+__all__ = ["explain", "advice", "render_table", "compiled_write_by", "finding_dict"]
 
 
 def compiled_write_by(graph, mutation) -> str:
@@ -67,7 +67,7 @@ def explain(stale: StaleSavedTensor) -> str:
     call = f"`{s.backward}`" if s.backward else "a backward"
     node = f"{s.node} in " if s.node else ""
     lines.append(f"  needed by:  {node}{call} at {_where(s.backward_at)}{_task(s.needed_for)}")
-    lines.append("How to fix: " + _fix(s))
+    lines.append("How to fix: " + advice(s))
     return "\n".join(lines)
 
 
@@ -98,7 +98,8 @@ def render_table(found: Sequence[StaleSavedTensor]) -> str:
     return head + "\n" + tabulate(rows, headers=headers, tablefmt="simple")
 
 
-def _fix(s: StaleSavedTensor) -> str:
+def advice(s: StaleSavedTensor) -> str:
+    """How to fix a finding, in words (the last line of `explain`)."""
     target = f"`{s.name}`" if s.name else "the saved tensor"
     w = s.writes[0] if s.writes else None
     if w is None:
@@ -163,3 +164,23 @@ def _compiled_or_unknown(node: str | None) -> str:
     if node and node.startswith("CompiledFunction"):
         return "a compiled graph"
     return "an op the guard did not see run"
+
+
+def finding_dict(s: StaleSavedTensor) -> dict:
+    """A finding as data (`fxinplace fix --json`): the tensor, its lines and the message."""
+    def source(at: SourceLocation | None) -> dict | None:
+        return None if at is None else {"file": at.file, "line": at.line, "code": at.code}
+
+    return {
+        "tensor": s.name,
+        "shape": list(s.shape),
+        "saved_by": s.op,
+        "saved_at": source(s.saved_at),
+        "called_at": source(s.called_at),
+        "changed_by": [{"kind": w.kind.value, "by": w.by, "source": source(w.source)} for w in s.writes],
+        "needed_by": s.node,
+        "backward_at": source(s.backward_at),
+        "version_saved": s.version_saved,
+        "version_now": s.version_now,
+        "message": explain(s),
+    }
