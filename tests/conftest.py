@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import pathlib
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +13,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import fxinplace
+
+# The report's published JSON Schema, which real reports are validated against.
+SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,10 @@ import jsonschema
 import pytest
 import torch
 
+from conftest import SCHEMA
 from fxinplace import cli
 from test_compat import SavedThenWritten  # sigmoid saves s, then `s[:, 0] = 1.0`
 
-SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

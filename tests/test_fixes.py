@@ -317,8 +317,9 @@ def _apply_diff(text: str, diff: str) -> str:
 
 
 def test_the_audit_with_fixes_carries_each_errors_checked_patch_and_the_patches_train(models, capsys):
-    from test_report import SCHEMA
     import jsonschema
+
+    from conftest import SCHEMA
 
     path, module = models
     torch.manual_seed(0)

@@ -17,8 +17,9 @@ import sys
 import jsonschema
 import pytest
 
+from conftest import SCHEMA
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "docs" / "report.schema.json").read_text())
 GRAPH_SCHEMA = {"$ref": "#/$defs/graph", "$defs": SCHEMA["$defs"]}
 
 # Graph 0/0 writes what sigmoid saved (eager's backward fails); graph 1/0, after the break,

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 import fxinplace
-from conftest import eager_backward_error, marked_line, quiet_audit
+from conftest import SCHEMA, eager_backward_error, marked_line, quiet_audit
 from test_hazards import LeafInPlace
 
-SCHEMA = json.loads((pathlib.Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 
 
 class SigmoidThenScale(nn.Module):
