@@ -4,7 +4,8 @@ Tasks are output positions underneath; a saved graph names them, so each name be
 position of its first place in the graph's `tasks`, and `render` names it as it was. A
 report of schema version 2 lacks some of the facts its messages were made of (what a hazard
 saved, the readers of a cross-task write): they load empty, and those messages say less.
-Version 4 added each hazard's checked fix (`patch`, null unless fixes were asked for).
+Version 4 added each hazard's checked fix (`patch`, null unless fixes were asked for) and
+each mutation's `read_by`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _mutation(data: Any, where: str, positions: _Positions) -> Mutation:
     _expect(target is not None, f"{where}.target", "an object with `kind` and `name`", None)
     hazards = tuple(_hazard(h, f"{where}.hazards[{i}]", positions) for i, h in enumerate(_field(data, "hazards", where, list)))
     return Mutation(_field(data, "node", where, str), target, site, tuple(data.get("view_chain") or ()),
-                    bool(data.get("shared", False)), hazards, _rewrite(data.get("rewrite"), f"{where}.rewrite"))
+                    bool(data.get("shared", False)), hazards, _rewrite(data.get("rewrite"), f"{where}.rewrite"),
+                    positions(data.get("read_by")))
 
 
 def _hazard(data: Any, where: str, positions: _Positions) -> Hazard:

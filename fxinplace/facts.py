@@ -275,6 +275,7 @@ class Mutation:
     shared: bool = False  # more than one task writes or reads what it writes
     hazards: tuple[Hazard, ...] = ()
     rewrite: Rewrite | None = None  # what `functionalize` did with it, when it ran
+    read_by: frozenset[int] = frozenset()  # the tasks (output positions) whose ops read what it writes
 
     @property
     def op(self) -> str:

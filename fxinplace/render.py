@@ -496,7 +496,7 @@ def _row(i: int, m: Mutation, names: Sequence[str], functionalized: bool,
         _where(m.site),
         m.source.code if m.source else "",
         m.module or "-",
-        _tasks_cell(tasks, m, shared_parameters or {}),
+        _tasks_cell(tasks, m, shared_parameters or {}, names),
         ", ".join(sorted({h.code.value for h in m.hazards})) or "-",
     ]
     if functionalized:
@@ -508,11 +508,13 @@ def _removed_codes(m: Mutation) -> list[HazardCode]:
     return [h.code for h in m.hazards if h.removed_by_rewrite]
 
 
-def _tasks_cell(tasks: tuple[str, ...], m: Mutation, shared_parameters: dict[str, tuple[str, ...]]) -> str:
-    # One task writing a parameter others read: say who else reads it, not a bare "(shared)".
+def _tasks_cell(tasks: tuple[str, ...], m: Mutation, shared_parameters: dict[str, tuple[str, ...]],
+                names: Sequence[str | None]) -> str:
+    # One task writing what others read (a parameter, a buffer): say who else reads it, not a bare "(shared)".
     if not tasks:
         return "-"
-    others = [t for t in shared_parameters.get(m.target.name, ()) if t not in tasks]
+    readers = (*shared_parameters.get(m.target.name, ()), *task_names(m.read_by, names))
+    others = [t for t in dict.fromkeys(readers) if t not in tasks]
     if m.shared and len(tasks) == 1 and others:
         return f"{tasks[0]} (read by {', '.join(others)} too)"
     return ", ".join(tasks) + (" (shared)" if m.shared else "")
@@ -579,6 +581,7 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
         "module": m.module,
         "module_type": m.site.module_type,
         "tasks": list(task_names(m.site.tasks, names)),
+        "read_by": list(task_names(m.read_by, names)),
         "shared": m.shared,
         "autograd_visible": m.autograd_visible,
         "under_no_grad": m.under_no_grad,

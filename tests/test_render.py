@@ -204,4 +204,29 @@ def test_a_write_by_one_task_to_a_shared_parameter_names_the_other_readers():
     (graph,) = quiet_audit(ScaleInOneHead(), torch.randn(3, 4)).graphs
     (mutation,) = graph.mutations
     assert graph.tasks_of(mutation) == ("depth",) and set(graph.shared_parameters["scale"]) == {"seg", "depth"}
-    assert render._tasks_cell(graph.tasks_of(mutation), mutation, graph.shared_parameters) == "depth (read by seg too)"
+    assert render._tasks_cell(graph.tasks_of(mutation), mutation, graph.shared_parameters,
+                              graph.task_names) == "depth (read by seg too)"
+
+
+class ScaleBufferInOneHead(ScaleInOneHead):
+    """The same write to a buffer: no gradient says who reads it, the values do."""
+
+    def __init__(self):
+        super().__init__()
+        del self.scale
+        self.register_buffer("scale", torch.ones(4))
+
+
+def test_a_write_by_one_task_to_a_buffer_another_reads_names_the_other_reader():
+    torch.manual_seed(0)
+    model, x = ScaleBufferInOneHead(), torch.randn(3, 4)
+    before = model(x)
+    model.scale.fill_(3.0)  # eager PyTorch: both heads' values move with the buffer
+    after = model(x)
+    assert all(not torch.equal(before[k], after[k]) for k in ("seg", "depth"))
+    (graph,) = quiet_audit(model, x).graphs
+    (mutation,) = graph.mutations
+    assert mutation.target.kind == "buffer" and graph.tasks_of(mutation) == ("depth",)
+    assert render._tasks_cell(graph.tasks_of(mutation), mutation, graph.shared_parameters,
+                              graph.task_names) == "depth (read by seg too)"
+    assert graph.to_dict()["mutations"][0]["read_by"] == ["depth", "seg"]

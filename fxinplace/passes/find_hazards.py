@@ -81,7 +81,7 @@ def find_hazards(
                 node=node.name if write.inner is None else f"{node.name}.{write.inner.name}",
                 target=target, site=site, view_chain=chain,
                 shared=split.spans_tasks(writers | read) or target.name in split.shared_parameters,
-                hazards=tuple(hazards),
+                hazards=tuple(hazards), read_by=read,
             ))
     return mutations
 
