@@ -42,15 +42,17 @@ _SEMANTICS = {
                           "holds the old one (a view, a list, the caller) keeps the old values",
     FixKind.INPLACE_FALSE: "same values, one extra tensor per call: the input is no longer overwritten",
     FixKind.CLONE_FIRST: "same values, one extra copy: the write lands in the copy, the tensor autograd saved "
-                         "keeps its values",
+                         "keeps its values, and whatever else holds the old tensor (a view, a list, the caller) "
+                         "no longer sees the write",
     FixKind.MOVE_STEP: "same gradients: the step runs after the backward that needed the old weights, and no "
                        "backward in between adds to its parameters' gradients",
 }
 
 _NO_FIX = {
     NoFixReason.NO_SOURCE: "no line of yours made this write (it is in torch's code, or the file is gone)",
-    NoFixReason.UNKNOWN_STATEMENT: "the statement is not one fxinplace rewrites safely (only a plain name is "
-                                   "rewritten: `h.relu_()`, `h += b`, `h[i] = v`, `inplace=True`)",
+    NoFixReason.UNKNOWN_STATEMENT: "the statement is not one fxinplace rewrites safely (only a plain local name "
+                                   "or a view taken of it on the line is: `h.relu_()`, `h += b`, `h[i] = v`, "
+                                   "`h.view(-1).mul_(2)`, `inplace=True`)",
     NoFixReason.NOT_A_METHOD: "the line is in no method of the model's modules (the check swaps the method)",
     NoFixReason.NO_CONSTRUCTOR: "no constructor call of yours builds the module with `inplace=True`",
     NoFixReason.HAZARD_REMAINS: "the patched model still has the hazard",

@@ -87,8 +87,15 @@ MODELS = textwrap.dedent('''
     class WritesAnUnnamedView(ScaleAfterSigmoid):
         def forward(self, x):
             h = torch.sigmoid(self.fc(x))
-            h[:, 0].mul_(2)  # no name to bind a new tensor to
+            h[:, 0].mul_(2)  # a view of h, written: a clone of h first
             return h.sum(1)
+
+
+    class WritesModuleState(ScaleAfterSigmoid):
+        def forward(self, x):
+            self.h = torch.sigmoid(self.fc(x))
+            self.h.mul_(2)  # an attribute: a new tensor would rebind the module's state
+            return self.h.sum(1)
 
 
     class FlagNamedInplace(ScaleAfterSigmoid):
@@ -172,6 +179,7 @@ def _functionalized_step(model, x):
     ("ScaleAfterSigmoid", FixKind.OUT_OF_PLACE, ["-        h.mul_(2)  # sigmoid saved h",
                                                  "+        h = h.mul(2)  # sigmoid saved h"]),
     ("SliceAfterSigmoid", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
+    ("WritesAnUnnamedView", FixKind.CLONE_FIRST, ["+        h = h.clone()"]),
     ("HoldsFlagNamedInplace", FixKind.OUT_OF_PLACE, ["-            h.mul_(2)", "+            h = h.mul(2)"]),
     ("FunctionalInplace", FixKind.INPLACE_FALSE, ["-        F.relu(h, inplace=True)",
                                                   "+        h = F.relu(h, inplace=False)"]),
@@ -244,7 +252,7 @@ def test_an_edit_that_cuts_the_gradient_of_an_input_is_not_proposed(models):
 
 def test_a_statement_without_a_safe_edit_says_so(models):
     _, module = models
-    (fix,) = propose_fixes(module.WritesAnUnnamedView(), torch.randn(3, 4)).fixes
+    (fix,) = propose_fixes(module.WritesModuleState(), torch.randn(3, 4)).fixes
     assert fix.status is FixStatus.NO_SAFE_EDIT and fix.reason is NoFixReason.UNKNOWN_STATEMENT
     assert fix.diff == "" and "advice: write the op out of place" in fxinplace.fixes.FixReport((fix,)).render()
 

@@ -142,7 +142,6 @@ def _out_of_place(line: cst.SimpleStatementLine,
         if call.args and isinstance(call.args[0].value, cst.Name) and _inplace_keyword(call) is not None:
             name = call.args[0].value
             return replaced(cst.Assign([cst.AssignTarget(name)], _without_inplace(call))), FixKind.INPLACE_FALSE
-        return None
     # `y = F.relu(h, inplace=True)` -> `inplace=False`
     if isinstance(small, cst.Assign) and isinstance(small.value, cst.Call) and _inplace_keyword(small.value) is not None:
         if not all(isinstance(t.target, cst.Name) for t in small.targets):
@@ -156,14 +155,46 @@ def _out_of_place(line: cst.SimpleStatementLine,
             value = value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
         return replaced(cst.Assign([cst.AssignTarget(small.target)],
                                    cst.BinaryOperation(small.target, op, value))), FixKind.OUT_OF_PLACE
-    # `h[:, 0] = v` -> `h = h.clone()` first
-    if (isinstance(small, cst.Assign) and len(small.targets) == 1 and isinstance(small.targets[0].target, cst.Subscript)
-            and isinstance(small.targets[0].target.value, cst.Name)):
-        name = small.targets[0].target.value
-        clone = cst.Assign([cst.AssignTarget(name)],
-                           cst.Call(cst.Attribute(name, cst.Name("clone"))))
-        return [line.with_changes(body=[clone]), cst.SimpleStatementLine(body=[small])], FixKind.CLONE_FIRST
+    # `h[:, 0] = v`, `h[1:][:, 3:] = v`, `h.view(-1).mul_(2)`, `h.zero_()` -> `h = h.clone()` first
+    name = _written_local(small, imports)
+    if name is not None:
+        clone = cst.Assign([cst.AssignTarget(name)], cst.Call(cst.Attribute(name, cst.Name("clone"))))
+        # The clone takes the line's place (and its comments above); the line keeps its own comment.
+        return [cst.SimpleStatementLine(body=[clone], leading_lines=line.leading_lines),
+                line.with_changes(leading_lines=[])], FixKind.CLONE_FIRST
     return None
+
+
+def _written_local(small: cst.BaseSmallStatement, imports: dict[str, str]) -> cst.Name | None:
+    """The local name whose tensor (or a view of it, taken on the line) the statement writes in
+    place, where writing a clone of it first is the whole edit; None otherwise."""
+    if isinstance(small, (cst.Assign, cst.AugAssign)):
+        targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
+        if len(targets) != 1 or not isinstance(targets[0], cst.Subscript):
+            return None
+        root = _view_root(targets[0])
+    elif isinstance(small, cst.Expr) and isinstance(small.value, cst.Call) and isinstance(small.value.func, cst.Attribute):
+        method = small.value.func.attr.value
+        if not method.endswith("_") or method.startswith("_") or method == "requires_grad_":
+            return None
+        root = _view_root(small.value.func.value)
+    else:
+        return None
+    # Not `self` (module state: a clone would rebind it) nor a module (`torch.ones(3).add_(1)`).
+    return root if root is not None and root.value != "self" and root.value not in imports else None
+
+
+def _view_root(node: cst.BaseExpression) -> cst.Name | None:
+    # `h`, `h[1:]`, `h.view(-1)`, `h.t()[0]`: the name a chain of indexing and method calls starts
+    # from. An attribute (`h.data`, `self.w`) is not followed: `.data` hides the write on purpose.
+    while not isinstance(node, cst.Name):
+        if isinstance(node, cst.Subscript):
+            node = node.value
+        elif isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute):
+            node = node.func.value
+        else:
+            return None
+    return node
 
 
 # The modules whose `op_(t, ...)` functions have an out-of-place twin `op(t, ...)` of the same
