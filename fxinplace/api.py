@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -46,7 +47,13 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
                             f"of it), got {type(model).__name__}")
         from .fixes import propose_fixes
 
-        fixes = propose_fixes(model, *args, **kwargs)  # on copies: the audited call below sees the model as it was
+        try:  # on copies: the audited call below sees the model as it was
+            fixes = propose_fixes(model, *args, **kwargs)
+        except Exception as e:  # the fix-its' own failure must not stop the audit
+            if shown.strict:
+                raise
+            warnings.warn(f"fxinplace.audit: proposing fixes failed ({type(e).__name__}: {e}); the report has none",
+                          stacklevel=2)
     backend = InplaceAudit(**{**options, "print": False, "file": None, "fixes": False})  # tables come once tasks have names
     backend.model = model if isinstance(model, torch.nn.Module) else None
     compiled = torch.compile(model, backend=backend)

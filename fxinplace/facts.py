@@ -90,7 +90,9 @@ class FixKind(str, Enum):
 
 
 class FixStatus(str, Enum):
-    CHECKED = "checked"  # the patched model audits clean and trains like the functionalized original
+    # The patched model audits clean and trains like the functionalized original; for `move-step`,
+    # the patched loop runs watched with no finding, no failure and no new error or warning.
+    CHECKED = "checked"
     NO_SAFE_EDIT = "no-safe-edit"  # `reason` says why
     CHECK_FAILED = "check-failed"  # an edit exists, but the patched model failed its check (`reason`)
 
@@ -106,9 +108,16 @@ class NoFixReason(str, Enum):
     HAZARD_REMAINS = "hazard-remains"  # the patched model still has the hazard
     NEW_ERROR = "new-error"  # the patched model has another error-level hazard, or fails
     DIFFERENT_GRADIENTS = "different-gradients"  # outputs or gradients differ from the functionalized original
-    NOT_A_STEP = "not-a-step"  # a loop finding whose write is no optimizer step (a clip, an EMA, `.data`)
+    # The guard's loop findings (`move-step`):
+    NOT_A_STEP = "not-a-step"  # a write that is no optimizer step (a clip, an EMA, `.data`)
+    SEVERAL_STEPS = "several-steps"  # several step statements wrote the tensor
     NOT_IN_SCRIPT = "not-in-script"  # the step or the backward is not in the script (the check runs the patched script)
-    NO_GRADIENT = "no-gradient"  # moved, the step would see no gradient (a `zero_grad` runs before it)
+    NOT_ONE_BLOCK = "not-one-block"  # the step and the backward are not statements of one block, step first
+    MOVES_OVER = "moves-over"  # between them is more than backward calls and other objects' `zero_grad()`
+    STEP_NOT_RUN = "step-not-run"  # the moved step never ran in the check
+    NO_GRADIENT = "no-gradient"  # moved, the step would see no gradient
+    LOSES_GRADIENTS = "loses-gradients"  # moved, the step would no longer take some backward's gradients (`detail`)
+    NEW_WARNING = "new-warning"  # the patched script warns where the original did not (`detail`)
 
     def __str__(self) -> str:
         return self.value

@@ -19,8 +19,8 @@ from .facts import (Detail, Fix, FixKind, FixStatus, Hazard, HazardCode, KeptRea
 if TYPE_CHECKING:
     from .report import GraphReport
 
-__all__ = ["message", "fix_text", "patch_text", "patch_dict", "semantics", "rewrite_text", "render_graph", "graph_dict", "hazard_dict", "hazard_lines",
-           "SCHEMA_VERSION"]
+__all__ = ["message", "fix_text", "patch_text", "patch_dict", "semantics", "source_dict", "rewrite_text",
+           "render_graph", "graph_dict", "hazard_dict", "hazard_lines", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 4  # of `Report.to_dict()`; docs/report.schema.json describes it
 
@@ -60,9 +60,17 @@ _NO_FIX = {
     NoFixReason.DIFFERENT_GRADIENTS: "the patched model does not train like the functionalized original",
     NoFixReason.NOT_A_STEP: "not every write to it is an optimizer step (fxinplace moves only `opt.step()` "
                             "statements)",
+    NoFixReason.SEVERAL_STEPS: "several step statements wrote it: which one to move is yours to decide",
     NoFixReason.NOT_IN_SCRIPT: "the step or the backward is not in the script itself (the check runs the patched "
                                "script)",
+    NoFixReason.NOT_ONE_BLOCK: "the step and the backward are not statements of one block, the step first",
+    NoFixReason.MOVES_OVER: "between the step and the backward is more than backward calls and other optimizers' "
+                            "`zero_grad()`: moving the step would reorder it too",
+    NoFixReason.STEP_NOT_RUN: "the moved step never ran in the check",
     NoFixReason.NO_GRADIENT: "moved after that backward, the step would see no gradient",
+    NoFixReason.LOSES_GRADIENTS: "moved after that backward, the step would lose gradients it takes now (a "
+                                 "`zero_grad()` it would run after clears them)",
+    NoFixReason.NEW_WARNING: "the patched script warns where the original did not",
 }
 
 # Hazards PyTorch itself refused while Dynamo traced (`fxinplace.audit` reports them).
@@ -120,7 +128,7 @@ def patch_dict(patch: Patch, advice: str) -> dict[str, Any]:
         "diff": patch.diff if checked else "",
         "reason": patch.reason.value if patch.reason else None,
         "detail": patch.detail,
-        "gradients_from": [_source_dict(s) for s in patch.gradients_from],
+        "gradients_from": [source_dict(s) for s in patch.gradients_from],
         "text": patch_text(patch, advice),
     }
 
@@ -579,7 +587,7 @@ def _mutation_dict(m: Mutation, names: Sequence[str]) -> dict[str, Any]:
         "op": m.op,
         "target": _target_dict(m.target),
         "view_chain": list(m.view_chain),
-        "source": _source_dict(m.source),
+        "source": source_dict(m.source),
         "module": m.module,
         "module_type": m.site.module_type,
         "tasks": list(task_names(m.site.tasks, names)),
@@ -655,7 +663,8 @@ def _site_dict(site: Site | None, names: Sequence[str]) -> dict[str, Any] | None
     }
 
 
-def _source_dict(source: SourceLocation | None) -> dict[str, Any] | None:
+def source_dict(source: SourceLocation | None) -> dict[str, Any] | None:
+    """A source location as the report's JSON writes it."""
     if source is None:
         return None
     return {"file": source.file, "line": source.line, "code": source.code}

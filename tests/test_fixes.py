@@ -355,6 +355,34 @@ def test_the_audit_with_fixes_carries_each_errors_checked_patch_and_the_patches_
     torch.testing.assert_close(_step(fixed, x), _functionalized_step(model, x))
 
 
+def test_the_audit_with_fixes_leaves_the_random_stream_as_it_was(models):
+    _, module = models
+    drawn = []
+    for fixes in (False, True):
+        torch.manual_seed(0)
+        model, x = module.ScaleAfterSigmoid(), torch.randn(3, 4)
+        report = fxinplace.audit(model, x, options={"fixes": fixes, "print": False})
+        assert all((h.patch is not None) is fixes for h in report.hazards("error"))
+        drawn.append(torch.rand(3))
+    torch.testing.assert_close(drawn[0], drawn[1], rtol=0, atol=0)
+
+
+def test_a_failure_to_propose_fixes_warns_and_the_audit_goes_on(models, monkeypatch):
+    import fxinplace.fixes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(fxinplace.fixes, "propose_fixes", broken)
+    _, module = models
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"proposing fixes failed \(RuntimeError: broken on purpose\)"):
+        report = fxinplace.audit(module.ScaleAfterSigmoid(), x, options={"fixes": True, "print": False})
+    assert report.hazards("error") and all(h.patch is None for h in report.hazards("error"))
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        fxinplace.audit(module.ScaleAfterSigmoid(), x, options={"fixes": True, "print": False, "strict": True})
+
+
 def test_fixes_need_the_model_and_its_inputs_so_the_backend_refuses_them():
     with pytest.raises(ValueError, match=r"option `fixes` needs the model and its inputs.*fxinplace\.audit"):
         fxinplace.InplaceAudit(fixes=True)

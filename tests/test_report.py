@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fxinplace
+from fxinplace.facts import FixKind, FixStatus, NoFixReason
 from conftest import SCHEMA, eager_backward_error, marked_line, quiet_audit
 from test_hazards import LeafInPlace
 
@@ -87,6 +88,10 @@ def test_the_schema_lists_exactly_the_codes_the_library_has():
     assert set(defs["hazard"]["properties"]["detail"]["enum"]) == {d.value for d in fxinplace.Detail} | {None}
     assert set(defs["rewrite"]["properties"]["kind"]["enum"]) == {k.value for k in fxinplace.RewriteKind}
     assert set(defs["rewrite"]["properties"]["reason"]["enum"]) == {r.value for r in fxinplace.KeptReason} | {None}
+    patch = defs["patch"]["properties"]
+    assert set(patch["status"]["enum"]) == {s.value for s in FixStatus}
+    assert set(patch["kind"]["enum"]) == {k.value for k in FixKind} | {None}
+    assert set(patch["reason"]["enum"]) == {r.value for r in NoFixReason} | {None}
 
 
 def test_a_hazard_in_json_names_the_saving_and_the_mutating_sites_eager_blames():

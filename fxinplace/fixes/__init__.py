@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import inspect
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +26,7 @@ from .._sources import is_internal_file
 from ..facts import Hazard, Severity
 from ..report import GraphReport
 from ._check import difference, method_at, method_swapped, outcome_of, patched_method
-from ._edits import edit_statement, flip_inplace_calls, move_step
+from ._edits import MovedStep, edit_statement, flip_inplace_calls, move_step, unified_diff
 from ._facts import FixKind, FixStatus, NoFixReason, ProposedFix
 from ._render import fixes_dict, render_fixes
 
@@ -87,7 +85,7 @@ class FixReport:
 def _redo(edit: tuple, text: str) -> str | None:
     if edit[0] == "move":
         done = move_step(text, *edit[1:])
-        return done[0] if done else None
+        return done.text if isinstance(done, MovedStep) else None
     if edit[0] == "statement":
         done = edit_statement(text, edit[1])
         return done[0] if done else None
@@ -102,6 +100,11 @@ def propose_fixes(model: torch.nn.Module, *args: Any, **kwargs: Any) -> FixRepor
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"propose_fixes: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    with torch.random.fork_rng():  # the checks seed their steps: the caller's random stream stays as it was
+        return _propose(model, args, kwargs)
+
+
+def _propose(model, args, kwargs) -> FixReport:
     found = _errors(model, args, kwargs)
     before = [h for h, _ in found]
     sites: dict[Any, list[tuple[Hazard, tuple]]] = {}
@@ -201,7 +204,7 @@ def _fix(model, args, kwargs, hazard: Hazard, before: list[Hazard], reference) -
     except Exception as e:  # the edit does not compile as a method: say so, propose nothing
         return ProposedFix(hazard, FixStatus.CHECK_FAILED, kind, file, line, reason=NoFixReason.NEW_ERROR,
                            detail=f"{type(e).__name__}: {e}")
-    proposed = ProposedFix(hazard, FixStatus.CHECKED, kind, file, line, _diff(file, original, patched_source),
+    proposed = ProposedFix(hazard, FixStatus.CHECKED, kind, file, line, unified_diff(file, original, patched_source),
                            patched_source, edit=("statement", line))
     with method_swapped(method, function):
         return _checked(proposed, model, args, kwargs, {(file, line)}, before, reference, (file, line, shift))
@@ -228,7 +231,7 @@ def _fix_constructor(model, args, kwargs, hazard, found, before, reference) -> P
         m.inplace = False  # what the patched constructor makes
     keys = {(site.module, site.op)} if site is not None else set()
     proposed = ProposedFix(hazard, FixStatus.CHECKED, FixKind.INPLACE_FALSE, file, line,
-                           _diff(file, original, patched_source), patched_source, edit=edit)
+                           unified_diff(file, original, patched_source), patched_source, edit=edit)
     return _checked(proposed, patched, args, kwargs, keys, before, reference, None)
 
 
@@ -325,10 +328,3 @@ def _unshift(file: str, line: int, moved) -> int:
     if file == edited_file and line > edited_line:
         return max(edited_line, line - shift)
     return line
-
-
-def _diff(file: str, original: str, patched: str) -> str:
-    # `git apply` paths (a/..., b/...) for a file under the working directory.
-    relative = os.path.relpath(file)
-    old, new = (f"a/{relative}", f"b/{relative}") if not relative.startswith("..") else (file, file)
-    return "".join(difflib.unified_diff(original.splitlines(True), patched.splitlines(True), fromfile=old, tofile=new))

@@ -9,6 +9,9 @@ names (`f(x).add_(1)`) has no name to bind the new value to.
 
 from __future__ import annotations
 
+import difflib
+import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import libcst as cst
@@ -16,9 +19,9 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 
 import torch
 
-from ._facts import FixKind
+from ..facts import FixKind, NoFixReason
 
-__all__ = ["edit_statement", "flip_inplace_calls", "move_step"]
+__all__ = ["edit_statement", "flip_inplace_calls", "move_step", "MovedStep", "unified_diff"]
 
 _AUG_OPS = {
     cst.AddAssign: cst.Add, cst.SubtractAssign: cst.Subtract, cst.MultiplyAssign: cst.Multiply,
@@ -59,21 +62,40 @@ def flip_inplace_calls(source: str, first: int, last: int, callee: str) -> tuple
     return (module.code, min(flipper.lines)) if flipper.lines else None
 
 
-def move_step(source: str, step_line: int, backward_line: int) -> tuple[str, int, tuple[int, int, int]] | None:
+@dataclass(frozen=True)
+class MovedStep:
+    text: str  # the file, the step moved
+    line: int  # the step's new line
+    # Lines first..last of the new text were lines first+by..last+by of the old one.
+    first: int
+    last: int
+    by: int
+
+    def original_line(self, line: int) -> int:
+        """A line of the new text as the old text numbers it."""
+        return line + self.by if self.first <= line <= self.last else line
+
+
+def move_step(source: str, step_line: int, backward_line: int) -> MovedStep | NoFixReason:
     """The file with the statement `opt.step()` at `step_line` moved to just after the statement
-    at `backward_line` (a later statement of the same block), the step's new line, and the lines
-    that moved up: (first, last, by), new lines first..last were lines first+by..last+by; None
-    when they are not two such statements of one block."""
+    at `backward_line`, or why not: the two must be statements of one block, the step first, and
+    only backward calls and other objects' `zero_grad()` may lie between (anything else, a
+    scheduler's step, a forward, an EMA update, would run in another order)."""
     wrapper = MetadataWrapper(cst.parse_module(source))
     positions = wrapper.resolve(PositionProvider)
     steps, backwards = _StatementAt(step_line, positions), _StatementAt(backward_line, positions)
     wrapper.visit(steps)
     wrapper.visit(backwards)
     if steps.found is None or backwards.found is None:
-        return None
+        return NoFixReason.NOT_ONE_BLOCK
     (parent, i, step), (other, j, backward) = steps.found, backwards.found
-    if parent is not other or j <= i or not _is_step_call(step):
-        return None
+    if parent is not other or j <= i:
+        return NoFixReason.NOT_ONE_BLOCK
+    stepped = _stepped_object(step)
+    if stepped is None:
+        return NoFixReason.NOT_A_STEP
+    if not all(_may_move_over(s, stepped) for s in parent.body[i + 1:j + 1]):
+        return NoFixReason.MOVES_OVER
     body = list(parent.body)
     body.insert(j, body.pop(i))  # right after the backward, which moved up to j - 1
     module = wrapper.module.deep_replace(parent, parent.with_changes(body=body))
@@ -81,15 +103,43 @@ def move_step(source: str, step_line: int, backward_line: int) -> tuple[str, int
     # backward's end, and come back below it.
     span = len(step.leading_lines) + positions[step].end.line - positions[step].start.line + 1
     first, last = positions[step].start.line - len(step.leading_lines), positions[backward].end.line - span
-    return module.code, last + len(step.leading_lines) + 1, (first, last, span)
+    return MovedStep(module.code, last + len(step.leading_lines) + 1, first, last, span)
 
 
-def _is_step_call(line: cst.SimpleStatementLine) -> bool:
-    # `opt.step()`, `self.opt_d.step()`: one call of a method named `step`, nothing else on the line.
-    if len(line.body) != 1 or not isinstance(line.body[0], cst.Expr):
+def _stepped_object(line: cst.SimpleStatementLine) -> str | None:
+    # `opt.step()`, `self.opt_d.step()`: the object stepped, as written; nothing else on the line.
+    call = _only_call(line)
+    if call is None or not isinstance(call.func, cst.Attribute) or call.func.attr.value != "step":
+        return None
+    return _code(call.func.value)
+
+
+def _may_move_over(statement: cst.BaseStatement, stepped: str) -> bool:
+    # A backward call, or `zero_grad()` of another object: the step's order against them is
+    # what the move changes, and the check measures what that does to its gradients.
+    call = _only_call(statement) if isinstance(statement, cst.SimpleStatementLine) else None
+    if call is None or not isinstance(call.func, cst.Attribute):
         return False
-    call = line.body[0].value
-    return isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute) and call.func.attr.value == "step"
+    method = call.func.attr.value
+    return method == "backward" or (method == "zero_grad" and _code(call.func.value) != stepped)
+
+
+def _only_call(line: cst.SimpleStatementLine) -> cst.Call | None:
+    if len(line.body) != 1 or not isinstance(line.body[0], cst.Expr) or not isinstance(line.body[0].value, cst.Call):
+        return None
+    return line.body[0].value
+
+
+def _code(node: cst.CSTNode) -> str:
+    return cst.Module(body=[]).code_for_node(node)
+
+
+def unified_diff(file: str, original: str, patched: str) -> str:
+    """`original` -> `patched` as a unified diff, with `git apply` paths (a/..., b/...) for a
+    file under the working directory."""
+    relative = os.path.relpath(file)
+    old, new = (f"a/{relative}", f"b/{relative}") if not relative.startswith("..") else (file, file)
+    return "".join(difflib.unified_diff(original.splitlines(True), patched.splitlines(True), fromfile=old, tofile=new))
 
 
 class _StatementAt(cst.CSTVisitor):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._sources import SourceLocation
 from ..facts import FixKind, FixStatus, Hazard, NoFixReason, Patch
 from ..training_guard import StaleSavedTensor
 
@@ -14,7 +15,7 @@ __all__ = ["FixKind", "FixStatus", "NoFixReason", "ProposedFix"]
 
 @dataclass(frozen=True)
 class ProposedFix:
-    hazard: Hazard | None  # None for a loop finding of the guard (`finding`)
+    hazard: Hazard | None  # None for the guard's loop findings (`findings`)
     status: FixStatus
     kind: FixKind | None = None
     file: str | None = None
@@ -29,8 +30,8 @@ class ProposedFix:
     edit: tuple = ()
     task_names: tuple[str | None, ...] = ()  # the graph's, to word the hazard
     also: tuple[Hazard, ...] = ()  # the other error-level hazards of the same write (saved by another op)
-    finding: StaleSavedTensor | None = None  # the guard's finding a `move-step` fix is for
-    gradients_from: tuple = ()  # `Patch.gradients_from`
+    findings: tuple[StaleSavedTensor, ...] = ()  # the guard's findings a `move-step` fix is for
+    gradients_from: tuple[SourceLocation, ...] = ()  # `Patch.gradients_from`
 
     @property
     def patch(self) -> Patch:

@@ -17,12 +17,12 @@ def fix_line(fix: ProposedFix) -> str:
 
 
 def _advice(fix: ProposedFix) -> str:
-    return advice(fix.finding) if fix.finding is not None else render.fix_text(fix.hazard)
+    return advice(fix.findings[0]) if fix.findings else render.fix_text(fix.hazard)
 
 
 def _head(fix: ProposedFix) -> str:
-    if fix.finding is not None:  # the guard's message, its own advice left for the fix line
-        return "ERROR [stale-saved-tensor] " + "\n".join(explain(fix.finding).splitlines()[:-1])
+    if fix.findings:  # the guard's messages; the advice is the fix line's
+        return "\n".join(explain(f, with_fix=False) for f in fix.findings)
     return "\n".join(f"{h.severity.value.upper()} [{h.code.value}] {render.message(h, fix.task_names)}"
                      for h in (fix.hazard, *fix.also))
 
@@ -46,7 +46,7 @@ def fixes_dict(fixes: Sequence[ProposedFix]) -> dict:
         "fixes": [{
             **render.patch_dict(f.patch, _advice(f)),
             "hazards": [render.hazard_dict(h, f.task_names) for h in (f.hazard, *f.also) if h is not None],
-            "finding": finding_dict(f.finding) if f.finding is not None else None,
+            "findings": [finding_dict(s) for s in f.findings],
         } for f in fixes],
         "checked": sum(f.status is FixStatus.CHECKED for f in fixes),
         "total": len(fixes),

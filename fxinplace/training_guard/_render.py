@@ -20,8 +20,9 @@ def compiled_write_by(graph, mutation) -> str:
     return f"`{mutation.op}` in graph {graph.compile_id} `{graph.function}` (compiled, audited by inplace_audit{task})"
 
 
-def explain(stale: StaleSavedTensor) -> str:
-    """The error message: what changed, who saved it and for what, who changed it, the fix."""
+def explain(stale: StaleSavedTensor, with_fix: bool = True) -> str:
+    """The error message: what changed, who saved it and for what, who changed it, the fix
+    (left out without `with_fix`: a fix-it says its own)."""
     s = stale
     if s.hidden and s.writes and s.writes[0].kind is WriteKind.OPTIMIZER:  # see `_fsdp`
         head = (
@@ -67,7 +68,8 @@ def explain(stale: StaleSavedTensor) -> str:
     call = f"`{s.backward}`" if s.backward else "a backward"
     node = f"{s.node} in " if s.node else ""
     lines.append(f"  needed by:  {node}{call} at {_where(s.backward_at)}{_task(s.needed_for)}")
-    lines.append("How to fix: " + advice(s))
+    if with_fix:
+        lines.append("How to fix: " + advice(s))
     return "\n".join(lines)
 
 
@@ -168,18 +170,17 @@ def _compiled_or_unknown(node: str | None) -> str:
 
 def finding_dict(s: StaleSavedTensor) -> dict:
     """A finding as data (`fxinplace fix --json`): the tensor, its lines and the message."""
-    def source(at: SourceLocation | None) -> dict | None:
-        return None if at is None else {"file": at.file, "line": at.line, "code": at.code}
+    from ..render import source_dict
 
     return {
         "tensor": s.name,
         "shape": list(s.shape),
         "saved_by": s.op,
-        "saved_at": source(s.saved_at),
-        "called_at": source(s.called_at),
-        "changed_by": [{"kind": w.kind.value, "by": w.by, "source": source(w.source)} for w in s.writes],
+        "saved_at": source_dict(s.saved_at),
+        "called_at": source_dict(s.called_at),
+        "changed_by": [{"kind": w.kind.value, "by": w.by, "source": source_dict(w.source)} for w in s.writes],
         "needed_by": s.node,
-        "backward_at": source(s.backward_at),
+        "backward_at": source_dict(s.backward_at),
         "version_saved": s.version_saved,
         "version_now": s.version_now,
         "message": explain(s),
