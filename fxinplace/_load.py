@@ -31,8 +31,9 @@ def report_from_dict(data: Any):
 
     _expect(isinstance(data, dict), "the report", "a JSON object with `schema_version` and `graphs`", data)
     version = data.get("schema_version")
-    _expect(version in LOADABLE_VERSIONS, "`schema_version`",
-            ", ".join(map(str, LOADABLE_VERSIONS[:-1])) + f" or {LOADABLE_VERSIONS[-1]} (a report written by `Report.to_json()`)", version)
+    versions = ", ".join(map(str, LOADABLE_VERSIONS[:-1])) + f" or {LOADABLE_VERSIONS[-1]}"
+    _expect(version in LOADABLE_VERSIONS, "`schema_version`", f"{versions} (a report written by `Report.to_json()`)",
+            version)
     graphs = _field(data, "graphs", "the report", list)
     return Report(tuple(_graph(g, f"graphs[{i}]") for i, g in enumerate(graphs)))
 

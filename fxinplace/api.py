@@ -54,7 +54,8 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
                 raise
             warnings.warn(f"fxinplace.audit: proposing fixes failed ({type(e).__name__}: {e}); the report has none",
                           stacklevel=2)
-    backend = InplaceAudit(**{**options, "print": False, "file": None, "fixes": False})  # tables come once tasks have names
+    # Tables come once tasks have names; fixes, above, once per call.
+    backend = InplaceAudit(**{**options, "print": False, "file": None, "fixes": False})
     backend.model = model if isinstance(model, torch.nn.Module) else None
     compiled = torch.compile(model, backend=backend)
     try:

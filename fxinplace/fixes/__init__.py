@@ -184,27 +184,27 @@ def _fix(model, args, kwargs, hazard: Hazard, before: list[Hazard], reference) -
     if module is not None:
         return _fix_constructor(model, args, kwargs, hazard, module, before, reference)
     if hazard.source is None:
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, reason=NoFixReason.NO_SOURCE)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, reason=NoFixReason.NO_SOURCE)
     file, line = hazard.source.file, hazard.source.line
     try:
         with open(file, encoding="utf-8") as f:
             original = f.read()
     except OSError:
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=line, reason=NoFixReason.NO_SOURCE)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=line, reason=NoFixReason.NO_SOURCE)
     edited = edit_statement(original, line)
     if edited is None:
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=line, reason=NoFixReason.UNKNOWN_STATEMENT)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=line, reason=NoFixReason.UNKNOWN_STATEMENT)
     patched_source, kind = edited
     method = method_at(model, file, line)
     if method is None:
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, kind, file, line, reason=NoFixReason.NOT_A_METHOD)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, kind, file, line, reason=NoFixReason.NOT_A_METHOD)
     shift = patched_source.count("\n") - original.count("\n")
     try:
         function = patched_method(method, patched_source, shift)
     except Exception as e:  # the edit does not compile as a method: say so, propose nothing
-        return ProposedFix(hazard, FixStatus.CHECK_FAILED, kind, file, line, reason=NoFixReason.NEW_ERROR,
+        return ProposedFix.of(hazard, FixStatus.CHECK_FAILED, kind, file, line, reason=NoFixReason.NEW_ERROR,
                            detail=f"{type(e).__name__}: {e}")
-    proposed = ProposedFix(hazard, FixStatus.CHECKED, kind, file, line, unified_diff(file, original, patched_source),
+    proposed = ProposedFix.of(hazard, FixStatus.CHECKED, kind, file, line, unified_diff(file, original, patched_source),
                            patched_source, edit=("statement", line))
     with method_swapped(method, function):
         return _checked(proposed, model, args, kwargs, {(file, line)}, before, reference, (file, line, shift))
@@ -220,17 +220,17 @@ def _fix_constructor(model, args, kwargs, hazard, found, before, reference) -> P
         with open(file, encoding="utf-8") as f:
             original = f.read()
     except (KeyError, AttributeError, OSError, TypeError):
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, reason=NoFixReason.NO_CONSTRUCTOR)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, reason=NoFixReason.NO_CONSTRUCTOR)
     edit = ("constructor", first, first + len(lines) - 1, type(module).__name__)
     flipped = flip_inplace_calls(original, *edit[1:])
     if flipped is None:
-        return ProposedFix(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=first, reason=NoFixReason.NO_CONSTRUCTOR)
+        return ProposedFix.of(hazard, FixStatus.NO_SAFE_EDIT, file=file, line=first, reason=NoFixReason.NO_CONSTRUCTOR)
     patched_source, line = flipped
     patched = copy.deepcopy(model)
     for m in _made_by(patched, owner_path, type(module)):
         m.inplace = False  # what the patched constructor makes
     keys = {(site.module, site.op)} if site is not None else set()
-    proposed = ProposedFix(hazard, FixStatus.CHECKED, FixKind.INPLACE_FALSE, file, line,
+    proposed = ProposedFix.of(hazard, FixStatus.CHECKED, FixKind.INPLACE_FALSE, file, line,
                            unified_diff(file, original, patched_source), patched_source, edit=edit)
     return _checked(proposed, patched, args, kwargs, keys, before, reference, None)
 
@@ -284,7 +284,7 @@ def _builds_its_modules(cls: type) -> bool:
 
 def _checked(proposed: ProposedFix, patched, args, kwargs, keys, before, reference, moved) -> ProposedFix:
     def failed(reason: NoFixReason, detail: str = "") -> ProposedFix:
-        return dataclasses.replace(proposed, status=FixStatus.CHECK_FAILED, reason=reason, detail=detail)
+        return proposed.failed(reason, detail)
 
     try:
         after = [h for h, _ in _errors(patched, args, kwargs)]

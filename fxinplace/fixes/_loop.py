@@ -240,8 +240,8 @@ def _fix(path: pathlib.Path, text: str, args: Sequence[str], findings: list[Stal
     finding = findings[0]
 
     def no_fix(status: FixStatus, reason: NoFixReason, detail: str = "", **done: Any) -> ProposedFix:
-        return ProposedFix(None, status, FixKind.MOVE_STEP if done else None, reason=reason, detail=detail,
-                           findings=tuple(findings), **done)
+        return ProposedFix.of(None, status, FixKind.MOVE_STEP if done else None, reason=reason, detail=detail,
+                              findings=tuple(findings), **done)
 
     if not finding.writes or any(w.kind is not WriteKind.OPTIMIZER for w in finding.writes):
         return no_fix(FixStatus.NO_SAFE_EDIT, NoFixReason.NOT_A_STEP)
@@ -287,8 +287,8 @@ def _fix(path: pathlib.Path, text: str, args: Sequence[str], findings: list[Stal
     if lost:
         return failed(NoFixReason.LOSES_GRADIENTS, ", ".join(f"`{at.code}` at {at}" for at in _in_order(lost)))
     gained = _in_order({at for p in places for at in took_after.get(p, frozenset()) - took_before.get(p, frozenset())})
-    return ProposedFix(None, FixStatus.CHECKED, FixKind.MOVE_STEP, findings=tuple(findings), gradients_from=gained,
-                       **done)
+    return ProposedFix.of(None, FixStatus.CHECKED, FixKind.MOVE_STEP, findings=tuple(findings), gradients_from=gained,
+                          **done)
 
 
 def _in_order(places: set[SourceLocation]) -> tuple[SourceLocation, ...]:
