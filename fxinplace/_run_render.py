@@ -11,7 +11,7 @@ from .training_guard import StaleSavedTensor, render_table
 from .training_guard._render import explain
 
 __all__ = ["summary", "unexplained_inplace_error", "predicted_inplace_error", "hazard_lines", "failure",
-           "json_written", "failed_on", "no_model_ran", "applied"]
+           "json_written", "failed_on", "no_model_ran", "applied", "watched_run_failed"]
 
 GUARD_DOCS = "docs/guard.md"
 
@@ -76,6 +76,11 @@ def failed_on(fail_on: str) -> str:
 def no_model_ran() -> str:
     return ("fxinplace fix: the script ran no torch.nn.Module before its first backward (or its end): nothing to "
             "audit. Call `fxinplace.propose_fixes(model, *inputs)` on the model yourself (docs/fixes.md).")
+
+
+def watched_run_failed(said: str) -> str:
+    return (f"fxinplace fix: the script failed when run watched for its loop's findings ({said}): its loop was "
+            "checked up to there")
 
 
 def applied(path: str) -> str:

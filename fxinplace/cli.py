@@ -25,7 +25,7 @@ from typing import Sequence
 
 from . import render
 from ._run_render import (applied, failed_on, json_written, no_model_ran, predicted_inplace_error, summary,
-                          unexplained_inplace_error)
+                          unexplained_inplace_error, watched_run_failed)
 from ._script import exec_script, main_module, script_frames
 from ._watch import Watch
 from .backend import _is_autograd_inplace_error
@@ -156,9 +156,17 @@ def fix(script: str, args: Sequence[str] = (), *, apply: bool = False, json_path
     for call in first.calls:
         fixes += propose_fixes(call.module, *call.args).fixes
     # The loop's own findings (a step between two backward calls): the script runs again, watched.
-    fixes += loop_fixes(path, args, model_errors=bool(fixes))
+    model_errors = bool(fixes)
+    loop, error = loop_fixes(path, args, model_errors=model_errors)
+    fixes += loop
     report = FixReport(tuple(fixes))
     print(report.render())
+    unexplained = error is not None and not fixes and _is_autograd_inplace_error(error)
+    if unexplained:
+        print(unexplained_inplace_error(), file=sys.stderr)
+    elif error is not None and not model_errors:
+        print(watched_run_failed(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"),
+              file=sys.stderr)
     if json_path:
         try:
             pathlib.Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -168,7 +176,7 @@ def fix(script: str, args: Sequence[str] = (), *, apply: bool = False, json_path
     if apply and report.checked:
         for written in report.apply():
             print(applied(written), file=sys.stderr)
-    return 0 if len(report.checked) == len(report.fixes) else 1
+    return 0 if len(report.checked) == len(report.fixes) and not unexplained else 1
 
 
 def _fails(report: Report, watch: Watch, fail_on: str) -> bool:

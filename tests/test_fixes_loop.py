@@ -104,7 +104,7 @@ def test_a_step_per_task_moves_after_the_last_backward_and_then_takes_both_tasks
     path = _script(tmp_path, PER_TASK_STEP)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         runpy.run_path(str(path), run_name="__main__")  # eager PyTorch fails
-    (fix,) = loop_fixes(path)
+    (fix,) = loop_fixes(path)[0]
     assert fix.status is FixStatus.CHECKED and fix.kind is FixKind.MOVE_STEP
     assert fix.line == _line(PER_TASK_STEP, "opt.step()")
     assert {f.name for f in fix.findings} >= {"trunk.2.weight"}
@@ -124,7 +124,7 @@ def test_a_step_per_task_moves_after_the_last_backward_and_then_takes_both_tasks
 def test_an_optimizer_inside_a_function_is_measured_too(tmp_path):
     # The script's globals hold no optimizer: the gradients are read from what the backward reaches.
     text = "def main():\n" + textwrap.indent(PER_TASK_STEP, "    ") + "    return result\n\n\nresult = main()\n"
-    (fix,) = loop_fixes(_script(tmp_path, text))
+    (fix,) = loop_fixes(_script(tmp_path, text))[0]
     depth = _line(text, "loss_depth.backward()")
     assert fix.status is FixStatus.CHECKED and [(s.code, s.line) for s in fix.gradients_from] == \
         [("loss_depth.backward()", depth)]
@@ -133,7 +133,7 @@ def test_an_optimizer_inside_a_function_is_measured_too(tmp_path):
 def test_backward_calls_written_alike_are_told_apart_by_their_line(tmp_path):
     text = _replaced(PER_TASK_STEP, PER_TASK_STEPS,
                      "    loss_seg.backward(retain_graph=True)\n    opt.step()\n    loss_seg.backward(retain_graph=True)\n")
-    (fix,) = loop_fixes(_script(tmp_path, text))
+    (fix,) = loop_fixes(_script(tmp_path, text))[0]
     second = [i for i, line in enumerate(text.splitlines(), 1) if "loss_seg.backward" in line][1]
     assert fix.status is FixStatus.CHECKED and [s.line for s in fix.gradients_from] == [second]
 
@@ -143,7 +143,7 @@ def test_a_move_that_would_lose_a_tasks_gradient_is_refused(tmp_path):
     # on the trunk. PyTorch agrees: the moved loop's trunk trains on the depth loss alone.
     text = _replaced(PER_TASK_STEP, "    opt.step()  # one step per task\n",
                      "    opt.step()  # one step per task\n    trunk.zero_grad()\n")
-    (fix,) = loop_fixes(_script(tmp_path, text))
+    (fix,) = loop_fixes(_script(tmp_path, text))[0]
     assert (fix.status, fix.reason) == (FixStatus.CHECK_FAILED, NoFixReason.LOSES_GRADIENTS)
     assert "`loss_seg.backward(retain_graph=True)`" in fix.detail
     assert "no checked fix" in FixReport((fix,)).render()
@@ -158,13 +158,13 @@ def test_a_step_is_not_moved_over_anything_but_backward_calls_and_other_zero_gra
     text = _replaced(PER_TASK_STEP, "    opt.step()  # one step per task\n",
                      "    opt.step()  # one step per task\n" + between)
     text = _replaced(text, "for step in", "sched = torch.optim.lr_scheduler.StepLR(opt, 1)\nfor step in")
-    (fix,) = loop_fixes(_script(tmp_path, text))
+    (fix,) = loop_fixes(_script(tmp_path, text))[0]
     assert (fix.status, fix.reason, fix.diff) == (FixStatus.NO_SAFE_EDIT, NoFixReason.MOVES_OVER, "")
 
 
 def test_a_discriminator_step_moves_and_then_takes_the_generators_gradients(tmp_path):
     path = _script(tmp_path, GAN)
-    (fix,) = loop_fixes(path)  # one entry for the two weights the step changed
+    (fix,) = loop_fixes(path)[0]  # one entry for the two weights the step changed
     assert fix.status is FixStatus.CHECKED and fix.line == _line(GAN, "opt_d.step()")
     assert {f.name for f in fix.findings} == {"D.0.weight", "D.2.weight"}
     assert [(s.code, s.line) for s in fix.gradients_from] == [("loss_g.backward()", _line(GAN, "loss_g.backward()"))]
@@ -199,7 +199,7 @@ def test_a_step_whose_parameters_the_later_backward_does_not_reach_keeps_the_sam
     path = _script(tmp_path, FROZEN_FOR_G)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         runpy.run_path(str(path), run_name="__main__")
-    (fix,) = loop_fixes(path)
+    (fix,) = loop_fixes(path)[0]
     assert fix.status is FixStatus.CHECKED and fix.gradients_from == ()
     assert "same gradients: the step runs after the backward" in FixReport((fix,)).render()
     # PyTorch: one moved step leaves D where a step on loss_d alone does.
@@ -214,7 +214,7 @@ def test_a_write_that_is_no_step_gets_the_guards_advice_and_no_edit(tmp_path):
     path = _script(tmp_path, CLIPPED)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         runpy.run_path(str(path), run_name="__main__")
-    fixes = loop_fixes(path)
+    fixes = loop_fixes(path)[0]
     assert {(f.status, f.reason) for f in fixes} == {(FixStatus.NO_SAFE_EDIT, NoFixReason.NOT_A_STEP)}
     assert {w.kind for f in fixes for s in f.findings for w in s.writes} == {WriteKind.OPTIMIZER, WriteKind.INPLACE}
     shown = FixReport(tuple(fixes)).render()
@@ -227,7 +227,7 @@ def test_a_loop_that_trains_needs_no_fix(tmp_path):
                                        "    loss_seg.backward(retain_graph=True)\n    loss_depth.backward()\n"
                                        "    opt.step()\n"))
     runpy.run_path(str(path), run_name="__main__")  # eager PyTorch trains it
-    assert loop_fixes(path) == []
+    assert loop_fixes(path)[0] == []
 
 
 def test_fix_apply_on_the_command_line_makes_a_gan_loop_train(tmp_path):
@@ -245,3 +245,16 @@ def test_fix_apply_on_the_command_line_makes_a_gan_loop_train(tmp_path):
     assert path.read_text() != GAN
     trained = python("train.py")
     assert trained.returncode == 0 and "trained" in trained.stdout, trained.stderr
+
+
+def test_a_script_that_fails_when_watched_says_how_far_its_loop_was_checked(tmp_path, capsys):
+    from fxinplace import cli
+
+    text = _replaced(PER_TASK_STEP, PER_TASK_STEPS, "    loss_seg.backward(retain_graph=True)\n"
+                     "    loss_depth.backward()\n    opt.step()\n    raise ValueError('no more data')\n")
+    path = _script(tmp_path, text)
+    with pytest.raises(ValueError, match="no more data"):
+        runpy.run_path(str(path), run_name="__main__")
+    assert cli.main(["fix", str(path)]) == 0  # nothing to fix, and no in-place error unexplained
+    err = capsys.readouterr().err
+    assert "the script failed when run watched for its loop's findings (ValueError: no more data)" in err

@@ -1,7 +1,7 @@
 """Fix-its for the guard's loop findings: an optimizer step that ran between the forward that
 saved a parameter and a backward that needs it moves to just after that backward.
 
-    fixes = loop_fixes(script, args)   # runs the script watched; for each finding, a checked move
+    fixes, error = loop_fixes(script, args)   # runs the script watched; a checked move per finding
 
 The script runs under the command line's `Watch` (the guard on, warning rather than raising, so
 that every finding of the run is seen; every compile audited) until an optimizer has stepped
@@ -214,11 +214,13 @@ def _key(s: StaleSavedTensor) -> tuple:
     return (s.name, s.shape, s.saved_at and s.saved_at.line, s.backward_at and s.backward_at.line)
 
 
-def loop_fixes(path: pathlib.Path, args: Sequence[str] = (), model_errors: bool = False) -> list[ProposedFix]:
+def loop_fixes(path: pathlib.Path, args: Sequence[str] = (),
+               model_errors: bool = False) -> tuple[list[ProposedFix], BaseException | None]:
     """Run the script watched; for each of the guard's findings that an optimizer step made, a
     checked move of the step after the backward that needed the old weights. Findings of other
     writes get their reason, unless `model_errors` (the script then fails in a model's own
-    backward first, which the model's fixes are for)."""
+    backward first, which the model's fixes are for). Also returns what the watched run raised,
+    if it did (not a finding: the guard warns)."""
     text = path.read_text(encoding="utf-8")
     first = _run(path, text, args, text)
     # Findings one edit is for (a step that changed several saved weights) share one entry.
@@ -232,7 +234,7 @@ def loop_fixes(path: pathlib.Path, args: Sequence[str] = (), model_errors: bool 
         fix = _fix(path, text, args, findings, first)
         if fix.reason is not NoFixReason.NOT_A_STEP or not model_errors:
             fixes.append(fix)
-    return fixes
+    return fixes, first.error
 
 
 def _fix(path: pathlib.Path, text: str, args: Sequence[str], findings: list[StaleSavedTensor],
