@@ -844,11 +844,12 @@ class CustomBackward(nn.Module):
         return {"a": self.head(h), "b": h.sum(1)}
 
 
-@pytest.mark.parametrize("checkpointed, rewritten", [(False, False), (True, True)], ids=["autograd.Function", "checkpoint"])
-def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["autograd.Function", "checkpoint"])
+def test_subgraphs_with_their_own_backward_keep_it(checkpointed):
     # A trace below autograd would inline the custom Function's forward and let autograd
-    # differentiate it (gradient 0 through `round`), silently. Such a graph is handed over
-    # unchanged; checkpoint's subgraph has autograd's own backward and is rewritten.
+    # differentiate it (gradient 0 through `round`, not the Function's 3), silently. The
+    # Function's call goes through the trace whole and comes back as it was; checkpoint's
+    # subgraph has autograd's own backward and is inlined.
     torch.manual_seed(0)
     model = CustomBackward(checkpointed)
     twin = copy.deepcopy(model)
@@ -856,14 +857,53 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed, rewritten):
     total_loss(twin(x)).backward()
     backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
     total_loss(torch.compile(model, backend=backend)(x)).backward()
+    assert model.fc.weight.grad.abs().sum() > 0  # the Function's backward, not round's zero gradient
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert_close_at_scale(p.grad, q.grad, msg=name)
     (mutation,) = backend.report.mutations
-    if rewritten:
-        assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN, mutation.rewrite
-    else:
-        assert mutation.rewrite == fxinplace.Rewrite(fxinplace.RewriteKind.KEPT_IN_PLACE, fxinplace.KeptReason.OWN_BACKWARD,
-                                                     ("autograd_function_apply",))
+    assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN, mutation.rewrite
+
+
+class ScaleSaves(torch.autograd.Function):
+    """x * w, saving both, with a backward of its own."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad * w, (grad * x).sum(0)
+
+
+class WriteAfterFunctionSaved(nn.Module):
+    def __init__(self, out_of_place=False):
+        super().__init__()
+        self.fc, self.w = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+        self.out_of_place = out_of_place
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc(x))
+        a = ScaleSaves.apply(h, self.w)
+        h = h * 2.0 if self.out_of_place else h.mul_(2.0)  # the Function saved h
+        return {"a": a.sum(1), "b": h.sum(1)}
+
+
+def test_a_write_to_what_a_custom_function_saved_trains_as_its_out_of_place_twin():
+    torch.manual_seed(0)
+    model, x = WriteAfterFunctionSaved(), torch.randn(3, 4)
+    twin = WriteAfterFunctionSaved(out_of_place=True)
+    twin.load_state_dict(model.state_dict())
+    assert "modified by an inplace operation" in eager_backward_error(copy.deepcopy(model), x)
+    total_loss(twin(x)).backward()
+    backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
+    total_loss(torch.compile(model, backend=backend)(x)).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close_at_scale(p.grad, q.grad, msg=name)
+    (mutation,) = backend.report.mutations
+    assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN
 
 
 def test_a_parameter_written_under_its_second_name_is_written_back_under_its_first():

@@ -47,6 +47,7 @@ import torch.fx
 
 from ..._compat import hop_name
 from ...facts import KeptReason
+from ._opaque import restore, stand_ins
 from ._trace import trace_functional
 from ._write_back import (aliased_outputs, identity, outputs_for_writes, read_by_backward,
                                        read_by_functional_batch_norm, reinplace_running_stats, write_back)
@@ -81,13 +82,20 @@ def functionalize(
     value it saved, as the out-of-place program does.
     """
     opaque = _opaque_subgraphs(gm)
-    if opaque:
+    stand = stand_ins(gm) if opaque else None  # each such call kept whole through the trace
+    if opaque and stand is None:
         return unchanged(gm, KeptReason.OWN_BACKWARD, (opaque[0],), keep_saved)
     inputs = graph_inputs(gm, example_inputs)
-    traced = trace_functional(gm, example_inputs, inputs)
+    try:
+        traced = trace_functional(stand.gm if stand else gm, example_inputs, inputs)
+    finally:
+        if stand is not None:
+            stand.close()
     if traced is None:
         return unchanged(gm, KeptReason.NO_ATEN_WRITE, (), keep_saved)
     new_gm, written_at_aten = traced
+    if stand is not None:
+        restore(new_gm, stand)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     read = read_by_backward(new_gm, [record.grad_by_end for record in inputs])
     reinplaced = reinplace_running_stats(new_gm)
