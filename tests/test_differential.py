@@ -189,6 +189,21 @@ REGRESSIONS = {
                 (("b", "b9"),)),
         "backward-error",
     ),
+    # `b7` is a view of `sub.w` made under no_grad: it says `requires_grad` (its base does) but
+    # autograd gives the Function's node no edge to it, and drops the gradient its backward
+    # computes from the saved values `ScaleFused` doubled. The audit counted the save as read.
+    "Function whose inputs have no gradient edge, its saves written": (
+        Program(1886, ("with torch.no_grad():\n    b7 = self.sub.w.t()", "b8 = ScaleFused.apply(b7, b7.detach())",
+                       "b10 = b8 + self.b1"),
+                (("b", "b10"),)),
+        "trains",
+    ),
+    # ... while the same view made with grad on has an edge: the gradient reaching `sub.w` is wrong.
+    "Function whose input has a gradient edge, its saves written": (
+        Program(1886, ("b7 = self.sub.w.t()", "b8 = ScaleFused.apply(b7, b7.detach())", "b10 = b8 + self.b1"),
+                (("b", "b10"),)),
+        "silently-wrong",
+    ),
     # After a graph break the next graph receives `t1`, a view of the caller's `x1`, as an
     # input of its own: the write was reported as one to input `t1` (a known limit until the
     # backend followed storages across graphs).
