@@ -282,8 +282,9 @@ class Reach(enum.Enum):
     FREED = "freed"  # all freed before any backward ran through them: nothing can ever unpack the save
 
 
-def reach_after_call(watched: list[tuple[GraphSaves, frozenset[int]]], returned: list[Any]) -> Reach:
-    """Can a loss computed from `returned` (the frame's result) unpack a save of these graphs?
+def reach_after_call(watched: list[tuple[GraphSaves, frozenset[int]]], returned: list[Any] | None) -> Reach:
+    """Can a loss computed from `returned` (the frame's result's tensors; None where the result
+    holds objects we cannot look into) unpack a save of these graphs?
 
     `watched`: (graph, the positions of its outputs whose backward runs through the save),
     each graph watched on its latest call (`_watch`). Asked of autograd after the call, not of
@@ -303,6 +304,8 @@ def reach_after_call(watched: list[tuple[GraphSaves, frozenset[int]]], returned:
             live.add(call.fns[p])
     if not live:
         return Reach.FREED
+    if returned is None:
+        return Reach.REACHED
     for t in returned:
         if isinstance(t, torch.Tensor) and t.grad_fn is not None and _history_contains(t.grad_fn, live):
             return Reach.REACHED

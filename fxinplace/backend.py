@@ -178,7 +178,11 @@ class InplaceAudit:
         them (a caller's tensor written in place, an attribute) would fail: a warning, as for
         a tensor the forward only stores (`stored_only`).
         """
-        tensors = [t for t in pytree.tree_leaves(returned) if isinstance(t, torch.Tensor)]
+        leaves = pytree.tree_leaves(returned)
+        # An object pytree cannot look into may hold tensors a loss comes from: then only freed
+        # nodes settle anything.
+        known = all(isinstance(v, (torch.Tensor, *_PLAIN)) or v is None for v in leaves)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)] if known else None
         for record in self.graphs:
             if not record.past_break:
                 continue
@@ -236,7 +240,7 @@ class InplaceAudit:
             failed = GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}")
             return _AuditedGraph(gm, identity, None, GraphRecord(failed, gm=weakref.ref(gm)))
         record = GraphRecord(report, gm=weakref.ref(gm), written=_written_state(gm, example_inputs, trace, report),
-                             past_break=_past_break(gm, report, saved_inputs, cross) if per_op else ())
+                             past_break=_past_break(gm, trace, report, saved_inputs, cross) if per_op else ())
         return _AuditedGraph(gm, identity, trace, record, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
 
@@ -359,9 +363,11 @@ def _written_state(gm: torch.fx.GraphModule, example_inputs: list, trace: Mutati
 
 
 _SAVED_CODES = (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED)
+_PLAIN = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
 
-def _past_break(gm: torch.fx.GraphModule, report: GraphReport, saved_inputs: dict, cross) -> tuple:
+def _past_break(gm: torch.fx.GraphModule, trace: MutationTrace, report: GraphReport, saved_inputs: dict,
+                cross) -> tuple:
     """`GraphRecord.past_break` for this graph's report, and the outputs `cross` must watch.
 
     A save of this graph, written in it, counts once a loss reaches an output whose backward
@@ -372,14 +378,15 @@ def _past_break(gm: torch.fx.GraphModule, report: GraphReport, saved_inputs: dic
     if cross is None:
         return ()
     ends_in_break = _ends_in_break(gm)
-    earlier = [save for saves in saved_inputs.values() for save in saves]
+    # The message names one earlier save; the write may invalidate every save of its target.
+    earlier = [(target_of_root(node, trace), save) for node, saves in saved_inputs.items() for save in saves]
     found = []
     for i, mutation in enumerate(report.mutations):
         for j, h in enumerate(mutation.hazards):
             if h.code not in _SAVED_CODES or h.severity is not Severity.ERROR or h.saved_by is None:
                 continue
             if h.detail is Detail.CROSSED_BREAK:
-                saves = [s for s in earlier if s.saved_by == h.saved_by]
+                saves = [s for target, s in earlier if target == h.target]
                 watched = tuple((weakref.ref(s.graph), s.positions) for s in saves)
                 if saves and all(s.positions for s in saves):
                     found.append((i, j, watched))
@@ -389,7 +396,7 @@ def _past_break(gm: torch.fx.GraphModule, report: GraphReport, saved_inputs: dic
     return tuple(found)
 
 
-def _settled(record: GraphRecord, returned: list) -> GraphReport:
+def _settled(record: GraphRecord, returned: list | None) -> GraphReport:
     report = record.report
     fates = {}
     for i, j, watched in record.past_break:
