@@ -543,6 +543,13 @@ OPEN = {
         212, ("t1 = self.w0 * 1.0", "t3 = Scale.apply(t1, t1)", "with torch.no_grad():\n    t1.mul_(2.0)",
               "a9 = -t3"),
         (("a", "a9"),)),
+    # The same, where the Function's forward (a frame Dynamo compiles as a graph of its own)
+    # writes what it saved through `.data`: eager's gradients are silently wrong, and the graph
+    # shows a harmless write to an intermediate (`ctx.save_for_backward` leaves no node). Seed 1317.
+    "saved by a Function Dynamo ran itself, written in its forward": Program(
+        1317, ("t1 = self.w0 * self.b0.detach()", "t2 = x1 @ t1", "t3 = ScaleFused.apply(t2, t2)",
+               "c9 = F.linear(self.w1, t3, None)"),
+        (("c", "c9"),)),
 }
 
 
