@@ -10,6 +10,7 @@ up here before it is analysed.
 
 from __future__ import annotations
 
+import enum
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
 from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
-__all__ = ["CrossGraphState", "saves_for_later_graphs"]
+__all__ = ["CrossGraphState", "Reach", "saves_for_later_graphs", "reach_after_call"]
 
 # Nodes walked when asking whether a real autograd history reaches an earlier save.
 _WALK_LIMIT = 200_000
@@ -271,6 +272,44 @@ def _watch(graph: GraphSaves, outputs: list) -> _Call:
         fn.metadata[f"fxinplace:{id(call)}"] = token
         weakref.finalize(token, call.released.update, tuple(positions))
     return call
+
+
+class Reach(enum.Enum):
+    """What became of the autograd nodes through which a save's backward runs, after a call."""
+
+    REACHED = "reached"  # a backward ran through one, or what the call returned has one in its history
+    UNRETURNED = "unreturned"  # alive, but in the history of nothing the call returned (a caller's tensor written)
+    FREED = "freed"  # all freed before any backward ran through them: nothing can ever unpack the save
+
+
+def reach_after_call(watched: list[tuple[GraphSaves, frozenset[int]]], returned: list[Any] | None) -> Reach:
+    """Can a loss computed from `returned` (the frame's result's tensors; None where the result
+    holds objects we cannot look into) unpack a save of these graphs?
+
+    `watched`: (graph, the positions of its outputs whose backward runs through the save),
+    each graph watched on its latest call (`_watch`). Asked of autograd after the call, not of
+    the graphs: a node nothing references is freed and no backward can run it (a value the
+    code after a break drops, or reads only through `.detach()`); a node alive but absent from
+    the history of every tensor returned is reached only by what keeps it (a caller's input
+    written in place with it, an attribute): a loss computed from that would unpack it.
+    """
+    live: set[int] = set()
+    for graph, positions in watched:
+        call = graph.call
+        if call is None or not positions or positions & call.consumed:
+            return Reach.REACHED
+        for p in positions - call.released:
+            if p not in call.fns:
+                return Reach.REACHED  # not watched: count it
+            live.add(call.fns[p])
+    if not live:
+        return Reach.FREED
+    if returned is None:
+        return Reach.REACHED
+    for t in returned:
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None and _history_contains(t.grad_fn, live):
+            return Reach.REACHED
+    return Reach.UNRETURNED
 
 
 def _history_contains(root: Any, wanted: set[int]) -> bool:

@@ -60,6 +60,7 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     compiled = torch.compile(model, backend=backend)
     try:
         result = compiled(*args, **kwargs)
+        backend.settle(result)  # the frame returned: which saves past a break a loss can reach
     except Exception as e:
         failure = _trace_failure(e, [gm for g in backend.graphs if g.gm is not None and (gm := g.gm()) is not None])
         if failure is None:

@@ -24,14 +24,15 @@ import torch.fx
 
 from . import render
 from ._compat import (current_compile_id, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx,
-                      inductor_mode_options, lookup_backend, trace_artifact, tested_range, torch_is_tested, traced_code,
-                      warn_untested_once)
-from ._cross_graph import CrossGraphState, saves_for_later_graphs
+                      inductor_mode_options, lookup_backend, pytree, trace_artifact, tested_range, torch_is_tested,
+                      traced_code, warn_untested_once)
+from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_later_graphs
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning
-from .facts import KeptReason, OutputKind, OutputRole, RewriteKind, Severity, Target
+from .facts import (DEFAULT_SEVERITY, Detail, Hazard, HazardCode, KeptReason, OutputKind, OutputRole, RewriteKind,
+                    Severity, Target)
 from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
@@ -58,6 +59,11 @@ class GraphRecord:
     # (the real parameter, buffer or input written, index in `report.mutations`): the training
     # guard names a compiled write with its audit's facts (`compiled_writes_to`).
     written: tuple[tuple[weakref.ref, int], ...] = ()
+    # Saved-tensor errors whose save only outputs of graphs watched per call reach (a graph that
+    # ends in a break, under compiler "eager"): (index in `report.mutations`, index in its
+    # hazards, [(weakref to the watched `GraphSaves`, positions)]). `InplaceAudit.settle` judges
+    # them once the frame has returned.
+    past_break: tuple[tuple[int, int, tuple[tuple[weakref.ref, frozenset[int]], ...]], ...] = ()
 
 
 @dataclass
@@ -171,6 +177,30 @@ class InplaceAudit:
 
         return run
 
+    def settle(self, returned: Any) -> None:
+        """Judge the saved-tensor errors that hang on what the code after a graph break does,
+        now that the frame returned `returned` (`fxinplace.audit` calls this after its run).
+
+        Under compiler "eager" a save is unpacked only if a backward runs through the autograd
+        nodes of the outputs that reach it. Freed before any backward ran, nothing can: the error
+        goes. Alive, but in the history of nothing returned, only a loss computed from what keeps
+        them (a caller's tensor written in place, an attribute) would fail: a warning, as for
+        a tensor the forward only stores (`stored_only`).
+        """
+        leaves = pytree.tree_leaves(returned)
+        # An object pytree cannot look into may hold tensors a loss comes from: then only freed
+        # nodes settle anything.
+        known = all(isinstance(v, (torch.Tensor, *_PLAIN)) or v is None for v in leaves)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)] if known else None
+        for record in self.graphs:
+            if not record.past_break:
+                continue
+            try:
+                record.report = _settled(record, tensors)
+            except Exception as e:  # the user's training comes first
+                _fall_back(self.options, e, f"could not settle graph {record.report.compile_id}'s saves past a break",
+                           "keeping its errors")
+
     def _emit(self, graph: _AuditedGraph, opts: AuditOptions) -> None:
         emit_tables(graph.report, opts)
         trace_report(graph.report, opts)
@@ -218,7 +248,8 @@ class InplaceAudit:
             _fall_back(opts, e, f"the audit failed on graph {identity[0]} `{identity[1]}`", "compiling it without the audit")
             failed = GraphReport(*identity, analysis_error=f"{type(e).__name__}: {e}")
             return _AuditedGraph(gm, identity, None, GraphRecord(failed, gm=weakref.ref(gm)))
-        record = GraphRecord(report, gm=weakref.ref(gm), written=_written_state(gm, example_inputs, trace, report))
+        record = GraphRecord(report, gm=weakref.ref(gm), written=_written_state(gm, example_inputs, trace, report),
+                             past_break=_past_break(gm, trace, report, saved_inputs, cross) if per_op else ())
         return _AuditedGraph(gm, identity, trace, record, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
 
@@ -338,6 +369,65 @@ def _written_state(gm: torch.fx.GraphModule, example_inputs: list, trace: Mutati
     except Exception:  # a nicety for the guard's messages: never the audit's failure
         log.debug("inplace_audit: could not keep the tensors graph %s writes", report.compile_id, exc_info=True)
         return ()
+
+
+_SAVED_CODES = (HazardCode.SAVED_THEN_MUTATED, HazardCode.HIDDEN_WRITE_TO_SAVED)
+_PLAIN = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _past_break(gm: torch.fx.GraphModule, trace: MutationTrace, report: GraphReport, saved_inputs: dict,
+                cross) -> tuple:
+    """`GraphRecord.past_break` for this graph's report, and the outputs `cross` must watch.
+
+    A save of this graph, written in it, counts once a loss reaches an output whose backward
+    runs through it: the outputs of a graph that ends in a break are values the code after it
+    goes on with, so which loss reaches them is known only after the frame returns. A save an
+    earlier graph made (`Detail.CROSSED_BREAK`) hangs on that graph's outputs alike.
+    """
+    if cross is None:
+        return ()
+    ends_in_break = _ends_in_break(gm)
+    # The message names one earlier save; the write may invalidate every save of its target.
+    earlier = [(target_of_root(node, trace), save) for node, saves in saved_inputs.items() for save in saves]
+    found = []
+    for i, mutation in enumerate(report.mutations):
+        for j, h in enumerate(mutation.hazards):
+            if h.code not in _SAVED_CODES or h.severity is not Severity.ERROR or h.saved_by is None:
+                continue
+            if h.detail is Detail.CROSSED_BREAK:
+                saves = [s for target, s in earlier if target == h.target]
+                watched = tuple((weakref.ref(s.graph), s.positions) for s in saves)
+                if saves and all(s.positions for s in saves):
+                    found.append((i, j, watched))
+            elif ends_in_break and h.saved_by.tasks:
+                cross.positions |= h.saved_by.tasks
+                found.append((i, j, ((weakref.ref(cross), frozenset(h.saved_by.tasks)),)))
+    return tuple(found)
+
+
+def _settled(record: GraphRecord, returned: list | None) -> GraphReport:
+    report = record.report
+    fates = {}
+    for i, j, watched in record.past_break:
+        graphs = [(ref(), positions) for ref, positions in watched]
+        if all(g is not None for g, _ in graphs):
+            fates[(i, j)] = reach_after_call(graphs, returned)
+    if all(f is Reach.REACHED for f in fates.values()):
+        return report
+    mutations = list(report.mutations)
+    for i, mutation in enumerate(report.mutations):
+        hazards = []
+        for j, h in enumerate(mutation.hazards):
+            fate = fates.get((i, j), Reach.REACHED)
+            if fate is Reach.UNRETURNED:
+                hazards.append(dataclasses.replace(h, severity=Severity.WARNING, stored_only=True))
+            elif fate is Reach.REACHED:
+                hazards.append(h)
+        if not hazards:  # an intermediate whose only hazard went: what any other write to it is
+            hazards.append(Hazard(HazardCode.SAFE_INPLACE, DEFAULT_SEVERITY[HazardCode.SAFE_INPLACE], mutation.target,
+                                  mutation.hazards[0].mutated_by))
+        mutations[i] = dataclasses.replace(mutation, hazards=tuple(hazards))
+    return dataclasses.replace(report, mutations=tuple(mutations))
 
 
 def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:

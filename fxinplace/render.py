@@ -162,8 +162,8 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
             visible = code is HazardCode.SAVED_THEN_MUTATED
             outcome = f"fail with \"{AUTOGRAD_ERROR}\"" if visible else "silently use the new values"
             return (f"{start}, then {'modified in place' if visible else 'overwritten'} by {op}; only the backward of "
-                    "what this forward stores and does not return (see \"stored, not returned\") needs it: a loss "
-                    f"computed from that would {outcome}")
+                    "what this forward keeps and does not return (an attribute under \"stored, not returned\", or a "
+                    f"value kept past a graph break) needs it: a loss computed from that would {outcome}")
         if code is HazardCode.SAVED_THEN_MUTATED:
             return f"{start}, then modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
         return (f"{start}, then overwritten by {op} {_UNSEEN[h.detail or Detail.UNSEEN_PATH]}: backward raises "

@@ -402,3 +402,55 @@ def test_an_out_tuple_write_gets_one_error_for_the_saved_out_tensor_only():
     assert [h.code for h in errors] == ["saved-then-mutated"]
     (row,) = [m for m in report.mutations if m.hazards and errors[0] in m.hazards]
     assert row.target.name == "v"
+
+
+class Box:
+    """A result pytree cannot look into: what it holds may be what the loss comes from."""
+
+    def __init__(self, y, t):
+        self.y, self.t = y, t
+
+
+class SavedThenWrittenBeforeBreak(nn.Module):
+    """`sigmoid` saves `t`, written before the break; `t` goes on past it, and the frame decides."""
+
+    def __init__(self, keeps: str):
+        super().__init__()
+        self.keeps = keeps
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        t = torch.sigmoid(h)
+        with torch.no_grad():
+            t.mul_(2.0)  # CULPRIT
+        torch._dynamo.graph_break()
+        y = h * 2.0
+        if self.keeps == "returned":
+            return {"y": y, "t": t * 1.0}
+        if self.keeps == "boxed":
+            return Box(y, t * 1.0)
+        return {"y": y, "t": t.detach()}
+
+
+@pytest.mark.parametrize("keeps, eager_raises", [("returned", True), ("boxed", True), ("detached", False)])
+def test_a_save_written_before_a_break_is_settled_by_what_the_frame_returns(keeps, eager_raises):
+    torch.manual_seed(0)
+    model, x = SavedThenWrittenBeforeBreak(keeps), torch.randn(2, 4)
+    out = copy.deepcopy(model)(x.clone())
+    losses = [out.y, out.t] if keeps == "boxed" else list(out.values())
+    loss = sum(t.sum() for t in losses if t.requires_grad)
+    if eager_raises:
+        with pytest.raises(RuntimeError, match=AUTOGRAD_ERROR):
+            loss.backward()
+    else:
+        loss.backward()
+    # `fxinplace.audit` sees what the frame returned: `t.detach()` leaves the sigmoid's node to
+    # be freed; a result it cannot look into (`Box`) may hold the loss, and keeps the error.
+    report = quiet_audit(copy.deepcopy(model), x.clone())
+    culprit = marked_line(SavedThenWrittenBeforeBreak, "CULPRIT")
+    assert [h.source.line for h in report.hazards("error")] == ([culprit] if eager_raises else [])
+    # The backend alone compiles the graph before the code after the break runs: an error.
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+    torch.compile(copy.deepcopy(model), backend=backend)(x.clone())
+    assert [h.code.value for h in backend.report.hazards("error")] == ["saved-then-mutated"]

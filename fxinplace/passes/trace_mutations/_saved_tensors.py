@@ -73,8 +73,7 @@ def _read_for_grads(bwd: torch.fx.GraphModule, n_saved: int, inputs: Sequence, e
     grads = pytree.tree_leaves(bwd.graph.output_node().args)
     if n_saved > len(placeholders) or len(grads) != len(inputs):
         return [True] * n_saved  # a layout we do not know: every save counts
-    wanted = {g for g, arg in zip(grads, inputs)
-              if isinstance(g, torch.fx.Node) and getattr(env.get(arg), "requires_grad", True)}
+    wanted = {g for g, arg in zip(grads, inputs) if isinstance(g, torch.fx.Node) and _gets_gradient(env.get(arg))}
     read = []
     for placeholder in placeholders[len(placeholders) - n_saved:]:
         seen, stack = set(), [placeholder]
@@ -85,6 +84,25 @@ def _read_for_grads(bwd: torch.fx.GraphModule, n_saved: int, inputs: Sequence, e
                 stack.extend(node.users)
         read.append(bool(seen & wanted))
     return read
+
+
+def _gets_gradient(value: Any) -> bool:
+    """Does autograd give an op's node an edge to `value` (its `grad_fn`, or a leaf's
+    `AccumulateGrad`), so that the gradient computed for it goes somewhere?
+
+    A view made under `no_grad` of a tensor that requires grad says `requires_grad` (its base
+    does) but has neither: the edge is None and autograd drops what backward computes for it.
+    Asked of autograd itself, as `torch.autograd.graph.get_gradient_edge` does: the edge a
+    `view_as` gets.
+    """
+    if not isinstance(value, torch.Tensor):
+        return True  # not a tensor we can ask about: count it
+    if not value.requires_grad:
+        return False
+    if value.grad_fn is not None:
+        return True
+    with torch.enable_grad():
+        return value.view_as(value).grad_fn.next_functions[0][0] is not None
 
 
 def function_saved_values(fwd: torch.fx.GraphModule) -> list[Any]:
