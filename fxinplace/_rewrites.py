@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Collection, Sequence
 
-from .facts import Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Severity, Target
+from .facts import Hazard, HazardCode, KeptReason, Mutation, Rewrite, RewriteKind, Severity, Site, Target
 from .passes.functionalize import FunctionalizedGraph
 
 __all__ = ["mark_rewrites", "mark_kept"]
@@ -24,16 +24,32 @@ def mark_kept(mutations: Sequence[Mutation], kind: RewriteKind, reason: KeptReas
 
 def mark_rewrites(
     mutations: Sequence[Mutation], done: FunctionalizedGraph, targets: Sequence[Target],
-    saved_earlier: Collection[Target],
+    saved_earlier: Collection[Target], whole: dict[str, Site] | None = None,
 ) -> tuple[Mutation, ...]:
     """`targets`: the audit's name for each placeholder; `saved_earlier`: targets an earlier
-    graph saved for backward (a graph break), whose write-back still reaches that save."""
+    graph saved for backward (a graph break), whose write-back still reaches that save;
+    `whole`: the site of each custom Function call the rewrite kept whole, by node name."""
     if done.kept is not None:
         return mark_kept(mutations, RewriteKind.KEPT_IN_PLACE, done.kept, done.kept_detail)
     written = {_key(targets[i]) for i in done.written_back}
     unwritten = {_key(targets[i]) for i in done.unwritten}
     earlier = {_key(t) for t in saved_earlier}
-    return tuple(_mark(m, written, unwritten, earlier, done.checkpoints_inlined) for m in mutations)
+    return tuple(_inside(m, whole[m.node.split(".")[0]], m.node.split(".")[0])
+                 if "." in m.node and m.node.split(".")[0] in (whole or {})
+                 else _mark(m, written, unwritten, earlier, done.checkpoints_inlined) for m in mutations)
+
+
+def _inside(mutation: Mutation, call: Site, name: str) -> Mutation:
+    # A write in the forward of a Function the rewrite kept whole: it lands in a copy of the
+    # argument. What the Function itself saved is that copy (its own hazard stays); what
+    # anything else saved is the original, now left alone.
+    def own(h: Hazard) -> bool:
+        s = h.saved_by
+        return s is not None and (s.op, s.source, s.module) == (call.op, call.source, call.module)
+
+    hazards = tuple(_removed(h) if h.code in REMOVED_BY_REWRITE and not own(h) else h for h in mutation.hazards)
+    return dataclasses.replace(mutation, rewrite=Rewrite(RewriteKind.KEPT_IN_PLACE, KeptReason.INSIDE_FUNCTION,
+                                                         (name,)), hazards=hazards)
 
 
 def _mark(mutation: Mutation, written: set, unwritten: set, saved_earlier: set, inlined: bool) -> Mutation:

@@ -315,7 +315,8 @@ class InplaceAudit:
         by_node = dict(zip(placeholders, targets))
         saved_earlier = [by_node[n] for n, saves in graph.saved_inputs.items()
                          if not all(s.kept_apart for s in saves)]
-        return mark_rewrites(graph.report.mutations, done, targets, saved_earlier)
+        whole = {n.name: site_of(n) for n in gm.graph.nodes if n.name in done.kept_whole}
+        return mark_rewrites(graph.report.mutations, done, targets, saved_earlier, whole)
 
     def _compile(self, gm, example_inputs, opts: AuditOptions, mode, graph: _AuditedGraph) -> Callable:
         compiler = _resolve_compiler(opts.compiler, mode)

@@ -255,6 +255,7 @@ class RewriteKind(str, Enum):
 class KeptReason(str, Enum):
     NO_ERROR_HAZARD = "no-error-hazard"  # option functionalize="hazards" on a graph without errors
     OWN_BACKWARD = "own-backward"  # a subgraph with a backward of its own (`Rewrite.detail`: its name)
+    INSIDE_FUNCTION = "inside-function"  # a write in a custom Function's forward, kept whole (`detail`: its call)
     NO_ATEN_WRITE = "no-aten-write"
     SHARED_INPUT = "shared-input"  # a written input shares memory with another (`detail`: both names)
     UNTESTED_TORCH = "untested-torch"  # `detail`: the torch version

@@ -251,6 +251,8 @@ _KEPT = {
     KeptReason.NO_ERROR_HAZARD: lambda: "no error-level hazard in this graph",
     KeptReason.OWN_BACKWARD: lambda name: f"`{name}` in this graph has a backward of its own, which the rewrite "
     "would lose",
+    KeptReason.INSIDE_FUNCTION: lambda name: f"written by `{name}`'s own forward, which the rewrite keeps whole: "
+    "the write lands in a copy of the argument, which what the Function saved still is",
     KeptReason.NO_ATEN_WRITE: lambda: "no write at ATen level",
     KeptReason.SHARED_INPUT: lambda a, b: f"written input `{a}` shares memory with input `{b}`",
     KeptReason.UNTESTED_TORCH: lambda version, tested: f"torch {version} is outside the tested range (torch "

@@ -906,6 +906,57 @@ def test_a_write_to_what_a_custom_function_saved_trains_as_its_out_of_place_twin
     assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN
 
 
+class ScaleWritesItsInput(ScaleSaves):
+    """As a fused kernel: after saving `x`, the forward writes it through `.data`."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        out = x * w
+        x.data.mul_(2.0)
+        return out
+
+
+class FusedAfterTanh(nn.Module):
+    def __init__(self, twin=False):
+        super().__init__()
+        self.fc, self.w = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+        self.twin = twin
+
+    def forward(self, x):
+        g = torch.sigmoid(self.fc(x))
+        h = torch.tanh(x @ self.fc.weight)  # tanh saves h
+        if self.twin:  # the out-of-place program: the Function writes a copy, later readers read it
+            h = h.clone()
+            a = ScaleWritesItsInput.apply(h, self.w)
+            g = g * 2.0
+        else:
+            a = ScaleWritesItsInput.apply(h, self.w)
+            g.mul_(2.0)  # sigmoid saved g
+        return {"a": a.sum(1), "b": (h + g).sum(1)}
+
+
+def test_a_function_that_writes_its_input_goes_through_whole_and_writes_a_copy():
+    torch.manual_seed(0)
+    model, x = FusedAfterTanh(), torch.randn(3, 4)
+    twin = FusedAfterTanh(twin=True)
+    twin.load_state_dict(model.state_dict())
+    assert "modified by an inplace operation" in eager_backward_error(copy.deepcopy(model), x)
+    expected = twin(x)
+    total_loss(expected).backward()
+    backend = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
+    got = torch.compile(model, backend=backend)(x)
+    for k in expected:
+        assert_close_at_scale(got[k], expected[k], msg=k)
+    total_loss(got).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close_at_scale(p.grad, q.grad, msg=name)
+    inside = next(m for m in backend.report.mutations if m.rewrite.reason is fxinplace.KeptReason.INSIDE_FUNCTION)
+    # What tanh saved is left alone now; what the Function saved is the copy it writes.
+    assert {(h.saved_by.op, h.severity.value) for h in inside.hazards} == {("tanh", "info"),
+                                                                           ("autograd.Function.apply", "error")}
+
+
 def test_a_parameter_written_under_its_second_name_is_written_back_under_its_first():
     model, _ = _models(AliasedScale)
     backend = _backend(functionalize=True)

@@ -68,6 +68,7 @@ class FunctionalizedGraph:
     written_back: frozenset[int] = frozenset()  # placeholder indices the rewrite writes back
     unwritten: frozenset[int] = frozenset()  # placeholder indices no ATen op writes
     checkpoints_inlined: bool = False  # the ATen trace inlined checkpoint regions: memory, not gradients
+    kept_whole: frozenset[str] = frozenset()  # the custom Function calls (node names) that went through whole
 
 
 def functionalize(
@@ -127,6 +128,7 @@ def functionalize(
         unwritten=frozenset(i for i in range(len(placeholders)) if i not in written_at_aten),
         # The ATen trace inlines checkpoint regions: gradients stay right, memory does not.
         checkpoints_inlined=any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes),
+        kept_whole=frozenset(stand.names) if stand is not None else frozenset(),
     )
 
 

@@ -4,16 +4,19 @@
 A trace below autograd would inline the Function's forward and drop its backward. So, for the
 trace, each such call becomes a call of one opaque custom op, `fxinplace::opaque_call`, which
 declares no writes and which neither trace looks into; after it, each is the original
-higher-order op again, now reading the values the rewrite computed out of place. That is
-sound only for a call that writes none of its inputs (its forward may write its own
-temporaries) and returns no alias of one: `stand_ins` checks both on the call's bodies, and
-says None otherwise, so that the graph is kept in place as before.
+higher-order op again, now reading the values the rewrite computed out of place. A forward
+that writes an argument through `.data` (a fused kernel's way) is spelled, for the trace, as
+the opaque call returning the new value and the graph writing it through `.data` itself, and
+comes back as the call on a copy of the argument, the copy then holding the new value. A call
+that writes an argument any other way, or returns an alias of one, has no such spelling:
+`stand_ins` says None, and the graph is kept in place as before.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,7 +38,7 @@ def opaque_call() -> Any:
 
     @torch.library.custom_op("fxinplace::opaque_call", mutates_args=())
     def call(args: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-        # Only the trace runs it, on fakes: `restore` puts the real call back before anything compiles.
+            # Only the trace runs it, on fakes: `restore` puts the real call back before anything compiles.
         return [t.clone() for t in _CALLS[key](*args)]
 
     @call.register_fake
@@ -46,6 +49,12 @@ def opaque_call() -> Any:
     return torch.ops.fxinplace.opaque_call.default
 
 
+def _run_call(target, modules, kwargs, written: list[int], *args: torch.Tensor) -> list[torch.Tensor]:
+    # The call, its written arguments cloned first; their new values follow its outputs.
+    args = tuple(a.clone() if i in written else a for i, a in enumerate(args))
+    return [*target(*modules, *args, **kwargs), *(args[i] for i in written)]
+
+
 @dataclass(frozen=True)
 class _Call:
     target: Any  # the higher-order op
@@ -53,6 +62,7 @@ class _Call:
     n_bodies: int
     kwargs: dict
     n_outputs: int
+    written: tuple[int, ...] = ()  # the arguments its forward writes through `.data`
 
 
 @dataclass
@@ -60,6 +70,7 @@ class StandIns:
     gm: torch.fx.GraphModule  # the graph to trace: each call an `opaque_call`
     calls: dict[int, _Call]
     source: torch.fx.GraphModule  # the original graph, which holds the bodies
+    names: tuple[str, ...] = ()  # the calls' node names in the original graph
 
     def close(self) -> None:
         for key in self.calls:
@@ -71,6 +82,7 @@ def stand_ins(gm: torch.fx.GraphModule) -> StandIns | None:
     `opaque_call`s, or None when one of them writes an input or returns an alias of one."""
     copied = torch.fx.GraphModule(gm, _copied_graph(gm))
     calls: dict[int, _Call] = {}
+    names = []
     for node in list(copied.graph.nodes):
         name = hop_name(node.target) if node.op == "call_function" else None
         if name is None or name in INLINABLE_HOPS:
@@ -84,14 +96,21 @@ def stand_ins(gm: torch.fx.GraphModule) -> StandIns | None:
         outputs = node.meta.get("example_value")
         if not all(isinstance(e, torch.Tensor) for e in examples) or not isinstance(outputs, tuple):
             return None
-        if _writes_or_returns_an_input(node.target, modules, node.kwargs, examples):
+        written = _written_through_data(node.target, modules, node.kwargs, examples)
+        if written is None:
             return None
         key = next(_keys)
+        names.append(node.name)
         target, kwargs = node.target, dict(node.kwargs)
-        _CALLS[key] = lambda *args, target=target, modules=modules, kwargs=kwargs: target(*modules, *args, **kwargs)
-        calls[key] = _Call(target, tuple(b.target for b in bodies), len(bodies), kwargs, len(outputs))
+        _CALLS[key] = functools.partial(_run_call, target, modules, kwargs, written)
+        calls[key] = _Call(target, tuple(b.target for b in bodies), len(bodies), kwargs, len(outputs), tuple(written))
         with copied.graph.inserting_before(node):
             stand_in = copied.graph.call_function(opaque_call(), (list(tensors), key))
+            # The forward's `.data` writes, now the graph's own: later readers see the new values.
+            for k, i in enumerate(written):
+                new_value = copied.graph.call_function(operator.getitem, (stand_in, len(outputs) + k))
+                data = copied.graph.call_function(torch._C._autograd._get_data_attr, (tensors[i],))
+                copied.graph.call_method("copy_", (data, new_value))
         stand_in.meta.update(node.meta)
         node.replace_all_uses_with(stand_in)
         copied.graph.erase_node(node)
@@ -101,7 +120,7 @@ def stand_ins(gm: torch.fx.GraphModule) -> StandIns | None:
     if not calls:
         return None
     copied.recompile()
-    return StandIns(copied, calls, gm)
+    return StandIns(copied, calls, gm, tuple(names))
 
 
 def restore(traced: torch.fx.GraphModule, stand: StandIns) -> None:
@@ -117,9 +136,19 @@ def restore(traced: torch.fx.GraphModule, stand: StandIns) -> None:
                 fresh = f"{name}_{key}"
                 traced.add_submodule(fresh, getattr(stand.source, name))
                 bodies.append(traced.graph.get_attr(fresh))
+            # What the forward writes through `.data` it writes in a copy (the functional graph
+            # still reads the old value); the copy then holds the new value (with the
+            # argument's history, as `.data` keeps it).
+            args = [traced.graph.call_function(torch.ops.aten.clone.default, (a,)) if i in call.written else a
+                    for i, a in enumerate(args)]
             hop = traced.graph.call_function(call.target, (*bodies, *args), call.kwargs)
         hop.meta.update(node.meta)
-        # `opaque_call` returns a list, the higher-order op a tuple: `getitem` reads both.
+        for user in list(node.users):
+            # `opaque_call` returns a list, the higher-order op a tuple: `getitem` reads both.
+            index = user.args[1] if user.target is operator.getitem else None
+            if index is not None and index >= call.n_outputs:
+                user.replace_all_uses_with(args[call.written[index - call.n_outputs]])
+                traced.graph.erase_node(user)
         node.replace_all_uses_with(hop)
         traced.graph.erase_node(node)
     traced.graph.lint()
@@ -135,15 +164,16 @@ def _copied_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
     return graph
 
 
-def _writes_or_returns_an_input(target, modules, kwargs, examples) -> bool:
-    # The call's forward, traced to ATen ops on fakes: a write whose storage is an argument's
-    # (through `.data` and views too), or an output that shares an argument's storage.
+def _written_through_data(target, modules, kwargs, examples) -> list[int] | None:
+    """The arguments the call's forward writes through `.data` (traced to ATen ops on fakes:
+    `detach`, then the write), or None when it writes one otherwise (autograd would see that
+    write, or refuse it) or returns an output sharing an argument's storage."""
     from torch._guards import detect_fake_mode
     from torch.multiprocessing.reductions import StorageWeakRef
 
     fake_mode = detect_fake_mode(examples)
     if fake_mode is None:
-        return True
+        return None
 
     def run(*args):
         return target(*modules, *args, **kwargs)
@@ -154,13 +184,21 @@ def _writes_or_returns_an_input(target, modules, kwargs, examples) -> bool:
             forward = make_fx_aten(run)(*fakes)
             outputs = run(*fakes)
         except Exception:
-            return True
+            return None
     placeholders = list(forward.graph.find_nodes(op="placeholder"))
+    written = set()
     for node in forward.graph.nodes:
-        if node.op == "call_function" and mutates(node):
-            if any(view_chain(w)[-1] in placeholders for w in written_inputs(node)):
-                return True
+        if node.op != "call_function" or not mutates(node):
+            continue
+        for w in written_inputs(node):
+            chain = view_chain(w)
+            if chain[-1] not in placeholders:
+                continue  # the forward's own temporaries
+            if not any(n.op == "call_function" and n.target is torch.ops.aten.detach.default for n in chain):
+                return None
+            written.add(placeholders.index(chain[-1]))
     storages = {StorageWeakRef(f.untyped_storage()) for f in fakes}
-    return any(isinstance(t, torch.Tensor) and StorageWeakRef(t.untyped_storage()) in storages
-               for t in pytree.tree_leaves(outputs))
-
+    if any(isinstance(t, torch.Tensor) and StorageWeakRef(t.untyped_storage()) in storages
+           for t in pytree.tree_leaves(outputs)):
+        return None
+    return sorted(written)
