@@ -18,6 +18,7 @@ from torch import nn
 
 import fxinplace
 from conftest import assert_close_at_scale, close_at_scale, eager_backward_error, total_loss
+from test_subgraphs import SavesWithoutWriting, WriteSavedInput  # x * w, saving both; the second then writes x.data
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -864,20 +865,6 @@ def test_subgraphs_with_their_own_backward_keep_it(checkpointed):
     assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN, mutation.rewrite
 
 
-class ScaleSaves(torch.autograd.Function):
-    """x * w, saving both, with a backward of its own."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        return grad * w, (grad * x).sum(0)
-
-
 class WriteAfterFunctionSaved(nn.Module):
     def __init__(self, out_of_place=False):
         super().__init__()
@@ -886,7 +873,7 @@ class WriteAfterFunctionSaved(nn.Module):
 
     def forward(self, x):
         h = torch.sigmoid(self.fc(x))
-        a = ScaleSaves.apply(h, self.w)
+        a = SavesWithoutWriting.apply(h, self.w)
         h = h * 2.0 if self.out_of_place else h.mul_(2.0)  # the Function saved h
         return {"a": a.sum(1), "b": h.sum(1)}
 
@@ -906,17 +893,6 @@ def test_a_write_to_what_a_custom_function_saved_trains_as_its_out_of_place_twin
     assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN
 
 
-class ScaleWritesItsInput(ScaleSaves):
-    """As a fused kernel: after saving `x`, the forward writes it through `.data`."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        out = x * w
-        x.data.mul_(2.0)
-        return out
-
-
 class FusedAfterTanh(nn.Module):
     def __init__(self, twin=False):
         super().__init__()
@@ -928,10 +904,10 @@ class FusedAfterTanh(nn.Module):
         h = torch.tanh(x @ self.fc.weight)  # tanh saves h
         if self.twin:  # the out-of-place program: the Function writes a copy, later readers read it
             h = h.clone()
-            a = ScaleWritesItsInput.apply(h, self.w)
+            a = WriteSavedInput.apply(h, self.w)
             g = g * 2.0
         else:
-            a = ScaleWritesItsInput.apply(h, self.w)
+            a = WriteSavedInput.apply(h, self.w)
             g.mul_(2.0)  # sigmoid saved g
         return {"a": a.sum(1), "b": (h + g).sum(1)}
 
