@@ -147,16 +147,18 @@ def eager_verdict(program: Program, loaded) -> EagerVerdict:
     # Computed twice, the second time from clones: a clone of a strided view (`expand`) is
     # contiguous, its backward may take another kernel and sum in another order.
     differ = any(not close_at_scale(grads[n], reference[n]) for n in grads)
-    if stale and not differ and not _gradients_read(program, loaded, reference, set(stale)):
+    if stale and not differ and not _gradients_read(program, loaded, set(stale)):
         stale = []  # unpacked, never read (training-mode batch norm's running statistics)
     return EagerVerdict(written=frozenset(written), stale_saved=bool(stale), grads_differ=differ)
 
 
 def _reference_grads(program: Program, loaded, stale: list[int] | None = None,
-                     poison: tuple[set[int], Callable] | None = None) -> dict[str, torch.Tensor | None]:
+                     poison: tuple[set[int], Callable] | None = None,
+                     computed: list | None = None) -> dict[str, torch.Tensor | None]:
     """Eager gradients with every saved tensor frozen at save time. `stale` collects, per
     unpack, the save's index (in the order of saving) where the live tensor had changed
-    since; `poison` (indices, fn) hands backward `fn(value at save time)` for those saves."""
+    since; `poison` (indices, fn) hands backward `fn(value at save time)` for those saves;
+    `computed` collects every gradient each backward node computes, in the order they run."""
     cls, make_inputs = loaded
     index = itertools.count()
 
@@ -180,24 +182,50 @@ def _reference_grads(program: Program, loaded, stale: list[int] | None = None,
         out = model(*args)
     loss = _loss(out, program.seed)
     if loss is not None:
+        if computed is not None:
+            _record_node_gradients(loss, computed)
         loss.backward()
     return _grads(model, leaves)
 
 
-def _gradients_read(program: Program, loaded, reference: dict, indices: set[int]) -> bool:
-    """Does backward read any of the saves `indices`: does some gradient move when it gets NaN
-    for them (passed on by any arithmetic, even times zero) or random values (seen by a
-    comparison, as `relu`'s backward makes)? A backward may unpack a tensor it never reads:
-    training-mode batch norm gets the running statistics it saved before updating them."""
+def _record_node_gradients(loss: torch.Tensor, computed: list) -> None:
+    # Only the gradients that go somewhere: a node's output with no edge (an input autograd
+    # gave the node none for) is dropped by the engine, whatever it holds.
+    def recorder(edges):
+        def record(grad_inputs, grad_outputs):
+            computed.extend(g.detach().clone() for g, (to, _) in zip(grad_inputs, edges) if g is not None and to is not None)
+        return record
+
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        node.register_hook(recorder(node.next_functions))
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _gradients_read(program: Program, loaded, indices: set[int]) -> bool:
+    """Does backward read any of the saves `indices`: does a gradient some backward node
+    computes move when backward gets NaN for them (passed on by any arithmetic, even times
+    zero) or random values (seen by a comparison, as `relu`'s backward makes)? Each node's
+    gradients count, not only the leaves': a later node may mask what a read gave
+    (`t[t > 0] = -1.0` passes no gradient where it wrote). A backward may unpack a tensor it
+    never reads: training-mode batch norm gets the running statistics it saved before
+    updating them."""
     g = torch.Generator().manual_seed(program.seed)
     fills = (lambda t: torch.full_like(t, float("nan")),
              lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype) * (1 + t.abs().max()))
+    computed: list = []
+    _reference_grads(program, loaded, computed=computed)
     for fill in fills:
+        poisoned: list = []
         try:
-            grads = _reference_grads(program, loaded, poison=(indices, fill))
+            _reference_grads(program, loaded, poison=(indices, fill), computed=poisoned)
         except RuntimeError:
             return True
-        if any(not close_at_scale(grads[n], reference[n]) for n in reference):
+        if len(poisoned) != len(computed) or any(not close_at_scale(a, b) for a, b in zip(poisoned, computed)):
             return True
     return False
 
