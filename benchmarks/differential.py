@@ -53,10 +53,13 @@ def main() -> int:
     bad = {}
     results = run_seeds(seeds, jobs=args.jobs, functionalize=args.functionalize)
     known = {}  # disagreements of a documented limit (`known-limit:` findings)
+    eager = {}  # agreements of a graph the compiler refused, run op by op (`ran-eagerly:`)
     for i, result in enumerate(results, 1):
         outcomes[result.outcome] += 1
         if result.findings and all(f.startswith("known-limit:") for f in result.findings):
             known[result.seed] = result.findings
+        elif result.findings and all(f.startswith("ran-eagerly:") for f in result.findings):
+            eager[result.seed] = result.findings
         elif result.findings:
             bad[result.seed] = result.findings
             print(f"seed {result.seed}: {'; '.join(result.findings)}", flush=True)
@@ -72,6 +75,8 @@ def main() -> int:
     print(f"\nprograms run: {total}")
     print(f"disagreements: {len(bad)}" + (f" (and {len(known)} of a documented limit, not counted: "
                                           f"seeds {sorted(known)})" if known else ""))
+    if eager:
+        print(f"ran op by op after the compiler failed, agreeing with eager: {len(eager)} (seeds {sorted(eager)})")
     print("eager PyTorch: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     print(f"time: {elapsed:.0f} s ({elapsed / max(total, 1) * 1000:.0f} ms per program, {args.jobs} process(es))")
     print(f"date: {datetime.date.today()}, torch {torch.__version__}, {platform.machine()}, "

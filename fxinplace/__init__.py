@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .api import audit
 from .backend import InplaceAudit, inplace_audit
-from .errors import AnalysisError, AnalysisWarning, FxInplaceError, FxInplaceWarning
+from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning, FxInplaceError, FxInplaceWarning
 from .facts import (Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, OutputRole, Rewrite, RewriteKind, Saved,
                     Severity, Site, Target)
 from .report import SEVERITIES, GraphReport, HazardError, Report
@@ -52,6 +52,7 @@ __all__ = [
     "FxInplaceWarning",
     "AnalysisError",
     "AnalysisWarning",
+    "CompilerFallbackWarning",
     "guard",
     "StaleSavedTensor",
     "StaleSavedTensorError",

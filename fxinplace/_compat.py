@@ -159,6 +159,13 @@ def origin_names(node: torch.fx.Node) -> list[str]:
     return [s.name for s in node.meta.get("from_node", ())]
 
 
+def origin_sources(node: torch.fx.Node) -> list[tuple[int | None, str]]:
+    """(id of the graph it was in, name) for each node in `node.meta["from_node"]`: a node
+    of a higher-order op's body (a checkpoint region, inlined by `make_fx`) names its own
+    graph, whose node names may repeat the outer graph's."""
+    return [(getattr(s, "graph_id", None), s.name) for s in node.meta.get("from_node", ())]
+
+
 def stack_trace(node: torch.fx.Node) -> str | None:
     """Dynamo's `meta["stack_trace"]`: a traceback's text, innermost frame last."""
     return node.meta.get("stack_trace")

@@ -53,7 +53,7 @@ def _graph(data: Any, where: str):
         mutations=mutations, task_names=tasks, shared=shared, hazards=hazards,
         outputs=tuple(_output(o, f"{where}.outputs[{i}]") for i, o in enumerate(data.get("outputs") or ())),
         analysis_error=data.get("analysis_error"), functionalized=bool(data.get("functionalized", False)),
-        compile_error=data.get("compile_error"),
+        compile_error=data.get("compile_error"), ran_eagerly=bool(data.get("ran_eagerly", False)),
     )
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import dis
+import functools
+import linecache
 import os
-import traceback
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,23 +28,34 @@ from .facts import Detail, Hazard, HazardCode, Saved, Severity, Site
 
 __all__ = ["OutsideSaves", "pin_outside_saves"]
 
+# Where Dynamo gives up on a whole frame, all of it runs outside the graphs: copies of what it
+# saves stop here (later saves are judged by their versions only, a `.data` write to them missed).
+_VALUE_COPIES_BYTES = 256 << 20
+
 
 @dataclass(eq=False)
 class _Save:
     tensor: torch.Tensor
     version: int
-    values: torch.Tensor  # a copy at pack time: a write autograd does not see moves no counter
+    values: torch.Tensor | None  # a copy at pack time: a write autograd does not see moves no counter
     source: SourceLocation | None
     seq: int  # when it was packed, on the clock `OutsideSaves.tick` advances
     op: str = ""  # the backward node that unpacked it, named as the forward op (set by `reached`)
     function: Any = None  # ... and the custom `autograd.Function` whose node that is, if one
 
-    def changed(self) -> str | None:
-        """"visible" (its version moved), "hidden" (only its values did), or None."""
+    @functools.cached_property
+    def change(self) -> str | None:
+        """"visible" (its version moved), "hidden" (only its values did), or None; read once
+        the model returned."""
         if self.tensor._version != self.version:
             return "visible"
-        same = torch.equal(self.tensor, self.values) if not self.values.is_floating_point() and not self.values.is_complex() \
-            else bool(((self.tensor == self.values) | (self.tensor.isnan() & self.values.isnan())).all())
+        if self.values is None:
+            return None
+        now, then = self.tensor.detach(), self.values
+        if now.is_floating_point() or now.is_complex():
+            same = bool(((now == then) | (now.isnan() & then.isnan())).all())
+        else:
+            same = torch.equal(now, then)
         return None if same else "hidden"
 
 
@@ -63,6 +76,7 @@ class OutsideSaves:
     _clock: int = 0
     _hooks: Any = None
     _unpacked: list | None = None  # while `reached` walks: the saves unpacked so far
+    _copied: int = 0  # bytes of values copied so far
 
     def __enter__(self) -> OutsideSaves:
         # Dynamo would try to compile the hooks as frames of their own: it must not see them.
@@ -88,10 +102,17 @@ class OutsideSaves:
     def _pack(self, t: torch.Tensor) -> Any:
         if self._depth or isinstance(t, FakeTensor) or t.device.type == "meta":
             return t
-        with torch.no_grad():
-            values = t.detach().clone()
-        frame = user_frame(reversed(traceback.extract_stack()))
-        source = SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name) if frame else None
+        values = None
+        size = t.numel() * t.element_size()
+        if t.layout is torch.strided and self._copied + size <= _VALUE_COPIES_BYTES:
+            with torch.no_grad():
+                values = t.detach().clone()
+            self._copied += size
+        frame = user_frame(sys._getframe())
+        source = None
+        if frame is not None:
+            file, line = frame.f_code.co_filename, frame.f_lineno
+            source = SourceLocation(file, line, linecache.getline(file, line).strip(), frame.f_code.co_name)
         save = _Save(t, t._version, values, source, self.tick())
         self.saves.append(save)
         return _Packed(t, save)
@@ -184,7 +205,7 @@ def pin_outside_saves(saves: OutsideSaves, returned: Sequence[torch.Tensor]) -> 
             hazards.append(hazard)
 
     for save in reached:
-        how = save.changed()
+        how = save.change
         before = [record for record, tick in saves.runs if tick < save.seq]
         for record, tick in saves.runs:
             if how is None and not (save.function is not None and before and record is before[-1]):

@@ -30,7 +30,7 @@ from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_la
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import is_dynamo_file, is_internal_file, root_modules
-from .errors import AnalysisError, AnalysisWarning
+from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning
 from .facts import (DEFAULT_SEVERITY, Detail, Hazard, HazardCode, KeptReason, OutputKind, OutputRole, RewriteKind,
                     Severity, Target)
 from .options import AuditOptions, parse_options
@@ -155,9 +155,12 @@ class InplaceAudit:
         try:
             compiled = self._compile(gm, example_inputs, opts, mode, graph)
         except Exception as e:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if opts.functionalize_mode and not isinstance(e, HazardError):
+                compiled = self._run_eagerly(gm, graph, opts, error, rewritten=gm is not original)
+                return self._runner(gm, graph, compiled, wrap, opts)
             # Dynamo may fall back (a graph break, then eager): the report must not claim a
             # rewrite that never ran, nor hide the hazards it would have removed.
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             mutations = graph.report.mutations
             if gm is not original:  # a rewrite that never ran
                 mutations = mark_kept(audited.mutations, RewriteKind.NOT_APPLIED)
@@ -165,6 +168,23 @@ class InplaceAudit:
             self._emit(graph, opts)
             raise
         self._emit(graph, opts)
+        return self._runner(gm, graph, compiled, wrap, opts)
+
+    def _run_eagerly(self, gm: torch.fx.GraphModule, graph: _AuditedGraph, opts: AuditOptions, error: str,
+                     rewritten: bool) -> Callable:
+        # AOTAutograd refuses some graphs the plain compile refuses too (inputs sharing memory
+        # that are not views of each other, a failed partition): the graph runs op by op in
+        # eager, where autograd differentiates it as it stands, rewritten or kept.
+        how = "as rewritten: it trains with the out-of-place program's gradients" if rewritten else "as written"
+        warnings.warn(f"fxinplace: the compiler {_name_of(opts.compiler)} failed on graph {graph.identity[0]} "
+                      f"`{graph.identity[1]}` ({error}); with functionalize, the graph runs op by op in eager "
+                      f"instead, {how}", CompilerFallbackWarning, stacklevel=3)
+        graph.report = dataclasses.replace(graph.report, compile_error=error, ran_eagerly=True)
+        self._emit(graph, opts)
+        return gm.forward
+
+    def _runner(self, gm: torch.fx.GraphModule, graph: _AuditedGraph, compiled: Callable, wrap: Callable | None,
+                opts: AuditOptions) -> Callable:
         if wrap is not None:
             compiled = wrap(compiled)
         first_call = [True]

@@ -6,7 +6,7 @@ strict mode, a stale saved tensor), `FxInplaceWarning` for every warning it give
 
 from __future__ import annotations
 
-__all__ = ["FxInplaceError", "FxInplaceWarning", "AnalysisError", "AnalysisWarning"]
+__all__ = ["FxInplaceError", "FxInplaceWarning", "AnalysisError", "AnalysisWarning", "CompilerFallbackWarning"]
 
 
 class FxInplaceError(RuntimeError):
@@ -23,3 +23,8 @@ class AnalysisError(FxInplaceError):
 
 class AnalysisWarning(FxInplaceWarning):
     """The audit itself failed on a graph; the graph was compiled without it."""
+
+
+class CompilerFallbackWarning(FxInplaceWarning):
+    """With `functionalize`, the compiler (AOTAutograd, Inductor) failed on a graph: it runs op by
+    op in eager instead, as rewritten, so it trains with the out-of-place program's gradients."""

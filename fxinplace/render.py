@@ -276,7 +276,10 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
     if graph.analysis_error:
         return _fill(f"{head}: analysis failed ({graph.analysis_error}); compiled without it", width)
     lines = [head]
-    if graph.compile_error:
+    if graph.compile_error and graph.ran_eagerly:
+        lines.append(f"not compiled: the compiler failed ({graph.compile_error}); the graph runs op by op in "
+                     "eager instead, as the table says it was rewritten")
+    elif graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
                      "Dynamo's fallback, with the in-place writes as written")
     lines += _task_lines(graph)
@@ -582,6 +585,7 @@ def graph_dict(graph: GraphReport) -> dict[str, Any]:
         "analysis_error": graph.analysis_error,
         "functionalized": graph.functionalized,
         "compile_error": graph.compile_error,
+        "ran_eagerly": graph.ran_eagerly,
     }
 
 

@@ -36,6 +36,8 @@ class GraphReport:
     analysis_error: str | None = None
     functionalized: bool = False
     compile_error: str | None = None  # the compiler failed on this graph: it never ran as audited
+    # ... and, with `functionalize`, the graph (as rewritten) runs op by op in eager instead
+    ran_eagerly: bool = False
 
     @property
     def tasks(self) -> tuple[str, ...]:

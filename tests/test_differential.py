@@ -661,6 +661,14 @@ FUNCTIONALIZE_REGRESSIONS = {
         30226, ("t1 = self.w0.view(-1)", "a4 = self.w1.view(1, 4)",
                 "with torch.no_grad():\n    a5, a6 = a4.chunk(2, 1)\n    t1[9] = 1.0", "a7 = torch.softmax(a5, -1)", B,
                 "with torch.no_grad():\n    torch.relu_(t1)"), (("a", "a7"),)),
+    # The ATen trace inlines a checkpoint region: its ops came from nodes of the region's
+    # body, whose grad mode was not known, and took their first reader's, a `no_grad` write:
+    # the output stopped requiring grad. Now the body's nodes run in the mode of its call.
+    "checkpoint output written under no_grad": Program(
+        30158, ("def block1(u):\n    h = torch.exp(u)\n    return h\n"
+                "t2 = torch.utils.checkpoint.checkpoint(block1, self.w0, use_reentrant=False)",
+                "with torch.no_grad():\n    t2.add_(-1.5)", "a6 = torch.softmax(t2, -1)"),
+        (("a", "a6"),)),
 }
 
 

@@ -159,24 +159,33 @@ def _fill_after_save(x, v):
     return y + t
 
 
+def _fill_out_of_place(x, v):
+    t = x * 2
+    y = t * t
+    t = t.index_fill(0, torch.tensor([0, 2]), v)
+    return y + t
+
+
 @pytest.mark.filterwarnings("ignore:Error detected in")
-def test_a_graph_the_compiler_fails_on_claims_no_rewrite():
-    # The compiler cannot trace index_fill_'s derivative for a tensor value (a data-dependent
-    # op); Dynamo falls back and the hazard runs in eager, as the report must then say.
+def test_a_graph_the_compiler_fails_on_runs_rewritten_in_eager():
+    # AOTAutograd cannot trace index_fill's derivative for a tensor value (a data-dependent
+    # op): the rewritten graph runs op by op in eager instead, and trains as the out-of-place
+    # program does, where eager raises.
     x = torch.randn(4, requires_grad=True)
     v = torch.tensor(3.0, requires_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         _fill_after_save(x, v).sum().backward()
+    expected = [torch.autograd.grad(_fill_out_of_place(x, v).sum(), (x, v))]
     audit = fxinplace.InplaceAudit(compiler="aot_eager", print=False, functionalize=True)
-    out = torch.compile(_fill_after_save, backend=audit)(x, v)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.sum().backward()
+    with pytest.warns(fxinplace.CompilerFallbackWarning, match="runs op by op in eager instead, as rewritten"):
+        out = torch.compile(_fill_after_save, backend=audit)(x, v)
+    assert_grads_close(dict(enumerate(torch.autograd.grad(out.sum(), (x, v)))), dict(enumerate(expected[0])))
     first = audit.report.graphs[0]
-    assert first.compile_error is not None
+    assert first.compile_error is not None and first.ran_eagerly
     [mutation] = first.mutations
-    assert mutation.rewrite == fxinplace.Rewrite(fxinplace.RewriteKind.NOT_APPLIED)
-    assert [h.severity for h in mutation.hazards if h.code == "saved-then-mutated"] == ["error"]
-    assert "not compiled: the compiler failed" in first.render()
+    assert mutation.rewrite.kind is fxinplace.RewriteKind.REWRITTEN
+    assert all(h.removed_by_rewrite for h in mutation.hazards if h.code == "saved-then-mutated")
+    assert "the graph runs op by op in eager instead" in first.render()
 
 
 class OverlappingView(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch.fx
 
 from ._histories import keep_eager_histories
 from ._respell import respell
-from ..._compat import (SET_GRAD_ENABLED, detect_fake_mode, enable_python_dispatcher, make_fx_aten, origin_names,
+from ..._compat import (SET_GRAD_ENABLED, detect_fake_mode, enable_python_dispatcher, make_fx_aten, origin_sources,
                         preserve_node_meta)
 from .._graph_io import GraphInput, fresh_fakes
 from ..op_knowledge import mutates, view_chain, written_inputs
@@ -42,13 +42,13 @@ def trace_functional(
     aten = trace(torch.fx.Interpreter(gm).run)
     if not any(mutates(node) for node in aten.graph.nodes):
         return None
-    _restore_grad_mode(aten, grad_modes(gm))
+    _restore_grad_mode(aten, _all_grad_modes(gm))
     respell(aten)
     modes = grad_modes(aten)  # once: the nodes added for the histories say their own modes
     modes.update(keep_eager_histories(aten, gm, inputs, modes))
     functional = trace(torch.func.functionalize(torch.fx.Interpreter(aten).run, remove="mutations"),
                        {torch.ops.aten.copy.default: _copy_out_of_place})
-    _restore_grad_mode(functional, modes)
+    _restore_grad_mode(functional, {(id(aten.graph), name): mode for name, mode in modes.items()})
     placeholders = list(aten.graph.find_nodes(op="placeholder"))
     written = {placeholders.index(root) for node in aten.graph.nodes if node.op == "call_function" and mutates(node)
                for w in written_inputs(node) if (root := view_chain(w)[-1]).op == "placeholder"}
@@ -75,16 +75,38 @@ def grad_modes(gm: torch.fx.GraphModule) -> dict[str, bool]:
     return modes
 
 
-def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[str, bool]) -> None:
-    # `modes` are those of the traced graph; `from_node` names the node each new node came
-    # from. One without an origin (a view functionalization regenerates for a reader or for
-    # an output) runs in the mode of its first user: a view made under `no_grad` would cut
-    # the history its reader needs. The graph ends in the mode it started in.
+def _all_grad_modes(gm: torch.fx.GraphModule) -> dict[tuple[int, str], bool]:
+    """The grad mode of each node of `gm` and of the bodies its higher-order ops call (a
+    checkpoint region runs in the mode of its call), keyed by (id of its graph, name)."""
+    modes: dict[tuple[int, str], bool] = {}
+
+    def walk(module: torch.fx.GraphModule, enabled: bool) -> None:
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is SET_GRAD_ENABLED:
+                enabled = bool(node.args[0])
+            modes[(id(module.graph), node.name)] = enabled
+            if node.op == "call_function":
+                for arg in node.args:
+                    body = getattr(module, arg.target, None) if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" \
+                        else None
+                    if isinstance(body, torch.fx.GraphModule):
+                        walk(body, enabled)
+
+    walk(gm, torch.is_grad_enabled())
+    return modes
+
+
+def _restore_grad_mode(gm: torch.fx.GraphModule, modes: dict[tuple[int, str], bool]) -> None:
+    # `modes` are those of the traced graph and its bodies, by (graph id, name); `from_node`
+    # names the node each new node came from. One without an origin (a view functionalization
+    # regenerates for a reader or for an output) runs in the mode of its first user: a view
+    # made under `no_grad` would cut the history its reader needs. The graph ends in the mode
+    # it started in.
     initial = torch.is_grad_enabled()
     nodes = list(gm.graph.nodes)
     wanted: dict[torch.fx.Node, bool] = {}
     for node in nodes:
-        sources = [name for name in origin_names(node) if name in modes]
+        sources = [source for source in origin_sources(node) if source in modes]
         if node.op == "output":
             wanted[node] = initial
         elif sources and node.op != "placeholder":
