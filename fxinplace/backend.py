@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import (current_compile_id, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx,
+from ._compat import (StorageWeakRef, current_compile_id, example_value, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx,
                       inductor_mode_options, lookup_backend, pytree, trace_artifact, tested_range, torch_is_tested,
                       traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_later_graphs
@@ -78,6 +78,10 @@ class _AuditedGraph:
     saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
     cross: Any = None  # `GraphSaves`: this graph's saves a later graph can invalidate
     placeholder_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
+    # Kept in place with written inputs sharing memory, and an output that views an input:
+    # AOTAutograd's replay of that view fails when the graph runs (a failure a compile-time
+    # fallback cannot catch): the graph runs op by op instead.
+    eager_only: bool = False
 
     @property
     def report(self) -> GraphReport:
@@ -153,7 +157,11 @@ class InplaceAudit:
                 self._emit(graph, opts)
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
         try:
-            compiled = self._compile(gm, example_inputs, opts, mode, graph)
+            if graph.eager_only:
+                graph.report = dataclasses.replace(graph.report, ran_eagerly=True)
+                compiled = gm.forward
+            else:
+                compiled = self._compile(gm, example_inputs, opts, mode, graph)
         except Exception as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if opts.functionalize_mode and not isinstance(e, HazardError):
@@ -334,6 +342,8 @@ class InplaceAudit:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for i in kept:
             graph.placeholder_saves[placeholders[i]].kept_apart = True
+        graph.eager_only = (done.kept is KeptReason.SHARED_INPUT and _name_of(opts.compiler) != "eager"
+                            and _returns_view_of_input(gm))
         graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
         return done.gm, done.wrap
 
@@ -484,6 +494,15 @@ def _kept_apart(gm: torch.fx.GraphModule, graph: _AuditedGraph) -> list[int]:
         if target_of_root(node, trace).kind in ("buffer", "input") and not trace.requires_grad.get(node, True):
             kept.append(i)
     return kept
+
+
+def _returns_view_of_input(gm: torch.fx.GraphModule) -> bool:
+    def storage(node: Any) -> Any:
+        value = example_value(node) if isinstance(node, torch.fx.Node) else None
+        return StorageWeakRef(value.untyped_storage()) if isinstance(value, torch.Tensor) else None
+
+    inputs = {storage(p) for p in gm.graph.find_nodes(op="placeholder")} - {None}
+    return any(storage(out) in inputs for out in output_nodes(gm))
 
 
 def _ends_in_break(gm: torch.fx.GraphModule) -> bool:

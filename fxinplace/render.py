@@ -279,6 +279,9 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
     if graph.compile_error and graph.ran_eagerly:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); the graph runs op by op in "
                      "eager instead, as the table says it was rewritten")
+    elif graph.ran_eagerly:
+        lines.append("not compiled: written inputs share memory, which AOTAutograd does not handle in every case; "
+                     "the graph runs op by op in eager, as written")
     elif graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
                      "Dynamo's fallback, with the in-place writes as written")

@@ -680,6 +680,50 @@ def test_functionalize_regressions(program, tmp_path):
         assert check_functionalized(program, tmp_path) == []
 
 
+# Graphs AOTAutograd refuses with or without fxinplace (plain `aot_eager` on the program as
+# written fails alike): with `functionalize` they run op by op in eager (`ran_eagerly`) and
+# must agree with eager there. The last fails when it runs, not when it compiles: a graph
+# whose written inputs share memory and that returns a view of one runs op by op unasked.
+FUNCTIONALIZE_RUN_EAGERLY = {
+    "non-differentiable view input mutations": Program(
+        30138, ("t1 = self.sub.b.data", "t2, t3, t4 = t1.unbind(0)", "torch._dynamo.graph_break()",
+                "t1.data.mul_(2.0)", "a8 = torch.relu(self.sub.w)", "b9 = torch.relu(t3)"),
+        (("a", "a8"),)),
+    "partition failure": Program(
+        30005, ("t1 = torch.sigmoid(self.w0)", "t2 = t1 + 1.0", "t3 = x1.detach()", "t4, t5, t6 = t3.unbind(0)",
+                "t4.view(1, 4)[t4.view(1, 4) > 0] = 0.0", "a7 = Scale.apply(self.w0, t2)",
+                "with torch.no_grad():\n    a8 = a7.detach()\n    self.b0[0:].mul_(t5)\n    a7[self.w0 > 0] = 0.0",
+                "def block9(u, v):\n    h = torch.sigmoid(u * v)\n    return torch.tanh(h)\n"
+                "a10 = torch.utils.checkpoint.checkpoint(block9, t6, t6, use_reentrant=False)",
+                "torch.relu_(t3)", "c14 = F.linear(t1, self.w0, self.b1)"),
+        (("a", "a10"), ("c", "c14"))),
+    "any_leaf != all_leaf": Program(
+        30188, ("t1 = self.w1.unsqueeze(0)", "t2 = t1.sum(0)", "a4 = x1.clone()", "a5 = a4[:, 1:3]",
+                "torch._dynamo.graph_break()", "with torch.no_grad():\n    t1.mul_(self.b1.t().t())",
+                "c8 = self.w1 * t2"),
+        (("a", "a5"),)),
+    "view of a written input sharing memory, returned": Program(
+        30022, ("def block1(u, v):\n    h = torch.sigmoid(u * v)\n    return torch.tanh(h)\n"
+                "t2 = torch.utils.checkpoint.checkpoint(block1, self.sub.b, self.sub.b.t().t(), use_reentrant=False)",
+                "t3 = t2[:, 2:4]", "torch._dynamo.graph_break()", "a4 = F.linear(t2, t2, None)", "t3.exp_()",
+                "c8 = t3.t()"),
+        (("c", "c8"),)),
+}
+
+
+@pytest.mark.parametrize("program", FUNCTIONALIZE_RUN_EAGERLY.values(), ids=FUNCTIONALIZE_RUN_EAGERLY.keys())
+def test_a_graph_aot_autograd_refuses_runs_op_by_op_and_agrees_with_eager(program, tmp_path):
+    cls, make_inputs = program.load(tmp_path)
+    args, _ = make_inputs()
+    with fast_dynamo(), pytest.raises(Exception):  # PyTorch's own compile of the program refuses it
+        out = torch.compile(cls(), backend="aot_eager")(*args)
+        differential_oracle._loss(out, program.seed).backward()
+    torch._dynamo.reset()
+    with fast_dynamo():
+        found = check_functionalized(program, tmp_path)
+    assert len(found) == 1 and found[0].startswith("ran-eagerly:"), found
+
+
 FUNCTIONALIZE_LIMITS = {
     # A value that requires grad written through `.data` gives the `.data` tensor a history
     # of its own (the parameter keeps its own). Out of place, that tensor is a view of the
@@ -687,6 +731,11 @@ FUNCTIONALIZE_LIMITS = {
     "value with history written into .data, then read": Program(
         35, ("t1 = self.w0.sum(0)", "t3 = self.sub.w.data", "t3[:, 0:] = self.w0", "c12 = torch.matmul(t1, t3)"),
         (("c", "c12"),)),
+    # `ScaleFused.apply(t5, t5)` runs outside every graph (Dynamo breaks the graph there): its
+    # forward doubles what it saved, as in eager, and no rewrite reaches it (seed 30250).
+    "fused Function Dynamo ran itself": Program(
+        30250, ("t2 = torch.softmax(self.w0, -1)", "t5 = F.linear(x1, t2, self.b1)", "a8 = ScaleFused.apply(t5, t5)"),
+        (("a", "a8"),)),
 }
 
 
