@@ -218,6 +218,33 @@ def test_preserve_node_meta_gives_make_fx_nodes_their_origin():
     assert origins == {aten.relu.default: ["relu"], aten.mul.Tensor: ["mul"]}
     bare = _compat.make_fx_aten(torch.fx.Interpreter(gm).run)(x)
     assert all(_compat.origin_names(n) == [] for n in bare.graph.nodes)
+    # ... and the graph each origin was in: its own, for an op of the traced graph.
+    assert {_compat.origin_sources(n)[0] for n in traced.graph.nodes if n.op == "call_function"} == \
+        {(id(gm.graph), "relu"), (id(gm.graph), "mul")}
+
+
+def test_an_inlined_checkpoint_bodys_ops_name_the_bodys_graph():
+    # `functionalize` restores each ATen op's grad mode from its origin: an op of a checkpoint
+    # body (inlined by the ATen trace) names the body's graph, whose node names may repeat
+    # the outer graph's.
+    captured = []
+
+    def backend(gm, example_inputs):  # traced here, in Dynamo's fake mode, as `functionalize` does
+        fake_mode = _compat.detect_fake_mode(example_inputs)
+        fakes = [fake_mode.from_tensor(torch.randn(3))]
+        with fake_mode, _compat.preserve_node_meta(), torch.no_grad():
+            captured.append((gm, _compat.make_fx_aten(torch.fx.Interpreter(gm).run)(*fakes)))
+        return gm.forward
+
+    def f(w):
+        return torch.utils.checkpoint.checkpoint(torch.exp, w, use_reentrant=False) * 2
+
+    torch.compile(f, backend=backend)(torch.randn(3, requires_grad=True))
+    gm, traced = captured[0]
+    bodies = {id(m.graph) for m in gm.modules() if isinstance(m, torch.fx.GraphModule) and m is not gm}
+    assert bodies
+    graphs = {n.target: _compat.origin_sources(n)[0][0] for n in traced.graph.nodes if n.op == "call_function"}
+    assert graphs[aten.exp.default] in bodies and graphs[aten.mul.Tensor] == id(gm.graph)
 
 
 def test_interpreting_names_the_node_for_what_runs_inside():
