@@ -8,12 +8,10 @@ from typing import Any, Sequence
 import torch
 
 from ._compat import dynamo_reset, pytree
-from ._outside_saves import OutsideSaves, pin_outside_saves
 from ._sources import SourceLocation, source_of, user_frame
 from .backend import InplaceAudit, emit_tables
-from .errors import AnalysisWarning
 from .facts import DEFAULT_SEVERITY, Hazard, HazardCode, OutputKind, Site
-from .options import AuditOptions, parse_options
+from .options import parse_options
 from .passes.split_tasks import task_name
 from .report import GraphReport, Report
 
@@ -61,10 +59,8 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
     backend.model = model if isinstance(model, torch.nn.Module) else None
     compiled = torch.compile(model, backend=backend)
     try:
-        with OutsideSaves() as backend.outside_saves:  # what code Dynamo ran itself saved
-            result = compiled(*args, **kwargs)
+        result = compiled(*args, **kwargs)
         backend.settle(result)  # the frame returned: which saves past a break a loss can reach
-        _pin_outside_saves(backend, result, shown)
     except Exception as e:
         failure = _trace_failure(e, [gm for g in backend.graphs if g.gm is not None and (gm := g.gm()) is not None])
         if failure is None:
@@ -74,7 +70,6 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         emit_tables(failure, shown)
         return Report((failure,))
     finally:
-        backend.outside_saves = None
         dynamo_reset()  # the audit's compiled code must not stay in the user's cache
 
     paths = _output_paths(result)
@@ -86,19 +81,6 @@ def audit(model: torch.nn.Module | Any, *args: Any, options: dict[str, Any] | No
         emit_tables(report, shown)
         graphs.append(report)
     return Report(tuple(graphs))
-
-
-def _pin_outside_saves(backend: InplaceAudit, result: Any, shown: AuditOptions) -> None:
-    saves = backend.outside_saves
-    if saves is None or not saves.saves:
-        return
-    try:
-        pin_outside_saves(saves, [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)])
-    except Exception as e:  # the user's training comes first
-        if shown.strict:
-            raise
-        warnings.warn(f"fxinplace.audit: could not judge what code Dynamo ran outside the graphs saved "
-                      f"({type(e).__name__}: {e}); the report may miss an error there", AnalysisWarning, stacklevel=3)
 
 
 def _output_paths(result: Any) -> dict[int, str]:

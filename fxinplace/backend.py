@@ -118,7 +118,6 @@ class InplaceAudit:
         self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
         self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
-        self.outside_saves = None  # `OutsideSaves`, while `fxinplace.audit` watches the saves made between graphs
 
     @property
     def report(self) -> Report:
@@ -136,12 +135,6 @@ class InplaceAudit:
             log.info("inplace_audit: ignoring unexpected backend arguments %s", sorted(kwargs))
         if not torch_is_tested():
             warn_untested_once()
-        if self.outside_saves is not None:
-            with self.outside_saves.inside():  # the fake runs' saves are no user code's
-                return self._compile_graph(gm, example_inputs, opts, mode)
-        return self._compile_graph(gm, example_inputs, opts, mode)
-
-    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list, opts: AuditOptions, mode: str | None):
         graph = self._audit(gm, example_inputs, opts)
         self.graphs.append(graph.record)
         audited, original = graph.report, gm
@@ -202,13 +195,7 @@ class InplaceAudit:
         record = graph.record
 
         def run(*args):
-            saves = self.outside_saves
-            if saves is None:
-                out = compiled(*args)
-            else:
-                with saves.inside():
-                    out = compiled(*args)
-                saves.ran(record)
+            out = compiled(*args)
             flat = out if isinstance(out, (list, tuple)) else (out,)
             record.outputs = tuple(map(id, flat))
             if graph.trace is not None and (first_call[0] or every_call):
@@ -409,7 +396,7 @@ def _written_state(gm: torch.fx.GraphModule, example_inputs: list, trace: Mutati
             if isinstance(value, torch.Tensor):
                 by_target.setdefault(target_of_root(placeholder, trace), value)
         return tuple((weakref.ref(by_target[m.target]), i) for i, m in enumerate(report.mutations)
-                     if m.target in by_target)
+                     if m.target.kind != "intermediate" and m.target in by_target)
     except Exception:  # a nicety for the guard's messages: never the audit's failure
         log.debug("inplace_audit: could not keep the tensors graph %s writes", report.compile_id, exc_info=True)
         return ()

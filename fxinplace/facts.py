@@ -57,7 +57,6 @@ class Detail(str, Enum):
     FUNCTION_FORWARD = "autograd-function-forward"  # hidden: inside a custom Function's forward, after it saved
     UNSEEN_PATH = "unseen-path"  # hidden: `.data`, a write the schema does not declare, ...
     CROSSED_BREAK = "crossed-break"  # saved by an earlier graph, written after the graph break
-    OUTSIDE_GRAPH = "outside-graph"  # saved by code Dynamo ran itself, between graphs; written in a graph
     NO_GRAD_COPY = "no-grad-copy"  # parameter-write to a parameter that requires no grad (EMA, momentum copy)
     REBIND = "rebind"  # parameter-write by `p.data = v`
 

@@ -156,8 +156,6 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
         verb = "were" if len(saved) > 1 else "was"
         needed = task_names(h.saved_by.tasks if h.saved_by else (), names)
         start = f"{' and '.join(saved)} {verb} saved for backward by {_op(h.saved_by)}"
-        if h.detail is Detail.OUTSIDE_GRAPH:
-            start += ", which Dynamo ran itself between two graphs (no backend saw the save)"
         if needed:
             start += f" (needed by the backward of {_tasks(h.saved_by.tasks, names)})"
         if h.stored_only:
@@ -168,7 +166,7 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
                     f"value kept past a graph break) needs it: a loss computed from that would {outcome}")
         if code is HazardCode.SAVED_THEN_MUTATED:
             return f"{start}, then modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""
-        return (f"{start}, then overwritten by {op} {_UNSEEN.get(h.detail, _UNSEEN[Detail.UNSEEN_PATH])}: backward raises "
+        return (f"{start}, then overwritten by {op} {_UNSEEN[h.detail or Detail.UNSEEN_PATH]}: backward raises "
                 "nothing and silently computes gradients from the new values")
     name = h.target.name if h.target else "?"
     how = _how(h.mutated_by)
