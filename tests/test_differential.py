@@ -696,6 +696,15 @@ FUNCTIONALIZE_REGRESSIONS = {
                 "t2 = torch.utils.checkpoint.checkpoint(block1, self.w0, use_reentrant=False)",
                 "with torch.no_grad():\n    t2.add_(-1.5)", "a6 = torch.softmax(t2, -1)"),
         (("a", "a6"),)),
+    # A graph returns `t2`, one of `sub.b.chunk(2, 1)`, written (kept) in the graph: the output
+    # was remade as a view of the written input only through single views, so `t2` came back
+    # a view of the new value, and the next graph's write to it never reached `sub.b`. A
+    # `split`/`chunk`/`unbind` item is remade too now (seed 171; 291 crossed the same way).
+    "chunk of a written buffer returned across a break": Program(
+        171, ("with torch.no_grad():\n    t1, t2 = self.sub.b.chunk(2, 1)\n    x2.sigmoid_()", "t3 = t1.sum(0)",
+              "with torch.no_grad():\n    torch.relu_(t1[:, 0])", "torch._dynamo.graph_break()",
+              "a7 = t3.sum(0, keepdim=True)", "t2.sigmoid_()"),
+        (("a", "a7"),)),
 }
 
 

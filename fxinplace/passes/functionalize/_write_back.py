@@ -53,16 +53,32 @@ def _view_the_input(gm: torch.fx.GraphModule, copy: torch.fx.Node) -> None:
     for k, out in enumerate(returned):
         chain = view_chain(out) if isinstance(out, torch.fx.Node) else []
         chain = chain[:chain.index(value) + 1] if value in chain else []  # `value` may itself be a view
-        if len(chain) < 2 or not all(
-                is_view(n) and n.args and n.args[0] is base for n, base in zip(chain, chain[1:])):
+        steps = _view_steps(chain)
+        if not steps:
             continue
         base = placeholder
         with gm.graph.inserting_before(output):
-            for n in reversed(chain[:-1]):
+            for n in reversed(steps):
                 base = gm.graph.call_function(n.target, (base, *n.args[1:]), dict(n.kwargs))
                 base.meta = dict(n.meta)
         returned[k] = base
     output.args = (tuple(returned), *output.args[1:])
+
+
+def _view_steps(chain: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The nodes that make `chain[0]` from `chain[-1]`, outermost first, each taking the next
+    as its first argument; [] if some link is not such a view. A `split`/`chunk`/`unbind`
+    item is one link of `chain` (`getitem` aliases the split's input): two nodes here."""
+    steps = []
+    for n, base in zip(chain, chain[1:]):
+        if is_view(n) and n.args and n.args[0] is base:
+            steps.append(n)
+        elif (n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) and n.args[0].args
+              and n.args[0].args[0] is base):
+            steps += [n, n.args[0]]
+        else:
+            return []
+    return steps
 
 
 def reinplace_running_stats(gm: torch.fx.GraphModule) -> list[int]:
