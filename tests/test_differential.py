@@ -705,6 +705,13 @@ FUNCTIONALIZE_REGRESSIONS = {
               "with torch.no_grad():\n    torch.relu_(t1[:, 0])", "torch._dynamo.graph_break()",
               "a7 = t3.sum(0, keepdim=True)", "t2.sigmoid_()"),
         (("a", "a7"),)),
+    # Views of `w0.data`, written by the graph before a break, came back as views of `w0`
+    # itself, with its history: Dynamo, tracing the next graph, refused `t6.copy_(t4)` ("a view
+    # of a leaf Variable that requires grad"), where eager runs it (seed 191).
+    "views of a parameter's .data returned across a break": Program(
+        191, ("t1 = self.w0.data", "t2 = ScaleFused.apply(t1, t1)", "t3, t4, t5, t6 = t1.unbind(0)",
+              "a11 = torch.tanh(t3)", "torch._dynamo.graph_break()", "t6.copy_(t4)"),
+        (("a", "a11"),)),
 }
 
 

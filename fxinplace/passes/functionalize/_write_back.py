@@ -232,7 +232,9 @@ def _view_written_inputs(result: list, olds: list, news: Sequence[Any], aliased:
         if pair is not None and out._base is not None:
             old, new = pair
             offset = old.storage_offset() + out.storage_offset() - new.storage_offset()
-            result[k] = old.as_strided(out.size(), out.stride(), offset)
+            # A view eager took through `.data` / `.detach()` of a parameter has no history.
+            base = old.detach() if old.requires_grad and not out.requires_grad else old
+            result[k] = base.as_strided(out.size(), out.stride(), offset)
 
 
 def identity(compiled: Callable) -> Callable:
