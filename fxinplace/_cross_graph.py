@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.fx
@@ -142,10 +142,11 @@ class CrossGraphState:
 
     def after_call(
         self, graph: GraphSaves, gm: torch.fx.GraphModule, outputs: list, trace: MutationTrace,
-        saved: dict[int, SavedTensor],
+        saved: dict[int, SavedTensor], kept_apart: Collection[int] = (),
     ) -> None:
         """After a call of `gm` (the first; every one for a graph that ends in a break): its
-        outputs' storages and saves, and autograd hooks that tell when these saves are gone."""
+        outputs' storages and saves, and autograd hooks that tell when these saves are gone.
+        `kept_apart`: the outputs handed over as clones of what was saved (`functionalize`)."""
         if graph.output_nodes is None:
             graph.output_nodes = output_nodes(gm)
         for position, (node, real) in enumerate(zip(graph.output_nodes, outputs)):
@@ -155,7 +156,7 @@ class CrossGraphState:
             entry = self._entry(real) or self._add(
                 real, Target("intermediate", node.name, f"{describe_op(node)} in graph {graph.graph_id}"))
             if entry is not None and position in saved:
-                self._new_save(entry, saved[position], trace, graph)
+                self._new_save(entry, saved[position], trace, graph).kept_apart = position in kept_apart
         graph.call = _watch(graph, outputs)
         graph.calls += 1
         if graph.calls == 1 or graph.calls % 32 == 0:

@@ -37,6 +37,7 @@ from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
 from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
+from .passes.functionalize._write_back import clone_outputs
 from .passes.resolve_aliases import name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations
@@ -82,6 +83,7 @@ class _AuditedGraph:
     # AOTAutograd's replay of that view fails when the graph runs (a failure a compile-time
     # fallback cannot catch): the graph runs op by op instead.
     eager_only: bool = False
+    cloned_outputs: set[int] = field(default_factory=set)  # outputs the latest call handed over as clones
 
     @property
     def report(self) -> GraphReport:
@@ -239,7 +241,8 @@ class InplaceAudit:
         if graph.trace is None or graph.cross is None:
             return
         try:
-            self._cross_graph.after_call(graph.cross, graph.gm, outputs, graph.trace, graph.saved_outputs)
+            self._cross_graph.after_call(graph.cross, graph.gm, outputs, graph.trace, graph.saved_outputs,
+                                         kept_apart=graph.cloned_outputs)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"could not record the outputs of graph {graph.identity[0]}", "training goes on")
 
@@ -332,6 +335,11 @@ class InplaceAudit:
         graph.eager_only = (done.kept is KeptReason.SHARED_INPUT and _name_of(opts.compiler) != "eager"
                             and _returns_view_of_input(gm))
         graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
+        if graph.saved_outputs and _ends_in_break(gm):
+            # The code after the break gets a clone of what this graph saved: AOTAutograd runs one
+            # backward node for the whole graph, which would read a later graph's write.
+            clone, wrap = clone_outputs(sorted(graph.saved_outputs), graph.cloned_outputs), done.wrap
+            return done.gm, lambda compiled: clone(wrap(compiled))
         return done.gm, done.wrap
 
     @staticmethod

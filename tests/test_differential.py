@@ -712,6 +712,14 @@ FUNCTIONALIZE_REGRESSIONS = {
         191, ("t1 = self.w0.data", "t2 = ScaleFused.apply(t1, t1)", "t3, t4, t5, t6 = t1.unbind(0)",
               "a11 = torch.tanh(t3)", "torch._dynamo.graph_break()", "t6.copy_(t4)"),
         (("a", "a11"),)),
+    # `exp` saves `t6`, which the graph before the break returns; the next graph writes it. No
+    # loss reaches `exp` (eager trains), but AOTAutograd runs one backward node for the whole
+    # first graph, which read the written `t6`: backward raised. The code after the break now
+    # gets a clone of what a graph ending in a break saved (seed 160; 248 the same way).
+    "saved output of a graph ending in a break, written after it": Program(
+        160, ("t1 = x2 + 1.0", "t5 = t1.sum(0)", "t6 = torch.exp(t5)", "torch._dynamo.graph_break()", "a8 = -t5",
+              "t6.mul_(t6)"),
+        (("a", "a8"),)),
 }
 
 

@@ -15,7 +15,7 @@ from ._trace import grad_modes
 from ..op_knowledge import REINPLACED_RUNNING_STATS, functional_running_stats, is_view, mutates, view_chain
 
 __all__ = ["outputs_for_writes", "reinplace_running_stats", "read_by_backward", "read_by_functional_batch_norm",
-           "aliased_outputs", "write_back", "identity"]
+           "aliased_outputs", "write_back", "identity", "clone_outputs"]
 
 
 def outputs_for_writes(
@@ -239,3 +239,28 @@ def _view_written_inputs(result: list, olds: list, news: Sequence[Any], aliased:
 
 def identity(compiled: Callable) -> Callable:
     return compiled
+
+
+def clone_outputs(positions: Collection[int], cloned: set[int]) -> Callable[[Callable], Callable]:
+    """A wrapper that hands the caller a clone of each output at `positions`: values the graph
+    saved for backward, which the code after a graph break goes on with. A later write (the
+    next graph's write-back) then lands in the clone, and the backward, one node for the whole
+    compiled graph, reads the value it saved: the out-of-place program. An output sharing
+    memory with another output or an input is left as it is (a clone would cut the alias).
+    `cloned` holds the positions the latest call cloned."""
+    def wrap(compiled: Callable) -> Callable:
+        def run(*args):
+            outputs = compiled(*args)
+            cloned.clear()
+            if not torch.is_grad_enabled():
+                return outputs
+            result = list(outputs)
+            storages = [t.untyped_storage().data_ptr() for t in (*result, *args) if isinstance(t, torch.Tensor)]
+            for p in positions:
+                t = result[p] if p < len(result) else None
+                if isinstance(t, torch.Tensor) and storages.count(t.untyped_storage().data_ptr()) == 1:
+                    result[p] = t.clone()
+                    cloned.add(p)
+            return type(outputs)(result) if isinstance(outputs, tuple) else result
+        return run
+    return wrap
