@@ -158,8 +158,8 @@ def _step(model, args, kwargs, call=None):
 
 def _functionalized_outcome(model, args, kwargs):
     """One step of the functionalized original: the same program written out of place. Where
-    it still fails with the in-place error (a save and its write in two graphs, across a break,
-    are left as they are), one eager step that saves a copy of each tensor autograd saves: the
+    it still fails with the in-place error (a parameter saved in one graph and written after a
+    break is left as it is), one eager step that saves a copy of each tensor autograd saves: the
     gradients an out-of-place program gets."""
     from ..backend import InplaceAudit
 
