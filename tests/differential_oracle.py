@@ -493,7 +493,12 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
     # (Dynamo breaks the graph there), so a `ScaleFused` that writes what it saved keeps eager's
     # silently wrong gradients: no rewrite reaches it. Only where the rewrite's gradients are
     # exactly eager's, wrong as they are: any other difference is not this limit's.
-    if (found and _FUSED_OUTSIDE.search(program.source) and all(f.startswith("functionalize-grad:") for f in found)
+    # The same where the Function ran in a graph: the rewrite keeps its own forward's write, as
+    # the report says (`KeptReason.INSIDE_FUNCTION`), with eager's gradients.
+    inside = any(m.rewrite is not None and m.rewrite.reason is fxinplace.KeptReason.INSIDE_FUNCTION
+                 for m in audit.report.mutations)
+    if (found and (inside or _FUSED_OUTSIDE.search(program.source))
+            and all(f.startswith("functionalize-grad:") for f in found)
             and _same_gradients(_grads(model, leaves), _eager_grads(program, loaded))):
         return [f"known-limit: {finding}" for finding in found]
     # A graph ran op by op (`GraphReport.ran_eagerly`): counted apart where it agrees with eager

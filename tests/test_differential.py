@@ -784,6 +784,11 @@ FUNCTIONALIZE_LIMITS = {
         (("c", "c12"),)),
     # `ScaleFused.apply(t5, t5)` runs outside every graph (Dynamo breaks the graph there): its
     # forward doubles what it saved, as in eager, and no rewrite reaches it (seed 30250).
+    # A `ScaleFused` Dynamo traced: its own forward's write stays, as docs/functionalize.md says
+    # (`kept in place: inside-function`), with eager's gradients (after seed 153).
+    "fused Function in the graph": Program(
+        153, ("t1 = F.linear(self.b1, x2, None)", "a2 = t1 + 1.0", "a3 = ScaleFused.apply(a2, t1.t().t())"),
+        (("a", "a3"),)),
     "fused Function Dynamo ran itself": Program(
         30250, ("t2 = torch.softmax(self.w0, -1)", "t5 = F.linear(x1, t2, self.b1)", "a8 = ScaleFused.apply(t5, t5)"),
         (("a", "a8"),)),
