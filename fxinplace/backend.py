@@ -23,8 +23,8 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import (StorageWeakRef, current_compile_id, example_value, graph_break_reason, graph_output_roles, hop_name, inductor_compile_fx,
-                      inductor_mode_options, lookup_backend, pytree, trace_artifact, tested_range, torch_is_tested,
+from ._compat import (StorageWeakRef, current_compile_id, example_value, graph_break_reason, graph_output_roles,
+                      hop_name, inductor_compile_fx, inductor_mode_options, lookup_backend, pytree, trace_artifact, tested_range, torch_is_tested,
                       traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_later_graphs
 from ._logs import Counts, PassTimes
@@ -36,8 +36,7 @@ from .facts import (DEFAULT_SEVERITY, Detail, Hazard, HazardCode, KeptReason, Ou
 from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
-from .passes.functionalize import FunctionalizedGraph, functionalize, unchanged
-from .passes.functionalize._write_back import clone_outputs
+from .passes.functionalize import FunctionalizedGraph, clone_outputs, functionalize, unchanged
 from .passes.resolve_aliases import name_placeholders, target_of_root
 from .passes.split_tasks import split_tasks
 from .passes.trace_mutations import MutationTrace, output_nodes, trace_mutations

@@ -49,12 +49,12 @@ from ..._compat import hop_name
 from ...facts import KeptReason
 from ._opaque import restore, stand_ins
 from ._trace import trace_functional
-from ._write_back import (aliased_outputs, identity, outputs_for_writes, read_by_backward,
+from ._write_back import (aliased_outputs, clone_outputs, identity, outputs_for_writes, read_by_backward,
                                        read_by_functional_batch_norm, reinplace_running_stats, write_back)
 from .._graph_io import GraphInput, graph_inputs, returned_values
 from ..op_knowledge import INLINABLE_HOPS
 
-__all__ = ["functionalize", "unchanged", "FunctionalizedGraph"]
+__all__ = ["functionalize", "unchanged", "FunctionalizedGraph", "clone_outputs"]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ statistics back in place); and which inputs the backward may read (they get a cl
 
 from __future__ import annotations
 
+import collections
 import operator
 from typing import Any, Callable, Collection, Sequence
 
@@ -255,10 +256,11 @@ def clone_outputs(positions: Collection[int], cloned: set[int]) -> Callable[[Cal
             if not torch.is_grad_enabled():
                 return outputs
             result = list(outputs)
-            storages = [t.untyped_storage().data_ptr() for t in (*result, *args) if isinstance(t, torch.Tensor)]
+            storages = collections.Counter(t.untyped_storage().data_ptr() for t in (*result, *args)
+                                           if isinstance(t, torch.Tensor))
             for p in positions:
                 t = result[p] if p < len(result) else None
-                if isinstance(t, torch.Tensor) and storages.count(t.untyped_storage().data_ptr()) == 1:
+                if isinstance(t, torch.Tensor) and storages[t.untyped_storage().data_ptr()] == 1:
                     result[p] = t.clone()
                     cloned.add(p)
             return type(outputs)(result) if isinstance(outputs, tuple) else result
