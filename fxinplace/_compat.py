@@ -234,6 +234,13 @@ def set_version(t: torch.Tensor, version: int) -> None:
     torch._C._autograd._unsafe_set_version_counter((t,), (version,))
 
 
+def is_multi_output_view(t: torch.Tensor) -> bool:
+    """Whether `t` is a view autograd made as one of several outputs of one node (`chunk`,
+    `unbind`, a compiled graph's outputs): such a view refuses in-place ops with grad on, and
+    AOTAutograd refuses a compiled graph that writes one (fake tensors carry the mark too)."""
+    return t._is_view() and torch._C._autograd._get_creation_meta(t) == torch._C._autograd.CreationMeta.MULTI_OUTPUT_NODE
+
+
 # `with preserve_version_counter(tensors):` leaves their `_version`s as they were on entry.
 preserve_version_counter = torch.autograd._unsafe_preserve_version_counter
 # `increment_version(tensors)` bumps each tensor's `_version` by one (public, listed for the fakes' sake).

@@ -17,15 +17,15 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.fx
 
 from . import render
 from ._compat import (StorageWeakRef, current_compile_id, example_value, graph_break_reason, graph_output_roles,
-                      hop_name, inductor_compile_fx, inductor_mode_options, lookup_backend, pytree, trace_artifact, tested_range, torch_is_tested,
-                      traced_code, warn_untested_once)
+                      hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view, lookup_backend, pytree,
+                      trace_artifact, tested_range, torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_later_graphs
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
@@ -331,8 +331,9 @@ class InplaceAudit:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for i in kept:
             graph.placeholder_saves[placeholders[i]].kept_apart = True
-        graph.eager_only = (done.kept is KeptReason.SHARED_INPUT and _name_of(opts.compiler) != "eager"
-                            and _returns_view_of_input(gm))
+        graph.eager_only = _name_of(opts.compiler) != "eager" and (
+            (done.kept is KeptReason.SHARED_INPUT and _returns_view_of_input(gm))
+            or _writes_multi_output_view(done.written_in_place, example_inputs))
         graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
         if graph.saved_outputs and _ends_in_break(gm):
             # The code after the break gets a clone of what this graph saved: AOTAutograd runs one
@@ -497,6 +498,14 @@ def _returns_view_of_input(gm: torch.fx.GraphModule) -> bool:
 
     inputs = {storage(p) for p in gm.graph.find_nodes(op="placeholder")} - {None}
     return any(storage(out) in inputs for out in output_nodes(gm))
+
+
+def _writes_multi_output_view(written: Collection[int], example_inputs: Sequence[Any]) -> bool:
+    # AOTAutograd refuses, when it runs, a graph that writes an input requiring grad made as one
+    # of several views (`chunk` items of a parameter returned by the graph before a break), even
+    # under `no_grad` or through `.data`, where eager writes it.
+    return any(isinstance(t, torch.Tensor) and t.requires_grad and is_multi_output_view(t)
+               for t in (example_inputs[i] for i in written))
 
 
 def _ends_in_break(gm: torch.fx.GraphModule) -> bool:

@@ -278,8 +278,9 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); the graph runs op by op in "
                      "eager instead, as the table says it was rewritten")
     elif graph.ran_eagerly:
-        lines.append("not compiled: written inputs share memory, which AOTAutograd does not handle in every case; "
-                     "the graph runs op by op in eager, as written")
+        lines.append("not compiled: AOTAutograd refuses this graph when it runs (written inputs that share memory, "
+                     "or one made as one of several views); the graph runs op by op in eager instead, as the table "
+                     "says it was rewritten or kept")
     elif graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
                      "Dynamo's fallback, with the in-place writes as written")

@@ -494,23 +494,24 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
     # silently wrong gradients: no rewrite reaches it. Only where the rewrite's gradients are
     # exactly eager's, wrong as they are: any other difference is not this limit's.
     # The same where the Function ran in a graph: the rewrite keeps its own forward's write, as
-    # the report says (`KeptReason.INSIDE_FUNCTION`), with eager's gradients.
-    inside = any(m.rewrite is not None and m.rewrite.reason is fxinplace.KeptReason.INSIDE_FUNCTION
-                 for m in audit.report.mutations)
-    if (found and (inside or _FUSED_OUTSIDE.search(program.source))
+    # the report says (`KeptReason.INSIDE_FUNCTION`), with eager's gradients; and where the
+    # graph was kept whole because its written inputs share memory (`KeptReason.SHARED_INPUT`).
+    kept = any(m.rewrite is not None and m.rewrite.reason in _KEPT_AS_EAGER and not m.removed
+               for m in audit.report.mutations)
+    if (found and (kept or _FUSED_OUTSIDE.search(program.source))
             and all(f.startswith("functionalize-grad:") for f in found)
             and _same_gradients(_grads(model, leaves), _eager_grads(program, loaded))):
         return [f"known-limit: {finding}" for finding in found]
     # A graph ran op by op (`GraphReport.ran_eagerly`): counted apart where it agrees with eager
-    # and the compiler refuses the program as written too (or its written inputs share memory,
-    # which the backend runs op by op unasked); a disagreement stays one.
+    # and the compiler refuses the program as written too (or would refuse it when it runs,
+    # which the backend foresees and runs op by op unasked); a disagreement stays one.
     refused = [g.compile_error for g in audit.report.graphs if g.ran_eagerly and g.compile_error]
     if refused and not found and _compiled_grads(program, loaded, compiler) is not None:
         return [f"functionalize-ran-eagerly: the compiler refused the rewritten graph ({refused[0]}), not the "
                 "program as written"]
     if not found and any(g.ran_eagerly for g in audit.report.graphs):
-        return [f"ran-eagerly: {refused[0] if refused else 'written inputs share memory'}; the graph ran op by op "
-                "and agrees"]
+        why = refused[0] if refused else "AOTAutograd refuses it when it runs"
+        return [f"ran-eagerly: {why}; the graph ran op by op and agrees"]
     return found
 
 
@@ -575,6 +576,7 @@ def _compare_functionalized(program: Program, loaded, verdict: EagerVerdict, eag
     return _known_limit(found, aliases)
 
 
+_KEPT_AS_EAGER = (fxinplace.KeptReason.INSIDE_FUNCTION, fxinplace.KeptReason.SHARED_INPUT)
 _FUSED_OUTSIDE = re.compile(r"ScaleFused\.apply\((\w+), \1\)")
 
 

@@ -363,6 +363,19 @@ def test_version_counters():
     assert t._version == 8
 
 
+def test_multi_output_views_are_marked_on_real_and_fake_tensors():
+    w = torch.randn(4, 6, requires_grad=True)
+    a, b = w.chunk(2, 1)
+    assert _compat.is_multi_output_view(a) and not _compat.is_multi_output_view(w[:, :3])
+    assert not _compat.is_multi_output_view(w)
+    with pytest.raises(RuntimeError, match="returns multiple views"):  # what the mark means in eager
+        a.mul_(2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(w)
+        assert _compat.is_multi_output_view(fake.unbind(0)[1]) and not _compat.is_multi_output_view(fake[1])
+
+
 def test_compile_id_and_traced_code_inside_a_backend_call():
     backend = _Capture(lambda gm, inputs: (_compat.current_compile_id(), _compat.traced_code()))
 

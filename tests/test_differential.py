@@ -759,6 +759,14 @@ FUNCTIONALIZE_RUN_EAGERLY = {
                 "t3 = t2[:, 2:4]", "torch._dynamo.graph_break()", "a4 = F.linear(t2, t2, None)", "t3.exp_()",
                 "c8 = t3.t()"),
         (("c", "c8"),)),
+    # The graph before the break returns `t1` and its view `t3`, both saved by `F.linear`, and
+    # `t3` is written after it: they come back as clones that keep their alias (a write to `t3`
+    # reaches `t1`; seed 241), and the second graph, its written inputs sharing memory, runs op
+    # by op. Plain `aot_eager` fails in backward: its first graph's one node read the write.
+    "saved view and its base returned across a break, the view written": Program(
+        241, ("t1 = x2 + self.sub.b", "t3 = t1[2]", "t4 = F.linear(t3, t1, None)", "torch._dynamo.graph_break()",
+              "t3.clamp_(-0.5, 0.5)", "a6 = t4 @ t1", "b10, b11, b12 = t1.unbind(0)"),
+        (("b", "b12"),)),
 }
 
 
@@ -789,6 +797,14 @@ FUNCTIONALIZE_LIMITS = {
     "fused Function in the graph": Program(
         153, ("t1 = F.linear(self.b1, x2, None)", "a2 = t1 + 1.0", "a3 = ScaleFused.apply(a2, t1.t().t())"),
         (("a", "a3"),)),
+    # The second graph's inputs `t1`, `t2` are `chunk` views of `sub.w`, which a `ScaleFused`
+    # writes through `.data`: kept whole (written inputs share memory, `kept in place:
+    # shared-input`) and run op by op (AOTAutograd refuses to write one of several views), it
+    # keeps eager's silently wrong gradients, which the report flags (seed 247).
+    "fused Function writing one of several views of a parameter": Program(
+        247, ("t1, t2 = self.sub.w.chunk(2, 1)", "torch._dynamo.graph_break()", "t4 = torch.sigmoid(t1)",
+              "a7 = t2 * t1.t().t()", "b8 = ScaleFused.apply(t1, t4)"),
+        (("a", "a7"),)),
     "fused Function Dynamo ran itself": Program(
         30250, ("t2 = torch.softmax(self.w0, -1)", "t5 = F.linear(x1, t2, self.b1)", "a8 = ScaleFused.apply(t5, t5)"),
         (("a", "a8"),)),

@@ -712,6 +712,77 @@ def test_a_write_to_what_an_earlier_graph_saved_lands_in_a_clone():
     assert mutation.target.kind == "intermediate" and mutation.removed
 
 
+class WriteSliceAcrossBreak(nn.Module):
+    """The first graph returns `h` and its slice `first` (a class token), both saved by the
+    score; the second graph writes the slice, and so `h`."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        first = h[:, :1]
+        score = (first * h).sum(1, keepdim=True)
+        torch._dynamo.graph_break()
+        if self.inplace:
+            first.mul_(2)
+        else:
+            h = torch.cat([h[:, :1] * 2, h[:, 1:]], 1)
+        return self.fc2(h), score
+
+
+def test_a_write_to_a_saved_view_across_a_break_lands_in_a_clone_that_keeps_the_alias():
+    # `h` and `first` share memory: cloning each apart would cut the alias (the write would
+    # miss `h`); left alone, the first graph's one backward node reads the write. The base is
+    # cloned and the slice remade on the clone.
+    model, twin = _models(WriteSliceAcrossBreak)
+    inputs = _inputs(lambda step: (torch.randn(4, 6),))
+    with pytest.raises(RuntimeError, match=AUTOGRAD_ERROR):  # PyTorch: the write breaks backward
+        _train(copy.deepcopy(model), inputs, steps=1)
+    got = _train(model, inputs, torch.compile(model, backend=_backend(functionalize=True)))
+    _assert_same(got, _train(twin, inputs))
+
+
+class RescaleKeyAcrossBreak(nn.Module):
+    """A fused projection weight split in three (`chunk`) before a break; after it, the key
+    third is rescaled in place, under `no_grad` or through `.data`."""
+
+    def __init__(self, through="no_grad"):
+        super().__init__()
+        self.through = through
+        self.w = nn.Parameter(torch.randn(12, 4))
+
+    def forward(self, x):
+        q, k, v = self.w.chunk(3, 0)
+        torch._dynamo.graph_break()
+        y = (x @ q.t()) * torch.sigmoid(x @ k.t()) + x @ v.t()
+        if self.through == "no_grad":
+            with torch.no_grad():
+                k.mul_(0.5)
+        else:
+            k.data.mul_(0.5)
+        return (y,)
+
+
+@pytest.mark.parametrize("through", ["no_grad", "data"])
+def test_a_write_to_one_of_several_views_runs_op_by_op_as_eager_does(through):
+    # AOTAutograd refuses, when it runs, a graph that writes a view its caller got as one of
+    # several (the first graph's `chunk` outputs); eager writes it. The graph runs op by op.
+    torch.manual_seed(0)
+    model = RescaleKeyAcrossBreak(through)
+    eager, plain = copy.deepcopy(model), copy.deepcopy(model)
+    inputs = _inputs(lambda step: (torch.randn(5, 4),))
+    with pytest.raises(RuntimeError, match="returns multiple views"):  # PyTorch's own compile
+        _train(plain, inputs, torch.compile(plain, backend="aot_eager"), steps=1)
+    backend = _backend(functionalize=True)
+    _assert_same(_train(model, inputs, torch.compile(model, backend=backend)), _train(eager, inputs))
+    _assert_same_state(model, eager)
+    assert [g.ran_eagerly for g in backend.report.graphs] == [False, True]
+
+
 # -- (iii) end to end through Inductor; and CUDA ----------------------------------------
 
 

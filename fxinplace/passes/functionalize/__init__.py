@@ -69,6 +69,7 @@ class FunctionalizedGraph:
     unwritten: frozenset[int] = frozenset()  # placeholder indices no ATen op writes
     checkpoints_inlined: bool = False  # the ATen trace inlined checkpoint regions: memory, not gradients
     kept_whole: frozenset[str] = frozenset()  # the custom Function calls (node names) that went through whole
+    written_in_place: frozenset[int] = frozenset()  # placeholder indices the graph handed on still writes
 
 
 def functionalize(
@@ -111,8 +112,8 @@ def functionalize(
     if shared:
         # The functional trace takes every input as a tensor of its own: a write through one
         # input would not reach another view of its storage (nor their write-backs each other).
-        return unchanged(gm, KeptReason.SHARED_INPUT,
-                         (placeholders[shared[0]].name, placeholders[shared[1]].name), keep_saved)
+        return unchanged(gm, KeptReason.SHARED_INPUT, (placeholders[shared[0]].name, placeholders[shared[1]].name),
+                         keep_saved, written_in_place=frozenset(written_at_aten))
     new_gm.graph.lint()
     new_gm.recompile()
 
@@ -129,17 +130,20 @@ def functionalize(
         # The ATen trace inlines checkpoint regions: gradients stay right, memory does not.
         checkpoints_inlined=any(_is_hop(node, "tag_activation_checkpoint") for node in gm.graph.nodes),
         kept_whole=frozenset(stand.names) if stand is not None else frozenset(),
+        written_in_place=frozenset(kept + reinplaced),
     )
 
 
 def unchanged(
-    gm: torch.fx.GraphModule, reason: KeptReason, detail: tuple[str, ...] = (), keep_saved: Collection[int] = ()
+    gm: torch.fx.GraphModule, reason: KeptReason, detail: tuple[str, ...] = (), keep_saved: Collection[int] = (),
+    written_in_place: frozenset[int] = frozenset(),
 ) -> FunctionalizedGraph:
-    """`gm` compiled as it is (for `reason`), with only the clones `keep_saved` asks for."""
+    """`gm` compiled as it is (for `reason`), with only the clones `keep_saved` asks for;
+    `written_in_place`: the inputs it writes, where known."""
     wrap = identity
     if keep_saved:
         wrap = write_back([], len(returned_values(gm)), {}, clone=keep_saved)
-    return FunctionalizedGraph(gm, wrap, kept=reason, kept_detail=detail)
+    return FunctionalizedGraph(gm, wrap, kept=reason, kept_detail=detail, written_in_place=written_in_place)
 
 
 def _is_hop(node: torch.fx.Node, name: str) -> bool:

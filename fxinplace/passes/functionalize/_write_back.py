@@ -246,8 +246,9 @@ def clone_outputs(positions: Collection[int], cloned: set[int]) -> Callable[[Cal
     """A wrapper that hands the caller a clone of each output at `positions`: values the graph
     saved for backward, which the code after a graph break goes on with. A later write (the
     next graph's write-back) then lands in the clone, and the backward, one node for the whole
-    compiled graph, reads the value it saved: the out-of-place program. An output sharing
-    memory with another output or an input is left as it is (a clone would cut the alias).
+    compiled graph, reads the value it saved: the out-of-place program. Outputs sharing memory
+    with each other are cloned together, the views remade on the clone of their base, so the
+    alias holds; an output sharing memory with an input is left as it is (the write-back's).
     `cloned` holds the positions the latest call cloned."""
     def wrap(compiled: Callable) -> Callable:
         def run(*args):
@@ -256,13 +257,43 @@ def clone_outputs(positions: Collection[int], cloned: set[int]) -> Callable[[Cal
             if not torch.is_grad_enabled():
                 return outputs
             result = list(outputs)
-            storages = collections.Counter(t.untyped_storage().data_ptr() for t in (*result, *args)
-                                           if isinstance(t, torch.Tensor))
+            of_inputs = {_storage(t) for t in args if isinstance(t, torch.Tensor)}
+            groups = collections.defaultdict(list)  # storage -> the positions of the outputs in it
+            for i, t in enumerate(result):
+                if isinstance(t, torch.Tensor):
+                    groups[_storage(t)].append(i)
             for p in positions:
                 t = result[p] if p < len(result) else None
-                if isinstance(t, torch.Tensor) and storages[t.untyped_storage().data_ptr()] == 1:
-                    result[p] = t.clone()
-                    cloned.add(p)
+                if not isinstance(t, torch.Tensor) or p in cloned or _storage(t) in of_inputs:
+                    continue
+                members = groups[_storage(t)]
+                remade = _clone_together([result[i] for i in members])
+                if remade is not None:
+                    for i, r in zip(members, remade):
+                        result[i] = r
+                    cloned.update(members)
             return type(outputs)(result) if isinstance(outputs, tuple) else result
         return run
     return wrap
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _clone_together(views: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Clones of tensors sharing one storage, still sharing one: the base they view is cloned
+    (with its strides) and each is remade on it with its own size, strides and offset, so a
+    write to one shows in the others as before, and gradients flow through the clone. None
+    where they view no one base (then they are left as they are)."""
+    if len(views) == 1:
+        return [views[0].clone()]
+    bases = {id(b): b for b in (t if t._base is None else t._base for t in views)}
+    if len(bases) != 1:
+        return None
+    (base,) = bases.values()
+    copy = base.clone()
+    if copy.stride() != base.stride():  # a base with gaps or overlaps: its views' offsets would not map
+        return None
+    shift = base.storage_offset()
+    return [copy if t is base else copy.as_strided(t.size(), t.stride(), t.storage_offset() - shift) for t in views]
