@@ -193,6 +193,17 @@ def graph_break_reason(gm: torch.fx.GraphModule) -> tuple[str | None, bool]:
     return getattr(reason, "reason", None), bool(getattr(reason, "graph_break", False))
 
 
+def graph_break_frames(gm: torch.fx.GraphModule) -> list:
+    """The user's stack where Dynamo ended `gm` (`traceback.FrameSummary`s, outer to inner):
+    the last is the call Dynamo then runs itself, outside any graph."""
+    return list(getattr(getattr(gm, "compile_subgraph_reason", None), "user_stack", None) or [])
+
+
+def is_resume_function(name: str) -> bool:
+    """Whether a traced function is Dynamo's resumption of a frame after a graph break."""
+    return name.startswith("torch_dynamo_resume_in_")
+
+
 def interpreting(interpreter: torch.fx.Interpreter, node: torch.fx.Node) -> ContextManager:
     """`Interpreter.run_node`'s own scope around one node (sets `fx.traceback`'s current node)."""
     return interpreter._set_current_node(node)
@@ -239,6 +250,17 @@ def is_multi_output_view(t: torch.Tensor) -> bool:
     `unbind`, a compiled graph's outputs): such a view refuses in-place ops with grad on, and
     AOTAutograd refuses a compiled graph that writes one (fake tensors carry the mark too)."""
     return t._is_view() and torch._C._autograd._get_creation_meta(t) == torch._C._autograd.CreationMeta.MULTI_OUTPUT_NODE
+
+
+def current_sequence_nr() -> int:
+    """The sequence number autograd gives the next node this thread makes (`Node._sequence_nr()`)."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def saved_tensors_hooks_on() -> bool:
+    """Whether `torch.autograd.graph.saved_tensors_hooks` (or checkpoint's) are on: unpacking a
+    save then runs the user's hook."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 # `with preserve_version_counter(tensors):` leaves their `_version`s as they were on entry.

@@ -23,10 +23,12 @@ from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
 from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
-__all__ = ["CrossGraphState", "Reach", "saves_for_later_graphs", "reach_after_call"]
+__all__ = ["CrossGraphState", "Reach", "saves_for_later_graphs", "reach_after_call", "saves_between_graphs"]
 
 # Nodes walked when asking whether a real autograd history reaches an earlier save.
 _WALK_LIMIT = 200_000
+# Nodes walked for saves made between two graphs: the code of one graph break, a few nodes.
+_BETWEEN_LIMIT = 2_000
 
 
 @dataclass
@@ -218,6 +220,93 @@ class CrossGraphState:
                 del entry.saves[:-64]
         for key in [k for k, e in self._storages.items() if e.tensor() is None or k.expired()]:
             del self._storages[key]
+
+
+@dataclass(frozen=True)
+class _SavedBetween:
+    """What the hazard rules read of a `SavedTensor`, for a save no graph made."""
+
+    tensor: torch.Tensor  # on the meta device: the saved region's geometry
+    values_read: bool = True
+
+
+@dataclass
+class BetweenSave:
+    """A save made between two graphs, by code Dynamo ran itself (the call a graph broke at,
+    `Scale.apply(t, t)`), found by the graph after the break (`graph` stays None)."""
+
+    saved_by: Site
+    record: _SavedBetween
+    positions: frozenset[int]  # outputs of the graph after the break whose backward reaches it
+    graph: GraphSaves | None = None
+    kept_apart: bool = False
+    freed: bool = False
+
+
+def saves_between_graphs(
+    gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int, made_at: Any, per_op: bool,
+) -> dict[torch.fx.Node, list[BetweenSave]]:
+    """The saves of autograd nodes made after sequence number `since` (the end of the call of the
+    graph before the break) in the histories of `gm`'s inputs, by the placeholder sharing
+    their storage. `made_at`: the line of the break. Each save's `positions` are `gm`'s outputs
+    whose backward reaches it; `per_op`: `gm` runs op by op, so only those lead to it, where a
+    compiled graph's one backward node passes gradients to every input."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    every = frozenset(range(len(output_nodes(gm))))
+    found_by: dict[tuple[int, Any], tuple[Any, torch.Tensor, frozenset[int]]] = {}
+    for node, real in zip(placeholders, example_inputs):
+        reach = trace.placeholder_reach.get(node, frozenset()) if per_op else every
+        if not isinstance(real, torch.Tensor) or real.grad_fn is None or not reach:
+            continue
+        for fn, saved in _saved_since(real.grad_fn, since):
+            key = storage_key(saved)
+            if key is not None:  # a node saving one storage twice: one save
+                _, _, before = found_by.get((id(fn), key), (None, None, frozenset()))
+                found_by[(id(fn), key)] = (fn, saved, before | reach)
+    by_storage = {}
+    for (_, key), (fn, saved, reach) in found_by.items():
+        geometry = torch.empty(0, dtype=saved.dtype, device="meta").as_strided(
+            saved.size(), saved.stride(), saved.storage_offset())
+        by_storage.setdefault(key, []).append(BetweenSave(Site(_node_op(fn), made_at), _SavedBetween(geometry), reach))
+    found = {}
+    for node, real in zip(placeholders, example_inputs):
+        saves = by_storage.get(storage_key(real))
+        if saves:
+            found[node] = saves
+    return found
+
+
+def _saved_since(start: Any, since: int) -> list[tuple[Any, torch.Tensor]]:
+    found, seen, stack = [], set(), [start]
+    while stack and len(seen) < _BETWEEN_LIMIT:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen or fn._sequence_nr() < since:
+            continue
+        seen.add(id(fn))
+        found += [(fn, t) for t in _saved_tensors(fn)]
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def _saved_tensors(fn: Any) -> list[torch.Tensor]:
+    # Unpacking is safe here: no saved-tensor hooks were on (the backend checks), so it returns
+    # the tensor itself. A save already freed or overwritten raises: nothing to add then.
+    try:
+        if hasattr(fn, "_raw_saved_tensors"):  # a custom Function's node
+            values = list(fn.saved_tensors)
+        else:
+            values = [getattr(fn, name) for name in dir(fn) if name.startswith("_saved_")]
+    except RuntimeError:
+        return []
+    flat = []
+    for v in values:
+        flat += v if isinstance(v, (list, tuple)) else [v]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _node_op(fn: Any) -> str:
+    forward = getattr(type(fn), "_forward_cls", None)
+    return f"{forward.__name__}.apply" if forward is not None else type(fn).__name__
 
 
 def saves_for_later_graphs(

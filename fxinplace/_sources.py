@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar, overload
 import torch
 import torch.fx
 
-from ._compat import dynamo_output_scopes, nn_module_stack, stack_trace
+from ._compat import dynamo_output_scopes, graph_break_frames, nn_module_stack, stack_trace
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
 # Dynamo module paths look like "L['self'].heads.seg" or "L['model'].trunk.0".
 _ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
@@ -47,6 +47,15 @@ def source_of(node: torch.fx.Node) -> SourceLocation | None:
     frame = next((f for f in reversed(frames) if not is_internal_file(f["file"])), frames[-1])
     file, line = frame["file"], int(frame["line"])
     return SourceLocation(file, line, linecache.getline(file, line).strip(), frame["fn"])
+
+
+def break_source(gm: torch.fx.GraphModule) -> SourceLocation | None:
+    """The user's line where Dynamo broke `gm` off: the call it runs itself after the graph."""
+    frames = graph_break_frames(gm)
+    frame = next((f for f in reversed(frames) if not is_internal_file(f.filename)), None)
+    if frame is None:
+        return None
+    return SourceLocation(frame.filename, frame.lineno, (frame.line or "").strip(), frame.name)
 
 
 @functools.cache

@@ -23,13 +23,14 @@ import torch
 import torch.fx
 
 from . import render
-from ._compat import (StorageWeakRef, current_compile_id, example_value, graph_break_reason, graph_output_roles,
-                      hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view, lookup_backend, pytree,
-                      trace_artifact, tested_range, torch_is_tested, traced_code, warn_untested_once)
-from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_for_later_graphs
+from ._compat import (StorageWeakRef, current_compile_id, current_sequence_nr, example_value, graph_break_reason,
+                      graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view,
+                      is_resume_function, lookup_backend, pytree, saved_tensors_hooks_on, trace_artifact, tested_range,
+                      torch_is_tested, traced_code, warn_untested_once)
+from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_between_graphs, saves_for_later_graphs
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
-from ._sources import is_dynamo_file, is_internal_file, root_modules
+from ._sources import SourceLocation, break_source, is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning
 from .facts import (DEFAULT_SEVERITY, Detail, Hazard, HazardCode, KeptReason, OutputKind, OutputRole, RewriteKind,
                     Severity, Target)
@@ -118,6 +119,9 @@ class InplaceAudit:
         _LIVE.add(self)
         self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
+        # (autograd's next sequence number, the break's line) after the latest call of a graph
+        # ending in a break: what Dynamo runs itself at the break makes nodes from there on.
+        self._break_mark: tuple[int, SourceLocation | None] | None = None
         self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
 
     @property
@@ -128,6 +132,7 @@ class InplaceAudit:
         """Forget the reports kept so far."""
         self.graphs.clear()
         self._cross_graph.clear()
+        self._break_mark = None
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs: Any):
         opts = self.options if not options else _without_fixes(parse_options({**self._explicit_options(), **options}))
@@ -194,9 +199,12 @@ class InplaceAudit:
         # saves afresh, and a later graph recompiled on a later call must see that call's saves.
         every_call = _ends_in_break(gm)
         record = graph.record
+        break_at = break_source(gm) if every_call else None
 
         def run(*args):
             out = compiled(*args)
+            if every_call:
+                self._break_mark = (current_sequence_nr(), break_at)
             flat = out if isinstance(out, (list, tuple)) else (out,)
             record.outputs = tuple(map(id, flat))
             if graph.trace is not None and (first_call[0] or every_call):
@@ -266,6 +274,8 @@ class InplaceAudit:
             passes("name_placeholders")
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
+            for node, saves in self._saved_between_graphs(gm, example_inputs, trace, identity, per_op).items():
+                saved_inputs.setdefault(node, []).extend(saves)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             passes("split_tasks+find_hazards")
             saved_outputs, saved_placeholders = saves_for_later_graphs(gm, trace)
@@ -282,6 +292,22 @@ class InplaceAudit:
                              past_break=_past_break(gm, trace, report, saved_inputs, cross) if per_op else ())
         return _AuditedGraph(gm, identity, trace, record, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
+
+    def _saved_between_graphs(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+                              identity: tuple[str, str, str], per_op: bool) -> dict:
+        # The graph after a break: what Dynamo ran itself at the break (a custom Function given
+        # one tensor twice) may have saved one of its inputs, which no graph's trace shows.
+        mark = self._break_mark
+        if mark is None or not is_resume_function(identity[1]):
+            return {}
+        self._break_mark = None
+        if saved_tensors_hooks_on():
+            return {}
+        try:
+            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op)
+        except Exception:  # a fact less: the rest of the audit stands
+            log.debug("inplace_audit: graph %s: saves between graphs not looked up", identity[0], exc_info=True)
+            return {}
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
         # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
@@ -435,9 +461,14 @@ def _past_break(gm: torch.fx.GraphModule, trace: MutationTrace, report: GraphRep
                 continue
             if h.detail is Detail.CROSSED_BREAK:
                 saves = [s for target, s in earlier if target == h.target]
-                watched = tuple((weakref.ref(s.graph), s.positions) for s in saves)
-                if saves and all(s.positions for s in saves):
-                    found.append((i, j, watched))
+                # A save made between the graphs hangs on this graph's outputs that reach it,
+                # known only past its own break.
+                between = [s for s in saves if s.graph is None]
+                if not saves or not all(s.positions for s in saves) or (between and not ends_in_break):
+                    continue
+                for s in between:
+                    cross.positions |= s.positions
+                found.append((i, j, tuple((weakref.ref(s.graph or cross), s.positions) for s in saves)))
             elif ends_in_break and h.saved_by.tasks:
                 cross.positions |= h.saved_by.tasks
                 found.append((i, j, ((weakref.ref(cross), frozenset(h.saved_by.tasks)),)))

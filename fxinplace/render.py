@@ -145,7 +145,12 @@ def _message(h: Hazard, names: Sequence[str]) -> str:
         where = f" at {h.source}" if h.source else ""
         return f"{_REFUSED[code]}. {fix_text(h)[0].upper()}{fix_text(h)[1:]}. PyTorch said: {h.pytorch_said}{where}"
     if h.detail is Detail.CROSSED_BREAK:
-        saved_by = f"{_op(h.saved_by)} in graph {h.saved_by.graph}" if h.saved_by else "an earlier graph"
+        if h.saved_by is None:
+            saved_by = "an earlier graph"
+        elif h.saved_by.graph is None:  # code Dynamo ran itself, between two graphs
+            saved_by = f"{_op(h.saved_by)}, which Dynamo ran outside the graphs"
+        else:
+            saved_by = f"{_op(h.saved_by)} in graph {h.saved_by.graph}"
         start = f"{_saved_name(h.target)} was saved for backward by {saved_by}, crossed a graph break, and is"
         if code is HazardCode.SAVED_THEN_MUTATED:
             return f"{start} modified in place by {op}: backward will fail with \"{AUTOGRAD_ERROR}\""

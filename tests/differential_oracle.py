@@ -601,7 +601,6 @@ class DetachedAliasWrites(torch.overrides.TorchFunctionMode):
         return t is not None and (ref := self.aliases.get(id(t))) is not None and ref() is t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
         target = args[0] if args and isinstance(args[0], torch.Tensor) else None
         before = target is not None and target.requires_grad
         out = func(*args, **(kwargs or {}))

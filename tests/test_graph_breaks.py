@@ -454,3 +454,63 @@ def test_a_save_written_before_a_break_is_settled_by_what_the_frame_returns(keep
     backend = fxinplace.InplaceAudit(compiler="eager", print=False)
     torch.compile(copy.deepcopy(model), backend=backend)(x.clone())
     assert [h.code.value for h in backend.report.hazards("error")] == ["saved-then-mutated"]
+
+
+class Square(torch.autograd.Function):
+    """x * y, saving both: given one tensor twice, Dynamo breaks the graph and runs it itself."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return x * y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        return grad * y, grad * x
+
+
+class FunctionBetweenGraphs(nn.Module):
+    """An energy term `Square.apply(h, h)` between two graphs; then `h` is rescaled in place.
+    `energy`: "loss" (returned), "none" (never used), "dropped" (used, then left unused after a
+    second break)."""
+
+    def __init__(self, energy="loss", written="h"):
+        super().__init__()
+        self.energy, self.written = energy, written
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)  # no op saves `h` but the Function
+        g = h + 1.0
+        energy = Square.apply(h, h)  # SAVED
+        with torch.no_grad():
+            (h if self.written == "h" else g).mul_(0.5)  # CULPRIT
+        out = {"y": g * 2.0}
+        if self.energy == "loss":
+            out["energy"] = energy.sum(1)
+        elif self.energy == "dropped":
+            e = energy * 0.5
+            torch._dynamo.graph_break()
+            del e
+        return out
+
+
+@pytest.mark.parametrize("energy, written", [("loss", "h"), ("none", "h"), ("dropped", "h"), ("loss", "g")],
+                         ids=["the Function's save, in the loss", "the Function's save, in no loss",
+                              "the Function's save, dropped after a break", "another tensor"])
+def test_a_save_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(energy, written):
+    # No graph's trace shows the Function's saves: the next graph finds them in its inputs'
+    # autograd history, made after the graph before the break returned.
+    torch.manual_seed(0)
+    model, x = FunctionBetweenGraphs(energy, written), torch.randn(2, 4)
+    error = eager_backward_error(model, x)
+    assert (error is not None) == (energy == "loss" and written == "h")
+    report = quiet_audit(copy.deepcopy(model), x)
+    errors = report.hazards("error")
+    assert bool(errors) == (error is not None)
+    if errors:
+        (h,) = errors
+        assert (h.saved_by.op, h.saved_by.source.line) == ("Square.apply", marked_line(FunctionBetweenGraphs, "SAVED"))
+        assert h.mutated_by.source.line == marked_line(FunctionBetweenGraphs, "CULPRIT")
+        assert "which Dynamo ran outside the graphs" in fxinplace.render.message(h)
