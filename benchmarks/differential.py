@@ -76,7 +76,7 @@ def main() -> int:
     print(f"disagreements: {len(bad)}" + (f" (and {len(known)} of a documented limit, not counted: "
                                           f"seeds {sorted(known)})" if known else ""))
     if eager:
-        print(f"graphs run op by op (the compiler refused them, or written inputs share memory), agreeing with "
+        print(f"graphs run op by op (the compiler refused them, or would when they run), agreeing with "
               f"eager: {len(eager)} (seeds {sorted(eager)})")
     print("eager PyTorch: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     print(f"time: {elapsed:.0f} s ({elapsed / max(total, 1) * 1000:.0f} ms per program, {args.jobs} process(es))")

@@ -799,6 +799,13 @@ FUNCTIONALIZE_LIMITS = {
     "fused Function in the graph": Program(
         153, ("t1 = F.linear(self.b1, x2, None)", "a2 = t1 + 1.0", "a3 = ScaleFused.apply(a2, t1.t().t())"),
         (("a", "a3"),)),
+    # The same, where a later write (`t1 *= t1`, to a tensor the Function saved) makes eager's
+    # backward raise: the rewrite's gradients are those of the program that keeps only the
+    # Function's own write (its saves as its forward left them; the whole seed 153).
+    "fused Function in the graph, eager raising on a later write": Program(
+        153, ("t1 = F.linear(self.b1, x2, None)", "a2 = t1 + 1.0", "a3 = ScaleFused.apply(a2, t1.t().t())",
+              "t1 *= t1"),
+        (("a", "a3"),)),
     # The second graph's inputs `t1`, `t2` are `chunk` views of `sub.w`, which a `ScaleFused`
     # writes through `.data`: kept whole (written inputs share memory, `kept in place:
     # shared-input`) and run op by op (AOTAutograd refuses to write one of several views), it
