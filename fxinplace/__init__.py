@@ -13,8 +13,8 @@ from __future__ import annotations
 from .api import audit
 from .backend import InplaceAudit, inplace_audit
 from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning, FxInplaceError, FxInplaceWarning
-from .facts import (Detail, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, OutputRole, Rewrite, RewriteKind, Saved,
-                    Severity, Site, Target)
+from .facts import (Detail, EagerReason, Fix, Hazard, HazardCode, KeptReason, Mutation, OutputKind, OutputRole, Rewrite,
+                    RewriteKind, Saved, Severity, Site, Target)
 from .report import SEVERITIES, GraphReport, HazardError, Report
 from .training_guard import (
     GuardWrite,
@@ -47,6 +47,7 @@ __all__ = [
     "Rewrite",
     "RewriteKind",
     "KeptReason",
+    "EagerReason",
     "HazardError",
     "FxInplaceError",
     "FxInplaceWarning",

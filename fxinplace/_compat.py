@@ -249,7 +249,8 @@ def is_multi_output_view(t: torch.Tensor) -> bool:
     """Whether `t` is a view autograd made as one of several outputs of one node (`chunk`,
     `unbind`, a compiled graph's outputs): such a view refuses in-place ops with grad on, and
     AOTAutograd refuses a compiled graph that writes one (fake tensors carry the mark too)."""
-    return t._is_view() and torch._C._autograd._get_creation_meta(t) == torch._C._autograd.CreationMeta.MULTI_OUTPUT_NODE
+    multi_output = torch._C._autograd.CreationMeta.MULTI_OUTPUT_NODE
+    return t._is_view() and torch._C._autograd._get_creation_meta(t) == multi_output
 
 
 def current_sequence_nr() -> int:

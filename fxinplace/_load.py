@@ -14,8 +14,8 @@ import re
 from typing import Any
 
 from ._sources import SourceLocation
-from .facts import (Detail, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation, NoFixReason, OutputKind,
-                    OutputRole, Patch, Rewrite, RewriteKind, Saved, Severity, Site, Target)
+from .facts import (Detail, EagerReason, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation, NoFixReason,
+                    OutputKind, OutputRole, Patch, Rewrite, RewriteKind, Saved, Severity, Site, Target)
 
 __all__ = ["report_from_dict", "LOADABLE_VERSIONS"]
 
@@ -53,8 +53,18 @@ def _graph(data: Any, where: str):
         mutations=mutations, task_names=tasks, shared=shared, hazards=hazards,
         outputs=tuple(_output(o, f"{where}.outputs[{i}]") for i, o in enumerate(data.get("outputs") or ())),
         analysis_error=data.get("analysis_error"), functionalized=bool(data.get("functionalized", False)),
-        compile_error=data.get("compile_error"), ran_eagerly=bool(data.get("ran_eagerly", False)),
+        compile_error=data.get("compile_error"), ran_eagerly=_eager_reason(data),
     )
+
+
+def _eager_reason(data: dict) -> EagerReason | None:
+    # `ran_eagerly_because` came after `ran_eagerly`: a report without it names the reason of then.
+    if not data.get("ran_eagerly"):
+        return None
+    because = data.get("ran_eagerly_because")
+    if because is not None:
+        return EagerReason(because)
+    return EagerReason.COMPILER_FAILED if data.get("compile_error") else EagerReason.REFUSED_WHEN_RUN
 
 
 class _Positions:

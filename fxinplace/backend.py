@@ -32,8 +32,8 @@ from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import SourceLocation, break_source, is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning
-from .facts import (DEFAULT_SEVERITY, Detail, Hazard, HazardCode, KeptReason, OutputKind, OutputRole, RewriteKind,
-                    Severity, Target)
+from .facts import (DEFAULT_SEVERITY, Detail, EagerReason, Hazard, HazardCode, KeptReason, OutputKind, OutputRole,
+                    RewriteKind, Severity, Target)
 from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
@@ -79,10 +79,10 @@ class _AuditedGraph:
     saved_inputs: dict[torch.fx.Node, list] = field(default_factory=dict)  # saved by an earlier graph
     cross: Any = None  # `GraphSaves`: this graph's saves a later graph can invalidate
     placeholder_saves: dict[torch.fx.Node, Any] = field(default_factory=dict)  # placeholder -> its save
-    # Kept in place with written inputs sharing memory, and an output that views an input:
-    # AOTAutograd's replay of that view fails when the graph runs (a failure a compile-time
-    # fallback cannot catch): the graph runs op by op instead.
-    eager_only: bool = False
+    # Why the graph runs op by op without being compiled, if it does: AOTAutograd would fail
+    # when it runs (a failure a compile-time fallback cannot catch), or its one backward node
+    # would reach code Dynamo ran between graphs that no loss reaches in eager.
+    eager_only: EagerReason | None = None
     cloned_outputs: set[int] = field(default_factory=set)  # outputs the latest call handed over as clones
 
     @property
@@ -157,7 +157,7 @@ class InplaceAudit:
                 raise HazardError(graph.report, found, f"fxinplace: hazards at or above `{opts.raise_on}` (option raise_on):")
         try:
             if graph.eager_only:
-                graph.report = dataclasses.replace(graph.report, ran_eagerly=True)
+                graph.report = dataclasses.replace(graph.report, ran_eagerly=graph.eager_only)
                 compiled = gm.forward
             else:
                 compiled = self._compile(gm, example_inputs, opts, mode, graph)
@@ -186,7 +186,7 @@ class InplaceAudit:
         warnings.warn(f"fxinplace: the compiler {_name_of(opts.compiler)} failed on graph {graph.identity[0]} "
                       f"`{graph.identity[1]}` ({error}); with functionalize, the graph runs op by op in eager "
                       f"instead, {how}", CompilerFallbackWarning, stacklevel=3)
-        graph.report = dataclasses.replace(graph.report, compile_error=error, ran_eagerly=True)
+        graph.report = dataclasses.replace(graph.report, compile_error=error, ran_eagerly=EagerReason.COMPILER_FAILED)
         self._emit(graph, opts)
         return gm.forward
 
@@ -197,9 +197,9 @@ class InplaceAudit:
         first_call = [True]
         # A graph that ends in a break is followed by more graphs in the same call: each call
         # saves afresh, and a later graph recompiled on a later call must see that call's saves.
-        every_call = _ends_in_break(gm)
+        every_call = _ends_in_break(graph.gm)  # `gm` may be the rewrite, which keeps no break reason
         record = graph.record
-        break_at = break_source(gm) if every_call else None
+        break_at = break_source(graph.gm) if every_call else None
 
         def run(*args):
             out = compiled(*args)
@@ -357,9 +357,7 @@ class InplaceAudit:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for i in kept:
             graph.placeholder_saves[placeholders[i]].kept_apart = True
-        graph.eager_only = _name_of(opts.compiler) != "eager" and (
-            (done.kept is KeptReason.SHARED_INPUT and _returns_view_of_input(gm))
-            or _writes_multi_output_view(done.written_in_place, example_inputs))
+        graph.eager_only = _eager_only(gm, example_inputs, done, graph) if _name_of(opts.compiler) != "eager" else None
         graph.report = dataclasses.replace(report, functionalized=True, mutations=mutations)
         if graph.saved_outputs and _ends_in_break(gm):
             # The code after the break gets a clone of what this graph saved: AOTAutograd runs one
@@ -529,6 +527,20 @@ def _returns_view_of_input(gm: torch.fx.GraphModule) -> bool:
 
     inputs = {storage(p) for p in gm.graph.find_nodes(op="placeholder")} - {None}
     return any(storage(out) in inputs for out in output_nodes(gm))
+
+
+def _eager_only(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], done: FunctionalizedGraph,
+                graph: _AuditedGraph) -> EagerReason | None:
+    if ((done.kept is KeptReason.SHARED_INPUT and _returns_view_of_input(gm))
+            or _writes_multi_output_view(done.written_in_place, example_inputs)):
+        return EagerReason.REFUSED_WHEN_RUN
+    # A write to what code Dynamo ran between graphs saved (a Function given one tensor twice)
+    # breaks its backward, in eager too, but only where a loss reaches it.
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    between = {i for i, p in enumerate(placeholders) if any(s.graph is None for s in graph.saved_inputs.get(p, ()))}
+    if between & (done.written_back | done.written_in_place):
+        return EagerReason.SAVED_BETWEEN_GRAPHS
+    return None
 
 
 def _writes_multi_output_view(written: Collection[int], example_inputs: Sequence[Any]) -> bool:

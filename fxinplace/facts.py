@@ -265,6 +265,17 @@ class KeptReason(str, Enum):
         return self.value
 
 
+class EagerReason(str, Enum):
+    """Why `functionalize` ran a graph op by op in eager instead of compiling it."""
+
+    COMPILER_FAILED = "compiler-failed"  # the compiler raised (`GraphReport.compile_error`)
+    REFUSED_WHEN_RUN = "refused-when-run"  # AOTAutograd would fail when the graph runs
+    SAVED_BETWEEN_GRAPHS = "saved-between-graphs"  # it writes what code Dynamo ran between graphs saved
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Rewrite:
     kind: RewriteKind

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from tabulate import tabulate
 
 from ._sources import SourceLocation
-from .facts import (Detail, Fix, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation, NoFixReason, OutputKind,
-                    Patch, Rewrite, RewriteKind, Saved, Site, Target)
+from .facts import (Detail, EagerReason, Fix, FixKind, FixStatus, Hazard, HazardCode, KeptReason, Mutation,
+                    NoFixReason, OutputKind, Patch, Rewrite, RewriteKind, Saved, Site, Target)
 
 if TYPE_CHECKING:
     from .report import GraphReport
@@ -279,13 +279,17 @@ def render_graph(graph: GraphReport, compact: bool = False, width: int | None = 
     if graph.analysis_error:
         return _fill(f"{head}: analysis failed ({graph.analysis_error}); compiled without it", width)
     lines = [head]
-    if graph.compile_error and graph.ran_eagerly:
+    if graph.ran_eagerly is EagerReason.COMPILER_FAILED:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); the graph runs op by op in "
                      "eager instead, as the table says it was rewritten")
-    elif graph.ran_eagerly:
+    elif graph.ran_eagerly is EagerReason.REFUSED_WHEN_RUN:
         lines.append("not compiled: AOTAutograd refuses this graph when it runs (written inputs that share memory, "
                      "or one made as one of several views); the graph runs op by op in eager instead, as the table "
                      "says it was rewritten or kept")
+    elif graph.ran_eagerly is EagerReason.SAVED_BETWEEN_GRAPHS:
+        lines.append("not compiled: it writes what code Dynamo ran between two graphs saved for backward; op by op, "
+                     "in eager, its backward reaches that code only where a loss does, as in eager (compiled, its one "
+                     "backward node would)")
     elif graph.compile_error:
         lines.append(f"not compiled: the compiler failed ({graph.compile_error}); what runs instead is "
                      "Dynamo's fallback, with the in-place writes as written")
@@ -592,7 +596,8 @@ def graph_dict(graph: GraphReport) -> dict[str, Any]:
         "analysis_error": graph.analysis_error,
         "functionalized": graph.functionalized,
         "compile_error": graph.compile_error,
-        "ran_eagerly": graph.ran_eagerly,
+        "ran_eagerly": graph.ran_eagerly is not None,
+        "ran_eagerly_because": graph.ran_eagerly.value if graph.ran_eagerly else None,
     }
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from . import render
 from .errors import FxInplaceError
-from .facts import Hazard, Mutation, OutputRole, Severity, Site
+from .facts import EagerReason, Hazard, Mutation, OutputRole, Severity, Site
 
 __all__ = ["GraphReport", "Report", "HazardError", "SEVERITIES"]
 
@@ -36,8 +36,8 @@ class GraphReport:
     analysis_error: str | None = None
     functionalized: bool = False
     compile_error: str | None = None  # the compiler failed on this graph: it never ran as audited
-    # ... and, with `functionalize`, the graph (as rewritten) runs op by op in eager instead
-    ran_eagerly: bool = False
+    # With `functionalize`, the graph (as rewritten) runs op by op in eager instead, and why
+    ran_eagerly: EagerReason | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:

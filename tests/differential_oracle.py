@@ -517,7 +517,7 @@ def check_functionalized(program: Program, directory: pathlib.Path, compiler: st
         return [f"functionalize-ran-eagerly: the compiler refused the rewritten graph ({refused[0]}), not the "
                 "program as written"]
     if not found and any(g.ran_eagerly for g in audit.report.graphs):
-        why = refused[0] if refused else "AOTAutograd refuses it when it runs"
+        why = refused[0] if refused else next(str(g.ran_eagerly) for g in audit.report.graphs if g.ran_eagerly)
         return [f"ran-eagerly: {why}; the graph ran op by op and agrees"]
     return found
 

@@ -584,7 +584,8 @@ FUNCTIONALIZE_KNOWN_LIMIT = {35}
 
 
 def test_functionalized_programs_match_eager(tmp_path):
-    # Without the rare constructs: those find what FUNCTIONALIZE_OPEN keeps, not yet looked into.
+    # Without the rare constructs: `benchmarks/differential.py --functionalize` runs those
+    # (docs/reliability.md); what they found is kept below, minimized.
     with fast_dynamo():
         results = {seed: check_functionalized(generate(seed, rare=False), tmp_path) for seed in FUNCTIONALIZE_SEEDS}
     assert sum(found is not None for found in results.values()) >= 50  # compared with eager
@@ -592,26 +593,6 @@ def test_functionalized_programs_match_eager(tmp_path):
     failing = {seed: found for seed, found in results.items() if found and seed not in limited}
     assert failing == {}
     assert limited == FUNCTIONALIZE_KNOWN_LIMIT
-
-
-# `functionalize=True` on programs with the rare constructs (seeds 0-59, 4 disagree):
-# minimized, open. Strict: a fix makes one pass here.
-FUNCTIONALIZE_OPEN = {
-    # `apply(t1, t1)` runs outside any graph and saves `t1`; the next graph's write to its
-    # input `t1` stays a write. That graph's single backward node reaches the Function's even
-    # though no loss does (eager trains): backward raises.
-    "input written after a Function Dynamo ran itself saved it": Program(
-        11, ("t1 = self.w1.sum(0, keepdim=True)", "t2 = Scale.apply(t1, t1)", "t3 = t2 * 0.5", "a6 = -self.w0",
-             "t1.mul_(0.5)", "c10 = ScaleFused.apply(t3, t3)"),
-        (("a", "a6"),)),
-}
-
-
-@pytest.mark.xfail(strict=True, reason="open functionalize disagreement, see the comment on each program")
-@pytest.mark.parametrize("program", FUNCTIONALIZE_OPEN.values(), ids=FUNCTIONALIZE_OPEN.keys())
-def test_functionalize_open(program, tmp_path):
-    with fast_dynamo():
-        assert check_functionalized(program, tmp_path) == []
 
 
 # Disagreements found by the run above, minimized, fixed, and kept.
@@ -735,8 +716,10 @@ def test_functionalize_regressions(program, tmp_path):
 
 # Graphs AOTAutograd refuses with or without fxinplace (plain `aot_eager` on the program as
 # written fails alike): with `functionalize` they run op by op in eager (`ran_eagerly`) and
-# must agree with eager there. The last fails when it runs, not when it compiles: a graph
-# whose written inputs share memory and that returns a view of one runs op by op unasked.
+# must agree with eager there. Some fail when they run, not when they compile: the backend
+# foresees those and runs them op by op unasked (a graph whose written inputs share memory
+# and that returns a view of one; a graph whose one backward node would reach a Function
+# Dynamo ran between graphs).
 FUNCTIONALIZE_RUN_EAGERLY = {
     "non-differentiable view input mutations": Program(
         30138, ("t1 = self.sub.b.data", "t2, t3, t4 = t1.unbind(0)", "torch._dynamo.graph_break()",
@@ -765,6 +748,13 @@ FUNCTIONALIZE_RUN_EAGERLY = {
     # `t3` is written after it: they come back as clones that keep their alias (a write to `t3`
     # reaches `t1`; seed 241), and the second graph, its written inputs sharing memory, runs op
     # by op. Plain `aot_eager` fails in backward: its first graph's one node read the write.
+    # `Scale.apply(t1, t1)` runs between the graphs and saves `t1`, which the second graph
+    # writes; no loss reaches the Function, so eager trains, but a compiled second graph's one
+    # backward node reaches it: backward raised (seed 11). The graph now runs op by op.
+    "input written after a Function Dynamo ran itself saved it": Program(
+        11, ("t1 = self.w1.sum(0, keepdim=True)", "t2 = Scale.apply(t1, t1)", "t3 = t2 * 0.5", "a6 = -self.w0",
+             "t1.mul_(0.5)", "c10 = ScaleFused.apply(t3, t3)"),
+        (("a", "a6"),)),
     "saved view and its base returned across a break, the view written": Program(
         241, ("t1 = x2 + self.sub.b", "t3 = t1[2]", "t4 = F.linear(t3, t1, None)", "torch._dynamo.graph_break()",
               "t3.clamp_(-0.5, 0.5)", "a6 = t4 @ t1", "b10, b11, b12 = t1.unbind(0)"),

@@ -19,6 +19,7 @@ from torch import nn
 import fxinplace
 from conftest import assert_close_at_scale, assert_grads_close, close_at_scale, eager_backward_error, total_loss
 from test_subgraphs import SavesWithoutWriting, WriteSavedInput  # x * w, saving both; the second then writes x.data
+from test_graph_breaks import FunctionBetweenGraphs  # `Square.apply(h, h)` between two graphs, then `h` written
 
 AUTOGRAD_ERROR = "modified by an inplace operation"
 
@@ -780,7 +781,24 @@ def test_a_write_to_one_of_several_views_runs_op_by_op_as_eager_does(through):
     backend = _backend(functionalize=True)
     _assert_same(_train(model, inputs, torch.compile(model, backend=backend)), _train(eager, inputs))
     _assert_same_state(model, eager)
-    assert [g.ran_eagerly for g in backend.report.graphs] == [False, True]
+    assert [g.ran_eagerly for g in backend.report.graphs] == [None, fxinplace.EagerReason.REFUSED_WHEN_RUN]
+
+
+def test_a_graph_writing_what_a_function_between_graphs_saved_runs_op_by_op_as_eager_does():
+    # `Square.apply(h, h)` runs between two graphs (Dynamo breaks there) and saves `h`; the
+    # next graph writes `h`. No loss reaches the Function, so eager trains; compiled, that
+    # graph's one backward node would reach it and raise. Op by op, it trains as eager does.
+    torch.manual_seed(0)
+    model = FunctionBetweenGraphs(energy="dropped")
+    eager, plain = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match=AUTOGRAD_ERROR):  # PyTorch's own compile
+        torch.compile(plain, backend="aot_eager")(x)["y"].sum().backward()
+    backend = _backend(functionalize=True)
+    torch.compile(model, backend=backend)(x)["y"].sum().backward()
+    eager(x)["y"].sum().backward()
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, {n: p.grad for n, p in eager.named_parameters()})
+    assert [g.ran_eagerly for g in backend.report.graphs if g.ran_eagerly] == [fxinplace.EagerReason.SAVED_BETWEEN_GRAPHS]
 
 
 # -- (iii) end to end through Inductor; and CUDA ----------------------------------------

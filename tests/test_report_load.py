@@ -30,3 +30,17 @@ def test_a_bad_report_says_what_was_expected(data, said):
     with pytest.raises(ValueError, match=r"^fxinplace report: ") as info:
         fxinplace.Report.from_dict(data)
     assert said in str(info.value)
+
+
+@pytest.mark.parametrize("reason", list(fxinplace.EagerReason), ids=str)
+def test_why_a_graph_ran_op_by_op_survives_json(reason):
+    error = "RuntimeError: x" if reason is fxinplace.EagerReason.COMPILER_FAILED else None
+    graph = fxinplace.GraphReport("1/0", "forward", "return_value", functionalized=True, compile_error=error,
+                                  ran_eagerly=reason)
+    data = json.loads(fxinplace.Report((graph,)).to_json())
+    assert data["graphs"][0]["ran_eagerly"] is True and data["graphs"][0]["ran_eagerly_because"] == reason.value
+    assert fxinplace.Report.from_dict(data).graphs[0].ran_eagerly is reason
+    # Written before `ran_eagerly_because` existed: the reason of then, told by `compile_error`.
+    del data["graphs"][0]["ran_eagerly_because"]
+    old = fxinplace.EagerReason.COMPILER_FAILED if error else fxinplace.EagerReason.REFUSED_WHEN_RUN
+    assert fxinplace.Report.from_dict(data).graphs[0].ran_eagerly is old
