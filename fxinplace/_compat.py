@@ -199,9 +199,10 @@ def graph_break_frames(gm: torch.fx.GraphModule) -> list:
     return list(getattr(getattr(gm, "compile_subgraph_reason", None), "user_stack", None) or [])
 
 
-def is_resume_function(name: str) -> bool:
-    """Whether a traced function is Dynamo's resumption of a frame after a graph break."""
-    return name.startswith("torch_dynamo_resume_in_")
+def resume_function_name(function: str, line: int) -> str:
+    """The name Dynamo gives the code that resumes `function` after a graph break at `line`
+    (also after a second break: the first function's name, the later line)."""
+    return f"torch_dynamo_resume_in_{function}_at_{line}"
 
 
 def interpreting(interpreter: torch.fx.Interpreter, node: torch.fx.Node) -> ContextManager:
@@ -258,10 +259,36 @@ def current_sequence_nr() -> int:
     return torch._C._autograd._get_sequence_nr()
 
 
-def saved_tensors_hooks_on() -> bool:
-    """Whether `torch.autograd.graph.saved_tensors_hooks` (or checkpoint's) are on: unpacking a
-    save then runs the user's hook."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+def sequence_nr(node: Any) -> int:
+    """The sequence number autograd gave `node` (a `grad_fn`) when it made it."""
+    return node._sequence_nr()
+
+
+def saves_of_node(node: Any) -> list[torch.Tensor]:
+    """What autograd node `node` saved, read from its raw saved variables without unpacking
+    them (no version check, no unpack hook runs). A save made under saved-tensor hooks holds
+    what the hook packed, not the tensor: left out; so is one a backward already freed."""
+    if hasattr(node, "_raw_saved_tensors"):  # a custom Function's node
+        raw = list(node._raw_saved_tensors)
+    else:
+        raw = []
+        for name in dir(node):
+            if name.startswith("_raw_saved_"):
+                value = getattr(node, name)
+                raw += value if isinstance(value, (list, tuple)) else [value]
+    found = []
+    for saved in raw:
+        try:
+            if saved.unpack_hook is None and isinstance(saved.data, torch.Tensor):
+                found.append(saved.data)
+        except (RuntimeError, AttributeError):
+            continue
+    return found
+
+
+def function_class_of(node: Any) -> type | None:
+    """The `torch.autograd.Function` subclass whose `apply` made `node`, or None."""
+    return getattr(type(node), "_forward_cls", None)
 
 
 # `with preserve_version_counter(tensors):` leaves their `_version`s as they were on entry.

@@ -11,6 +11,7 @@ up here before it is analysed.
 from __future__ import annotations
 
 import enum
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Collection
@@ -18,12 +19,16 @@ from typing import Any, Collection
 import torch
 import torch.fx
 
+from ._compat import function_class_of, saves_of_node, sequence_nr
+from ._sources import SourceLocation
 from .facts import Site
 from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
 from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
 
 __all__ = ["CrossGraphState", "Reach", "saves_for_later_graphs", "reach_after_call", "saves_between_graphs"]
+
+log = logging.getLogger(__name__)
 
 # Nodes walked when asking whether a real autograd history reaches an earlier save.
 _WALK_LIMIT = 200_000
@@ -244,25 +249,27 @@ class BetweenSave:
 
 
 def saves_between_graphs(
-    gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int, made_at: Any, per_op: bool,
+    gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int, made_at: SourceLocation | None,
+    per_op: bool,
 ) -> dict[torch.fx.Node, list[BetweenSave]]:
     """The saves of autograd nodes made after sequence number `since` (the end of the call of the
     graph before the break) in the histories of `gm`'s inputs, by the placeholder sharing
-    their storage. `made_at`: the line of the break. Each save's `positions` are `gm`'s outputs
-    whose backward reaches it; `per_op`: `gm` runs op by op, so only those lead to it, where a
-    compiled graph's one backward node passes gradients to every input."""
+    their storage. `made_at`: the line of the break. Only inputs whose backward some output of
+    `gm` reaches lead to a save (AOTAutograd gives the others no edge either); each save's
+    `positions` are the outputs whose backward reaches it: those reaching its input when `gm`
+    runs op by op (`per_op`), every output when compiled (one backward node for them all)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     every = frozenset(range(len(output_nodes(gm))))
     found_by: dict[tuple[int, Any], tuple[Any, torch.Tensor, frozenset[int]]] = {}
     for node, real in zip(placeholders, example_inputs):
-        reach = trace.placeholder_reach.get(node, frozenset()) if per_op else every
+        reach = trace.placeholder_reach.get(node, frozenset())
         if not isinstance(real, torch.Tensor) or real.grad_fn is None or not reach:
             continue
         for fn, saved in _saved_since(real.grad_fn, since):
             key = storage_key(saved)
             if key is not None:  # a node saving one storage twice: one save
                 _, _, before = found_by.get((id(fn), key), (None, None, frozenset()))
-                found_by[(id(fn), key)] = (fn, saved, before | reach)
+                found_by[(id(fn), key)] = (fn, saved, before | (reach if per_op else every))
     by_storage = {}
     for (_, key), (fn, saved, reach) in found_by.items():
         geometry = torch.empty(0, dtype=saved.dtype, device="meta").as_strided(
@@ -278,34 +285,21 @@ def saves_between_graphs(
 
 def _saved_since(start: Any, since: int) -> list[tuple[Any, torch.Tensor]]:
     found, seen, stack = [], set(), [start]
-    while stack and len(seen) < _BETWEEN_LIMIT:
+    while stack:
         fn = stack.pop()
-        if fn is None or id(fn) in seen or fn._sequence_nr() < since:
+        if fn is None or id(fn) in seen or sequence_nr(fn) < since:
             continue
+        if len(seen) >= _BETWEEN_LIMIT:
+            log.debug("saves between graphs: stopped after %d autograd nodes", _BETWEEN_LIMIT)
+            break
         seen.add(id(fn))
-        found += [(fn, t) for t in _saved_tensors(fn)]
+        found += [(fn, t) for t in saves_of_node(fn)]
         stack.extend(f for f, _ in fn.next_functions)
     return found
 
 
-def _saved_tensors(fn: Any) -> list[torch.Tensor]:
-    # Unpacking is safe here: no saved-tensor hooks were on (the backend checks), so it returns
-    # the tensor itself. A save already freed or overwritten raises: nothing to add then.
-    try:
-        if hasattr(fn, "_raw_saved_tensors"):  # a custom Function's node
-            values = list(fn.saved_tensors)
-        else:
-            values = [getattr(fn, name) for name in dir(fn) if name.startswith("_saved_")]
-    except RuntimeError:
-        return []
-    flat = []
-    for v in values:
-        flat += v if isinstance(v, (list, tuple)) else [v]
-    return [t for t in flat if isinstance(t, torch.Tensor)]
-
-
 def _node_op(fn: Any) -> str:
-    forward = getattr(type(fn), "_forward_cls", None)
+    forward = function_class_of(fn)
     return f"{forward.__name__}.apply" if forward is not None else type(fn).__name__
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import shutil
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -25,7 +26,7 @@ import torch.fx
 from . import render
 from ._compat import (StorageWeakRef, current_compile_id, current_sequence_nr, example_value, graph_break_reason,
                       graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view,
-                      is_resume_function, lookup_backend, pytree, saved_tensors_hooks_on, trace_artifact, tested_range,
+                      lookup_backend, pytree, resume_function_name, trace_artifact, tested_range,
                       torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_between_graphs, saves_for_later_graphs
 from ._logs import Counts, PassTimes
@@ -119,9 +120,10 @@ class InplaceAudit:
         _LIVE.add(self)
         self.graphs: list[GraphRecord] = []
         self._cross_graph = CrossGraphState()  # what later graphs must know after a break
-        # (autograd's next sequence number, the break's line) after the latest call of a graph
-        # ending in a break: what Dynamo runs itself at the break makes nodes from there on.
-        self._break_mark: tuple[int, SourceLocation | None] | None = None
+        # (autograd's next sequence number, the break's line, the thread) after the latest call
+        # of a graph ending in a break: what Dynamo runs itself at the break makes nodes from there
+        # on, until the code resuming after that break compiles (sequence numbers are per thread).
+        self._break_mark: tuple[int, SourceLocation, int] | None = None
         self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
 
     @property
@@ -203,8 +205,8 @@ class InplaceAudit:
 
         def run(*args):
             out = compiled(*args)
-            if every_call:
-                self._break_mark = (current_sequence_nr(), break_at)
+            if break_at is not None:
+                self._break_mark = (current_sequence_nr(), break_at, threading.get_ident())
             flat = out if isinstance(out, (list, tuple)) else (out,)
             record.outputs = tuple(map(id, flat))
             if graph.trace is not None and (first_call[0] or every_call):
@@ -274,7 +276,7 @@ class InplaceAudit:
             passes("name_placeholders")
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
-            for node, saves in self._saved_between_graphs(gm, example_inputs, trace, identity, per_op).items():
+            for node, saves in self._saved_between_graphs(gm, example_inputs, trace, identity, opts).items():
                 saved_inputs.setdefault(node, []).extend(saves)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             passes("split_tasks+find_hazards")
@@ -294,19 +296,19 @@ class InplaceAudit:
                              cross=cross, placeholder_saves=placeholder_saves)
 
     def _saved_between_graphs(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
-                              identity: tuple[str, str, str], per_op: bool) -> dict:
-        # The graph after a break: what Dynamo ran itself at the break (a custom Function given
-        # one tensor twice) may have saved one of its inputs, which no graph's trace shows.
+                              identity: tuple[str, str, str], opts: AuditOptions) -> dict[torch.fx.Node, list]:
+        # The code resuming after a break: what Dynamo ran itself at the break (a custom Function
+        # given one tensor twice) may have saved one of its inputs, which no graph's trace shows.
         mark = self._break_mark
-        if mark is None or not is_resume_function(identity[1]):
+        if mark is None or identity[1] != resume_function_name(mark[1].function, mark[1].line):
             return {}
         self._break_mark = None
-        if saved_tensors_hooks_on():
+        if mark[2] != threading.get_ident():
             return {}
         try:
-            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op)
-        except Exception:  # a fact less: the rest of the audit stands
-            log.debug("inplace_audit: graph %s: saves between graphs not looked up", identity[0], exc_info=True)
+            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], opts.compiler == "eager")
+        except Exception as e:  # the user's training comes first
+            _fall_back(opts, e, f"could not look up saves between graphs for graph {identity[0]}", "auditing it without them")
             return {}
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:

@@ -376,6 +376,66 @@ def test_multi_output_views_are_marked_on_real_and_fake_tensors():
         assert _compat.is_multi_output_view(fake.unbind(0)[1]) and not _compat.is_multi_output_view(fake[1])
 
 
+def test_saves_of_a_node_are_read_without_unpacking_and_hooked_ones_left_out():
+    a = torch.randn(3, requires_grad=True)
+    y = a.sigmoid()  # saves its result
+    (saved,) = _compat.saves_of_node(y.grad_fn)
+    assert saved.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    unpacked = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: unpacked.append(t) or t):
+        z = a.sigmoid()
+    assert _compat.saves_of_node(z.grad_fn) == [] and unpacked == []  # no hook ran
+    z.sum().backward()
+    assert len(unpacked) == 1  # the hook autograd itself runs
+    with torch.no_grad():  # a read does not check versions: nothing raises on a stale save
+        y.mul_(2)
+    assert len(_compat.saves_of_node(y.grad_fn)) == 1
+    w = a * 2.0
+    v = w.exp()
+    v.sum().backward()
+    assert _compat.saves_of_node(v.grad_fn) == []  # freed by the backward
+
+
+def test_a_custom_functions_node_names_its_class_and_saves():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            ctx.save_for_backward(x, y)
+            return x * y
+
+        @staticmethod
+        def backward(ctx, g):
+            x, y = ctx.saved_tensors
+            return g * y, g * x
+
+    a = torch.randn(3, requires_grad=True)
+    before = _compat.current_sequence_nr()
+    out = Square.apply(a, a)
+    assert _compat.function_class_of(out.grad_fn) is Square and _compat.function_class_of((a * 2).grad_fn) is None
+    assert [t.untyped_storage().data_ptr() for t in _compat.saves_of_node(out.grad_fn)] == [a.data_ptr()] * 2
+    later = (a * 1).grad_fn
+    assert before <= _compat.sequence_nr(out.grad_fn) < _compat.sequence_nr(later)
+
+
+def test_the_code_after_a_break_is_named_by_the_function_and_the_line_of_the_break():
+    names, stacks = [], []
+
+    def backend(gm, example_inputs):
+        names.append(_compat.traced_code()[0].co_name)
+        stacks.append(_compat.graph_break_frames(gm))
+        return gm.forward
+
+    def f(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+
+    torch.compile(f, backend=backend)(torch.randn(3))
+    line = f.__code__.co_firstlineno + 2
+    assert (stacks[0][-1].name, stacks[0][-1].lineno) == ("f", line)
+    assert names[1] == _compat.resume_function_name("f", line)
+
+
 def test_compile_id_and_traced_code_inside_a_backend_call():
     backend = _Capture(lambda gm, inputs: (_compat.current_compile_id(), _compat.traced_code()))
 
