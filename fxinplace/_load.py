@@ -63,7 +63,7 @@ def _eager_reason(data: dict) -> EagerReason | None:
         return None
     because = data.get("ran_eagerly_because")
     if because is not None:
-        return EagerReason(because)
+        return _enum(EagerReason, because, "ran_eagerly_because")
     return EagerReason.COMPILER_FAILED if data.get("compile_error") else EagerReason.REFUSED_WHEN_RUN
 
 
