@@ -276,7 +276,7 @@ class InplaceAudit:
             passes("name_placeholders")
             per_op = opts.compiler == "eager"
             saved_inputs = self._cross_graph.saved_inputs(earlier, gm, example_inputs, trace, per_op)
-            for node, saves in self._saved_between_graphs(gm, example_inputs, trace, identity, opts).items():
+            for node, saves in self._saved_between_graphs(gm, example_inputs, trace, identity, opts, per_op).items():
                 saved_inputs.setdefault(node, []).extend(saves)
             report = analyze(gm, trace, identity, opts, saved_inputs=saved_inputs)
             passes("split_tasks+find_hazards")
@@ -296,7 +296,8 @@ class InplaceAudit:
                              cross=cross, placeholder_saves=placeholder_saves)
 
     def _saved_between_graphs(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
-                              identity: tuple[str, str, str], opts: AuditOptions) -> dict[torch.fx.Node, list]:
+                              identity: tuple[str, str, str], opts: AuditOptions,
+                              per_op: bool) -> dict[torch.fx.Node, list]:
         # The code resuming after a break: what Dynamo ran itself at the break (a custom Function
         # given one tensor twice) may have saved one of its inputs, which no graph's trace shows.
         mark = self._break_mark
@@ -306,7 +307,7 @@ class InplaceAudit:
         if mark[2] != threading.get_ident():
             return {}
         try:
-            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], opts.compiler == "eager")
+            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"could not look up saves between graphs for graph {identity[0]}", "auditing it without them")
             return {}

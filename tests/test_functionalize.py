@@ -713,15 +713,9 @@ def test_a_write_to_what_an_earlier_graph_saved_lands_in_a_clone():
     assert mutation.target.kind == "intermediate" and mutation.removed
 
 
-class WriteSliceAcrossBreak(nn.Module):
+class WriteSliceAcrossBreak(WriteAcrossBreak):
     """The first graph returns `h` and its slice `first` (a class token), both saved by the
     score; the second graph writes the slice, and so `h`."""
-
-    def __init__(self, inplace=True):
-        super().__init__()
-        self.inplace = inplace
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.fc1(x)
