@@ -14,7 +14,7 @@ import enum
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.fx
@@ -24,9 +24,10 @@ from ._sources import SourceLocation
 from .facts import Site
 from .passes.find_hazards import site_of
 from .passes.resolve_aliases import Target, describe_op, target_of_root
-from .passes.trace_mutations import MutationTrace, SavedTensor, output_nodes, storage_key
+from .passes.trace_mutations import MutationTrace, SavedTensor, Write, output_nodes, overlaps, storage_key
 
-__all__ = ["CrossGraphState", "Reach", "saves_for_later_graphs", "reach_after_call", "saves_between_graphs"]
+__all__ = ["CrossGraphState", "ForwardWrite", "Reach", "SavedByForward", "forward_writes_saved", "saves_for_later_graphs", "reach_after_call",
+           "saves_between_graphs", "writes_after_reads"]
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ class _SavedBetween:
 @dataclass
 class BetweenSave:
     """A save made between two graphs, by code Dynamo ran itself (the call a graph broke at,
-    `Scale.apply(t, t)`), found by the graph after the break (`graph` stays None)."""
+    `Scale.apply(t, t)`), found by the graph after the break. `graph`: None, or (op by op, a save
+    only what graphs since the break returned lead to) those tensors, watched as a graph's outputs."""
 
     saved_by: Site
     record: _SavedBetween
@@ -250,37 +252,148 @@ class BetweenSave:
 
 def saves_between_graphs(
     gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int, made_at: SourceLocation | None,
-    per_op: bool,
+    per_op: bool, returned: Sequence[torch.Tensor] = (),
 ) -> dict[torch.fx.Node, list[BetweenSave]]:
     """The saves of autograd nodes made after sequence number `since` (the end of the call of the
-    graph before the break) in the histories of `gm`'s inputs, by the placeholder sharing
-    their storage. `made_at`: the line of the break. Only inputs whose backward some output of
-    `gm` reaches lead to a save (AOTAutograd gives the others no edge either); each save's
-    `positions` are the outputs whose backward reaches it: those reaching its input when `gm`
-    runs op by op (`per_op`), every output when compiled (one backward node for them all)."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    graph before the break) by the placeholder of `gm` sharing their storage. `made_at`: the line
+    of the break.
+
+    The nodes are found in the histories of `gm`'s inputs, and of `returned` (what graphs run
+    since the break returned: the forward of a Function Dynamo ran itself there, whose result
+    may go past `gm` to a later graph). Only inputs whose backward some output of `gm` reaches
+    count (AOTAutograd gives the others no edge either); a save's `positions` are the outputs whose
+    backward reaches it: those reaching its input when `gm` runs op by op (`per_op`), every
+    output when compiled (one backward node for them all). Op by op, a save only `returned`
+    leads to is watched on those tensors instead (`BetweenSave.graph`)."""
     every = frozenset(range(len(output_nodes(gm))))
-    found_by: dict[tuple[int, Any], tuple[Any, torch.Tensor, frozenset[int]]] = {}
-    for node, real in zip(placeholders, example_inputs):
-        reach = trace.placeholder_reach.get(node, frozenset())
-        if not isinstance(real, torch.Tensor) or real.grad_fn is None or not reach:
-            continue
-        for fn, saved in _saved_since(real.grad_fn, since):
-            key = storage_key(saved)
-            if key is not None:  # a node saving one storage twice: one save
-                _, _, before = found_by.get((id(fn), key), (None, None, frozenset()))
-                found_by[(id(fn), key)] = (fn, saved, before | (reach if per_op else every))
     by_storage = {}
-    for (_, key), (fn, saved, reach) in found_by.items():
-        geometry = torch.empty(0, dtype=saved.dtype, device="meta").as_strided(
-            saved.size(), saved.stride(), saved.storage_offset())
-        by_storage.setdefault(key, []).append(BetweenSave(Site(_node_op(fn), made_at), _SavedBetween(geometry), reach))
+    for key, found in _reached_saves(gm, example_inputs, trace, since, per_op, returned).items():
+        reach, graph = found.positions, None
+        if not reach and per_op:
+            graph = GraphSaves("between", positions=set(range(len(found.via))))
+            graph.call = _watch(graph, found.via)
+            reach = frozenset(graph.positions)
+        by_storage.setdefault(key[1], []).append(BetweenSave(
+            Site(_node_op(found.fn), made_at), _SavedBetween(_geometry(found.saved)), reach or every, graph))
     found = {}
-    for node, real in zip(placeholders, example_inputs):
+    for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         saves = by_storage.get(storage_key(real))
         if saves:
             found[node] = saves
     return found
+
+
+@dataclass(frozen=True)
+class ForwardWrite:
+    """A write to an input after the graph read it, in a graph compiled between a break and the
+    code resuming after it: maybe the forward of the custom Function Dynamo ran itself there,
+    which saves its inputs only when that forward returns (`forward_writes_saved`)."""
+
+    code: Any  # the graph's frame: `forward.__code__` of that Function, if it is one
+    mutation: int  # index in the graph's `report.mutations`
+    storage: Any  # the real input's storage
+    region: torch.Tensor  # the input written (all of it), on the meta device
+    visible: bool  # the write moved the version counter
+
+
+def writes_after_reads(gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+                       code: Any) -> list[ForwardWrite]:
+    """The writes of `gm` (frame `code`) to inputs an earlier node of `gm` read the values of."""
+    reals = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = []
+    writes = [w for ws in trace.writes_by_node().values() for w in ws]  # find_hazards' order: one mutation each
+    for index, write in enumerate(writes):
+        real = reals.get(trace.storage_root.get(write.storage))
+        if write.inner is not None or not isinstance(real, torch.Tensor) or not _read_before(trace, order, write):
+            continue
+        # The input's extent: Dynamo's fake of a view input may not keep the real offset.
+        found.append(ForwardWrite(code, index, storage_key(real), _geometry(real), write.autograd_visible))
+    return found
+
+
+@dataclass
+class SavedByForward:
+    """A `ForwardWrite` the Function whose forward wrote it saved (`forward_writes_saved`)."""
+
+    write: ForwardWrite
+    apply: str  # `Function.apply`
+    watched: GraphSaves | None  # op by op: the Function's result, whose fate settles the error
+
+
+def forward_writes_saved(
+    gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int, per_op: bool,
+    pending: list[ForwardWrite], returned: Sequence[torch.Tensor],
+) -> list[SavedByForward]:
+    """The writes of `pending` that the Function whose forward wrote them saved (its node made
+    after `since`, found as `saves_between_graphs` finds them). Autograd packs a Function's saves
+    when its forward returns, recording the versions then: backward gets the written values,
+    with no error, where forward computed with the values before the write."""
+    if not pending:
+        return []
+    found = []
+    for key, save in _reached_saves(gm, example_inputs, trace, since, per_op, returned).items():
+        code = getattr(getattr(function_class_of(save.fn), "forward", None), "__code__", None)
+        results = [t for t in returned if t.grad_fn is save.fn]
+        for write in pending:
+            if code is None or write.code is not code or write.storage != key[1]:
+                continue
+            if not overlaps(_geometry(save.saved), write.region):
+                continue
+            watched = None
+            if per_op and results:
+                watched = GraphSaves("between", positions=set(range(len(results))))
+                watched.call = _watch(watched, results)
+            found.append(SavedByForward(write, _node_op(save.fn), watched))
+    return found
+
+
+@dataclass
+class _Reached:
+    fn: Any  # the autograd node
+    saved: torch.Tensor
+    positions: frozenset[int]  # outputs of `gm` whose backward reaches it through an input
+    via: list[torch.Tensor]  # the tensors of `returned` in whose history it is
+
+
+def _reached_saves(gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace, since: int,
+                   per_op: bool, returned: Sequence[torch.Tensor]) -> dict[tuple[int, Any], _Reached]:
+    # {(id of the node, storage): what it saved there}; a node saving one storage twice: one save
+    every = frozenset(range(len(output_nodes(gm))))
+    starts: list[tuple[torch.Tensor, frozenset[int] | None]] = []
+    for node, real in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        reach = trace.placeholder_reach.get(node, frozenset())
+        if isinstance(real, torch.Tensor) and real.grad_fn is not None and reach:
+            starts.append((real, reach if per_op else every))
+    starts += [(t, None) for t in returned if t.grad_fn is not None]
+    found: dict[tuple[int, Any], _Reached] = {}
+    for start, reach in starts:
+        for fn, saved in _saved_since(start.grad_fn, since):
+            key = storage_key(saved)
+            if key is None:
+                continue
+            entry = found.setdefault((id(fn), key), _Reached(fn, saved, frozenset(), []))
+            if reach is None:
+                entry.via.append(start)
+            else:
+                entry.positions |= reach
+    return found
+
+
+def _geometry(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=t.dtype, device="meta").as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def _read_before(trace: MutationTrace, order: dict[torch.fx.Node, int], write: Write) -> bool:
+    # Reading consumes values; making a view (`.data`, slicing) does not.
+    key, step = write.storage, order[write.node]
+    for node, i in order.items():
+        if i >= step:
+            break
+        if key in trace.storages_read.get(node, ()) and (key not in trace.storages_made.get(node, ()) or any(
+                w.node is node and w.storage == key for w in trace.writes)):
+            return True
+    return False
 
 
 def _saved_since(start: Any, since: int) -> list[tuple[Any, torch.Tensor]]:

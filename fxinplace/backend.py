@@ -28,13 +28,15 @@ from ._compat import (StorageWeakRef, current_compile_id, current_sequence_nr, e
                       graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view,
                       lookup_backend, pytree, resume_function_name, trace_artifact, tested_range,
                       torch_is_tested, traced_code, warn_untested_once)
-from ._cross_graph import CrossGraphState, Reach, reach_after_call, saves_between_graphs, saves_for_later_graphs
+from ._cross_graph import (BetweenSave, CrossGraphState, ForwardWrite, Reach, SavedByForward, forward_writes_saved,
+                           reach_after_call,
+                           saves_between_graphs, saves_for_later_graphs, writes_after_reads)
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
 from ._sources import SourceLocation, break_source, is_dynamo_file, is_internal_file, root_modules
 from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning
 from .facts import (DEFAULT_SEVERITY, Detail, EagerReason, Hazard, HazardCode, KeptReason, OutputKind, OutputRole,
-                    RewriteKind, Severity, Target)
+                    RewriteKind, Saved, Severity, Site, Target)
 from .options import AuditOptions, parse_options
 from .passes._graph_io import describe_inputs, name_input
 from .passes.find_hazards import find_hazards, site_of
@@ -66,6 +68,7 @@ class GraphRecord:
     # hazards, [(weakref to the watched `GraphSaves`, positions)]). `InplaceAudit.settle` judges
     # them once the frame has returned.
     past_break: tuple[tuple[int, int, tuple[tuple[weakref.ref, frozenset[int]], ...]], ...] = ()
+    watched: tuple = ()  # `GraphSaves` of `past_break` entries nothing else keeps alive
 
 
 @dataclass
@@ -124,6 +127,13 @@ class InplaceAudit:
         # of a graph ending in a break: what Dynamo runs itself at the break makes nodes from there
         # on, until the code resuming after that break compiles (sequence numbers are per thread).
         self._break_mark: tuple[int, SourceLocation, int] | None = None
+        # Writes after reads in graphs compiled since that mark, in its thread: maybe the forward of
+        # a Function Dynamo runs itself at the break, whose saves appear only when it returns.
+        self._forward_writes: list[tuple[GraphRecord, ForwardWrite]] = []
+        self._returned_since_mark: list[weakref.ref] = []  # what the graphs run since then returned
+        # Earlier graphs' reports the latest graph's audit turned out wrong about: one of their
+        # writes landed in what that Function saved (`_amend_forward_writes`).
+        self._amended: list[GraphRecord] = []
         self.model: torch.nn.Module | None = None  # names parameters and buffers, when set (`fxinplace.audit`)
 
     @property
@@ -135,6 +145,9 @@ class InplaceAudit:
         self.graphs.clear()
         self._cross_graph.clear()
         self._break_mark = None
+        self._forward_writes.clear()
+        self._returned_since_mark.clear()
+        self._amended.clear()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs: Any):
         opts = self.options if not options else _without_fixes(parse_options({**self._explicit_options(), **options}))
@@ -149,9 +162,13 @@ class InplaceAudit:
         wrap = None
         if opts.functionalize_mode:
             gm, wrap = self._functionalize(gm, example_inputs, opts, graph)
+        amended, self._amended = self._amended, []
+        for record in amended:
+            emit_tables(record.report, opts)  # printed before; now with the error
         if opts.raise_on is not None:
             least = Severity(opts.raise_on).rank
-            found = [h for h in graph.report.all_hazards() if h.severity.rank >= least]
+            found = [h for g in [*(r.report for r in amended), graph.report] for h in g.all_hazards()
+                     if h.severity.rank >= least]
             if found:
                 log.debug("inplace_audit: graph %s: raising HazardError for %d hazard(s) (option raise_on=%r)",
                           graph.identity[0], len(found), opts.raise_on)
@@ -205,9 +222,12 @@ class InplaceAudit:
 
         def run(*args):
             out = compiled(*args)
+            flat = out if isinstance(out, (list, tuple)) else (out,)
             if break_at is not None:
                 self._break_mark = (current_sequence_nr(), break_at, threading.get_ident())
-            flat = out if isinstance(out, (list, tuple)) else (out,)
+                self._forward_writes, self._returned_since_mark = [], []
+            elif self._break_mark is not None and self._break_mark[2] == threading.get_ident():
+                self._returned_since_mark += [weakref.ref(t) for t in flat if isinstance(t, torch.Tensor)]
             record.outputs = tuple(map(id, flat))
             if graph.trace is not None and (first_call[0] or every_call):
                 self._remember_outputs(graph, list(flat), opts)
@@ -292,6 +312,7 @@ class InplaceAudit:
             return _AuditedGraph(gm, identity, None, GraphRecord(failed, gm=weakref.ref(gm)))
         record = GraphRecord(report, gm=weakref.ref(gm), written=_written_state(gm, example_inputs, trace, report),
                              past_break=_past_break(gm, trace, report, saved_inputs, cross) if per_op else ())
+        self._note_forward_writes(gm, example_inputs, trace, record, opts)
         return _AuditedGraph(gm, identity, trace, record, saved_outputs=saved_outputs, saved_inputs=saved_inputs,
                              cross=cross, placeholder_saves=placeholder_saves)
 
@@ -304,13 +325,44 @@ class InplaceAudit:
         if mark is None or identity[1] != resume_function_name(mark[1].function, mark[1].line):
             return {}
         self._break_mark = None
+        pending, self._forward_writes = self._forward_writes, []
+        returned = [t for t in (r() for r in self._returned_since_mark) if t is not None]
+        self._returned_since_mark = []
         if mark[2] != threading.get_ident():
             return {}
         try:
-            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op)
+            self._amend_forward_writes(gm, example_inputs, trace, mark, per_op, pending, returned)
+            return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op, returned)
         except Exception as e:  # the user's training comes first
             _fall_back(opts, e, f"could not look up saves between graphs for graph {identity[0]}", "auditing it without them")
             return {}
+
+    def _note_forward_writes(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+                             record: GraphRecord, opts: AuditOptions) -> None:
+        mark, codes = self._break_mark, traced_code()
+        if mark is None or mark[2] != threading.get_ident() or not codes:
+            return
+        try:
+            self._forward_writes += [(record, w) for w in writes_after_reads(gm, example_inputs, trace, codes[0])]
+        except Exception as e:  # the user's training comes first
+            _fall_back(opts, e, f"could not record the writes of graph {record.report.compile_id}", "auditing without them")
+
+    def _amend_forward_writes(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
+                              mark: tuple[int, SourceLocation, int], per_op: bool,
+                              pending: list[tuple[GraphRecord, ForwardWrite]], returned: list) -> None:
+        # A graph compiled from the forward of the Function Dynamo ran at the break wrote an input
+        # after reading it, and that Function saved the input: only now, after the call, is the
+        # save there to see. The error goes to the graph that wrote; op by op, it hangs on the
+        # fate of the Function's result, as a save past a break does (`settle`).
+        writes = [w for _, w in pending]
+        for found in forward_writes_saved(gm, example_inputs, trace, mark[0], per_op, writes, returned):
+            record = next(r for r, w in pending if w is found.write)
+            record.report, watched = _saved_in_forward(record.report, found, mark[1])
+            if watched is not None:
+                record.past_break += (watched,)
+                record.watched += (found.watched,)
+            if record not in self._amended:
+                self._amended.append(record)
 
     def _name_state(self, gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace) -> None:
         # Parameters and buffers by the names `named_parameters()` gives, with their aliases:
@@ -421,6 +473,23 @@ def compiled_writes_to(t: torch.Tensor) -> list[tuple[GraphReport, Any]]:
                 if written is not None and written.untyped_storage().data_ptr() == storage:
                     found.append((record.report, record.report.mutations[index]))
     return found
+
+
+def _saved_in_forward(report: GraphReport, found: SavedByForward, at: SourceLocation | None) -> tuple:
+    # As for a write inside a Function's forward that Dynamo traced (`_hop_facts`): an error,
+    # where the graph alone showed a harmless write. (report, its `past_break` entry or None)
+    mutation = report.mutations[found.write.mutation]
+    detail = Detail.FUNCTION_FORWARD if found.write.visible else Detail.UNSEEN_PATH
+    hazard = Hazard(HazardCode.HIDDEN_WRITE_TO_SAVED, Severity.ERROR, mutation.target, mutation.site,
+                    saved_by=Site(found.apply, at), saved=(Saved(mutation.target),), detail=detail)
+    hazards = (*(h for h in mutation.hazards if h.code is not HazardCode.SAFE_INPLACE), hazard)  # safe-inplace is last
+    mutations = list(report.mutations)
+    mutations[found.write.mutation] = dataclasses.replace(mutation, hazards=hazards)
+    watched = None
+    if found.watched is not None:
+        watched = (found.write.mutation, len(hazards) - 1,
+                   ((weakref.ref(found.watched), frozenset(found.watched.positions)),))
+    return dataclasses.replace(report, mutations=tuple(mutations)), watched
 
 
 def _written_state(gm: torch.fx.GraphModule, example_inputs: list, trace: MutationTrace,
@@ -540,7 +609,7 @@ def _eager_only(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], done: F
     # A write to what code Dynamo ran between graphs saved (a Function given one tensor twice)
     # breaks its backward, in eager too, but only where a loss reaches it.
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    between = {i for i, p in enumerate(placeholders) if any(s.graph is None for s in graph.saved_inputs.get(p, ()))}
+    between = {i for i, p in enumerate(placeholders) if any(isinstance(s, BetweenSave) for s in graph.saved_inputs.get(p, ()))}
     if between & (done.written_back | done.written_in_place):
         return EagerReason.SAVED_BETWEEN_GRAPHS
     return None

@@ -30,7 +30,6 @@ import textwrap
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Program", "generate", "FORWARD_ERRORS"]
 

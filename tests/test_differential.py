@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import collections
 import os
-import re
 
 import pytest
 import torch
@@ -33,11 +32,8 @@ def test_random_programs_agree_with_eager_pytorch():
     results = list(run_seeds(range(PROGRAMS), jobs=JOBS))
     assert [r.seed for r in results] == list(range(PROGRAMS))
     bad = {r.seed: r.findings for r in results if r.findings}
-    expected = set().union(*OPEN_SEEDS.values())
-    new = {s: f for s, f in bad.items() if s not in expected}
-    assert not new, "the audit and eager PyTorch disagree (reproduce with `python benchmarks/differential.py " \
-        "--seeds SEED --minimize`):\n" + "\n".join(f"  seed {s}: {'; '.join(f)}" for s, f in sorted(new.items()))
-    assert set(bad) == expected, f"these now agree, take them off OPEN_SEEDS: {sorted(expected - set(bad))}"
+    assert not bad, "the audit and eager PyTorch disagree (reproduce with `python benchmarks/differential.py " \
+        "--seeds SEED --minimize`):\n" + "\n".join(f"  seed {s}: {'; '.join(f)}" for s, f in sorted(bad.items()))
 
     # A generator that drifted into trivial programs would make the agreement above hollow.
     outcomes = collections.Counter(r.outcome for r in results)
@@ -50,21 +46,6 @@ def test_random_programs_agree_with_eager_pytorch():
     codes = set().union(*(r.codes for r in results))
     assert {"saved-then-mutated", "hidden-write-to-saved", "leaf-inplace", "view-inplace", "safe-inplace",
             "parameter-write", "input-write", "buffer-update", "cross-task-write"} <= codes
-
-
-# Seeds of the run above that disagree today, each for one of the open disagreements below
-# (OPEN, minimized): strict, so a fix that makes one agree fails the run until it comes off.
-OPEN_SEEDS = {
-    # `ScaleFused.apply(t, t)`: Dynamo breaks the graph and runs the Function itself, compiling
-    # its forward as a frame of its own, which writes what it saved through `.data` (see OPEN).
-    "written by the forward of a Function Dynamo ran itself": {387, 481, 537},
-}
-
-
-def test_open_seeds_have_the_construct_they_are_listed_for():
-    same_twice = re.compile(r"ScaleFused\.apply\((\w+), \1\)")  # Dynamo breaks the graph there
-    for name, seeds in OPEN_SEEDS.items():
-        assert all(same_twice.search(generate(s).source) for s in seeds), name
 
 
 SPELLINGS = [
@@ -405,6 +386,12 @@ RARE_CONSTRUCTS = {
         Program(212, ("t1 = self.w0 * 1.0", "t3 = Scale.apply(t1, t1)", "with torch.no_grad():\n    t1.mul_(2.0)",
                       "a9 = -t3"), (("a", "a9"),)),
         "backward-error"),
+    # ... and the Function's forward, compiled as a graph of its own, writes through `.data` what
+    # the Function saves when that forward returns (seed 1317; 387, 481, 537, 1169 of the runs).
+    "custom Function Dynamo ran itself: its forward writes what it saves": (
+        Program(1317, ("t1 = self.w0 * self.b0.detach()", "t2 = x1 @ t1", "t3 = ScaleFused.apply(t2, t2)",
+                       "c9 = F.linear(self.w1, t3, None)"), (("c", "c9"),)),
+        "silently-wrong"),
     "custom Function: its saved input written afterwards": (
         Program(1, ("t1 = x2 * 1.0", "t2 = Scale.apply(t1, self.w1)", "with torch.no_grad():\n    t1.mul_(2.0)",
                     "a3 = t2 + 1.0"), (("a", "a3"),)),
@@ -544,27 +531,6 @@ def test_the_generator_leaves_out_checkpointed_writes_to_saved_values():
     assert not harmless(("u", "v"), ["h = torch.exp(u * v)", "h.mul_(0.5)", "return h * v"], [u, v])
     assert harmless(("u", "v"), ["h = torch.exp(u * v)", "return h * v"], [u, v])
     assert harmless(("u", "v"), ["h = u * v", "h.add_(1.0)", "return torch.sigmoid(h)"], [u, v])
-
-
-# Disagreements the new constructs found, in the audit, not yet fixed (docs/reliability.md):
-# strict, so a fix shows here; move the program to REGRESSIONS then.
-OPEN = {
-    # `apply(t, t)`: Dynamo breaks the graph and runs the Function itself, and the Function's
-    # forward (a frame Dynamo compiles as a graph of its own) writes what it saved through
-    # `.data`: eager's gradients are silently wrong, and the graph shows a harmless write to an
-    # intermediate (`ctx.save_for_backward` is a side effect Dynamo replays after that graph, and
-    # the Function's node does not exist yet when it compiles). Seed 1317.
-    "saved by a Function Dynamo ran itself, written in its forward": Program(
-        1317, ("t1 = self.w0 * self.b0.detach()", "t2 = x1 @ t1", "t3 = ScaleFused.apply(t2, t2)",
-               "c9 = F.linear(self.w1, t3, None)"),
-        (("c", "c9"),)),
-}
-
-
-@pytest.mark.xfail(strict=True, reason="open disagreement in the audit, see the comment on each program")
-@pytest.mark.parametrize("program", OPEN.values(), ids=OPEN.keys())
-def test_open_disagreements(program, tmp_path):
-    assert check(program, tmp_path).findings == []
 
 
 def test_a_checkpointed_write_to_a_value_saved_inside_is_an_error(tmp_path):

@@ -472,8 +472,8 @@ class Square(torch.autograd.Function):
 
 class FunctionBetweenGraphs(nn.Module):
     """An energy term `Square.apply(h, h)` between two graphs; then `h` is rescaled in place.
-    `energy`: "loss" (returned), "none" (never used), "dropped" (used, then left unused after a
-    second break)."""
+    `energy`: "loss" (summed and returned), "returned" (as it is), "none" (never used), "dropped"
+    (used, then left unused after a second break)."""
 
     def __init__(self, energy="loss", written="h"):
         super().__init__()
@@ -489,6 +489,8 @@ class FunctionBetweenGraphs(nn.Module):
         out = {"y": g * 2.0}
         if self.energy == "loss":
             out["energy"] = energy.sum(1)
+        elif self.energy == "returned":
+            out["energy"] = energy  # past the graph after the break, straight to the frame's result
         elif self.energy == "dropped":
             e = energy * 0.5
             torch._dynamo.graph_break()
@@ -496,16 +498,18 @@ class FunctionBetweenGraphs(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("energy, written", [("loss", "h"), ("none", "h"), ("dropped", "h"), ("loss", "g")],
-                         ids=["the Function's save, in the loss", "the Function's save, in no loss",
-                              "the Function's save, dropped after a break", "another tensor"])
+@pytest.mark.parametrize("energy, written", [("loss", "h"), ("returned", "h"), ("none", "h"), ("dropped", "h"),
+                                             ("loss", "g")],
+                         ids=["the Function's save, in the loss", "the Function's save, returned as it is",
+                              "the Function's save, in no loss", "the Function's save, dropped after a break",
+                              "another tensor"])
 def test_a_save_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(energy, written):
     # No graph's trace shows the Function's saves: the next graph finds them in its inputs'
     # autograd history, made after the graph before the break returned.
     torch.manual_seed(0)
     model, x = FunctionBetweenGraphs(energy, written), torch.randn(2, 4)
     error = eager_backward_error(model, x)
-    assert (error is not None) == (energy == "loss" and written == "h")
+    assert (error is not None) == (energy in ("loss", "returned") and written == "h")
     report = quiet_audit(copy.deepcopy(model), x)
     errors = report.hazards("error")
     assert bool(errors) == (error is not None)
@@ -514,3 +518,106 @@ def test_a_save_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(
         assert (h.saved_by.op, h.saved_by.source.line) == ("Square.apply", marked_line(FunctionBetweenGraphs, "SAVED"))
         assert h.mutated_by.source.line == marked_line(FunctionBetweenGraphs, "CULPRIT")
         assert "which Dynamo ran outside the graphs" in fxinplace.render.message(h)
+
+
+class FusedSquare(torch.autograd.Function):
+    """x * y, saving both, as a fused kernel that also writes `x` outside autograd (`.data`)
+    after the product. Given one tensor twice, Dynamo breaks the graph and runs it itself,
+    compiling this forward as a graph of its own."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        out = x * y
+        x.data.mul_(2.0)  # WRITTEN
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        return grad * y, grad * x
+
+
+class FusedTwin(FusedSquare):
+    """The out-of-place twin: the saves frozen when `save_for_backward` is called."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x.clone(), y.clone())
+        out = x * y
+        x.data.mul_(2.0)
+        return out
+
+
+class FusedWriteBefore(FusedSquare):
+    """The write comes before the product: forward computes with the values backward gets."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        x.data.mul_(2.0)
+        ctx.save_for_backward(x, y)
+        return x * y
+
+
+class FusedTwinBefore(FusedSquare):
+    @staticmethod
+    def forward(ctx, x, y):
+        x.data.mul_(2.0)
+        ctx.save_for_backward(x.clone(), y.clone())
+        return x * y
+
+
+class FusedBetweenGraphs(FunctionBetweenGraphs):
+    """`FunctionBetweenGraphs` with the Function writing in its own forward, nothing after it."""
+
+    def __init__(self, function=FusedSquare, energy="loss"):
+        super().__init__(energy)
+        self.function = function
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = h + 1.0
+        energy = self.function.apply(h, h)  # SAVED
+        out = {"y": g * 2.0}
+        if self.energy == "loss":
+            out["energy"] = energy.sum(1)
+        elif self.energy == "dropped":
+            e = energy * 0.5
+            torch._dynamo.graph_break()
+            e.sum()
+        elif self.energy == "returned":
+            out["energy"] = energy  # past every graph, straight to the frame's result
+        return out
+
+
+@pytest.mark.parametrize("function, twin, energy", [
+    (FusedSquare, FusedTwin, "loss"), (FusedSquare, FusedTwin, "returned"), (FusedWriteBefore, FusedTwinBefore, "loss"),
+    (FusedSquare, FusedTwin, "none"), (FusedSquare, FusedTwin, "dropped")],
+    ids=["written after the product, in the loss", "written after the product, returned as it is",
+         "written before the product", "in no loss", "dropped after a break"])
+def test_a_write_in_the_forward_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(function, twin,
+                                                                                                energy):
+    # Dynamo compiles the Function's forward as a graph of its own, which shows a harmless write
+    # to an input; the Function saves that input when its forward returns. Eager raises nothing
+    # and its gradients are those of the written values, unlike the out-of-place twin's.
+    torch.manual_seed(0)
+    model, x = FusedBetweenGraphs(function, energy), torch.randn(2, 4)
+    verdict = eager_verdict(model, _twin_of(model, twin), (x,))
+    assert verdict == ("wrong gradients" if function is FusedSquare and energy in ("loss", "returned") else "trains")
+    errors = quiet_audit(copy.deepcopy(model), x).hazards("error")
+    assert bool(errors) == (verdict == "wrong gradients")
+    if errors:
+        (h,) = errors
+        assert h.code.value == "hidden-write-to-saved"
+        assert (h.saved_by.op, h.saved_by.source.line) == ("FusedSquare.apply", marked_line(FusedBetweenGraphs, "SAVED"))
+        assert h.mutated_by.source.line == marked_line(FusedSquare, "WRITTEN")
+    # The backend alone compiles the graphs before it knows whether a loss reads the energy.
+    backend = fxinplace.InplaceAudit(compiler="eager", print=False)
+    torch.compile(copy.deepcopy(model), backend=backend)(x.clone())
+    assert bool(backend.report.hazards("error")) == (function is FusedSquare)
+
+
+def _twin_of(model: FusedBetweenGraphs, function: type) -> FusedBetweenGraphs:
+    twin = copy.deepcopy(model)
+    twin.function = function
+    return twin

@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxinplace
