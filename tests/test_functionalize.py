@@ -778,6 +778,38 @@ def test_a_write_to_one_of_several_views_runs_op_by_op_as_eager_does(through):
     assert [g.ran_eagerly for g in backend.report.graphs] == [None, fxinplace.EagerReason.REFUSED_WHEN_RUN]
 
 
+class RescaleRowThroughData(nn.Module):
+    """Rows of a parameter split by `unbind` before a break; one rescaled through `.data` in
+    the next graph; the others read in the graph after that."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        a, b, c = self.w.unbind(0)
+        torch._dynamo.graph_break()
+        c.data.mul_(0.5)
+        torch._dynamo.graph_break()
+        return (x * a + x * b,)
+
+
+def test_a_write_through_data_leaves_the_version_counter_as_eager_does():
+    # `.data` has a version counter of its own: eager's write leaves the parameter's alone. A
+    # write-back that bumped it would make autograd regenerate `a` and `b` from their base
+    # when the last graph takes them, which it refuses for views made as one of several.
+    torch.manual_seed(0)
+    model = RescaleRowThroughData()
+    eager, plain = copy.deepcopy(model), copy.deepcopy(model)
+    inputs = _inputs(lambda step: (torch.randn(2, 4),))
+    with pytest.raises(RuntimeError, match="returns multiple views"):  # PyTorch's own compile
+        _train(plain, inputs, torch.compile(plain, backend="aot_eager"), steps=1)
+    before = model.w._version, eager.w._version
+    _assert_same(_train(model, inputs, torch.compile(model, backend=_backend(functionalize=True))), _train(eager, inputs))
+    _assert_same_state(model, eager)
+    assert model.w._version - before[0] == eager.w._version - before[1]
+
+
 def test_a_graph_writing_what_a_function_between_graphs_saved_runs_op_by_op_as_eager_does():
     # `Square.apply(h, h)` runs between two graphs (Dynamo breaks there) and saves `h`; the
     # next graph writes `h`. No loss reaches the Function, so eager trains; compiled, that

@@ -95,7 +95,7 @@ def functionalize(
             stand.close()
     if traced is None:
         return unchanged(gm, KeptReason.NO_ATEN_WRITE, (), keep_saved)
-    new_gm, written_at_aten = traced
+    new_gm, written_at_aten, unbumped = traced
     if stand is not None:
         restore(new_gm, stand)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -121,7 +121,9 @@ def functionalize(
     n_outputs = len(returned) - len(written)
     indices = [i for i, _ in written]
     clone = {i for i in indices if read[i]} | set(keep_saved)
-    keep_version = {i for i in indices if not read[i] and i in saved_by_batch_norm}
+    # Eager leaves these versions alone: batch norm's running statistics, and writes through
+    # `.data` (a later reader would otherwise see a version eager never made).
+    keep_version = {i for i in indices if (not read[i] and i in saved_by_batch_norm) or i in unbumped}
     wrap = write_back(indices, n_outputs, aliased_outputs(returned, written), clone, keep_version)
     return FunctionalizedGraph(
         new_gm, wrap,

@@ -19,19 +19,25 @@ __all__ = ["trace_functional", "grad_modes"]
 
 def trace_functional(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inputs: Sequence[GraphInput]
-) -> tuple[torch.fx.GraphModule, set[int]] | None:
-    """The functional ATen graph of `gm` and the indices of the inputs its ATen ops write, or
-    None when `gm` writes nothing."""
+) -> tuple[torch.fx.GraphModule, set[int], set[int]] | None:
+    """The functional ATen graph of `gm`, the indices of the inputs its ATen ops write, and
+    those of them whose version counter the writes leave alone (every write went through
+    `.data`, which has a counter of its own); None when `gm` writes nothing."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         raise AssertionError("fxinplace: functionalize needs Dynamo's fake mode; none was found")
+    versions: dict[int, int] = {}  # input index -> its fake's version after the first trace
 
     def trace(fn: Callable, decompositions: dict | None = None) -> torch.fx.GraphModule:
         fakes = fresh_fakes(inputs, fake_mode, with_grad=False)
+        before = [t._version if isinstance(t, torch.Tensor) else None for t in fakes]
         # Fakes without requires_grad: the trace is below autograd anyway, and functionalize's
         # own final `copy_` into a leaf parameter would otherwise be refused by autograd.
         with fake_mode, preserve_node_meta(), torch.no_grad(), enable_python_dispatcher():
-            return make_fx_aten(fn, decompositions)(*fakes)
+            traced = make_fx_aten(fn, decompositions)(*fakes)
+        if not versions:
+            versions.update({i: t._version - v for i, (t, v) in enumerate(zip(fakes, before)) if v is not None})
+        return traced
 
     # Two traces. The first decomposes to ATen ops with every write explicit: composite ops
     # (`cross_entropy` with label smoothing, `instance_norm`) would otherwise write their own
@@ -52,7 +58,7 @@ def trace_functional(
     placeholders = list(aten.graph.find_nodes(op="placeholder"))
     written = {placeholders.index(root) for node in aten.graph.nodes if node.op == "call_function" and mutates(node)
                for w in written_inputs(node) if (root := view_chain(w)[-1]).op == "placeholder"}
-    return functional, written
+    return functional, written, {i for i in written if versions.get(i) == 0}
 
 
 def _copy_out_of_place(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
