@@ -42,7 +42,7 @@ __all__ = [
     "FakeTensor", "FakeTensorMode", "detect_fake_mode", "fake_mode_of", "unset_fake_temporarily",
     "fake_from_real", "ignore_fresh_unbacked_symbols", "enable_python_dispatcher",
     # storages and version counters
-    "StorageWeakRef", "set_version", "preserve_version_counter", "increment_version",
+    "StorageWeakRef", "set_version", "resumes", "resumed_at", "preserve_version_counter", "increment_version",
     # Dynamo, Inductor and the backend registry
     "current_compile_id", "traced_code", "dynamo_output_scopes", "graph_output_roles", "inductor_compile_fx",
     "inductor_mode_options", "lookup_backend", "list_backends", "dynamo_reset", "compile_backend", "default_backend",
@@ -203,6 +203,18 @@ def resume_function_name(function: str, line: int) -> str:
     """The name Dynamo gives the code that resumes `function` after a graph break at `line`
     (also after a second break: the first function's name, the later line)."""
     return f"torch_dynamo_resume_in_{function}_at_{line}"
+
+
+def resumes(code: Any, function: str, file: str) -> bool:
+    """Whether `code` is Dynamo's code resuming `function` of `file` after one of its breaks
+    (the latest one: where the code resuming after a break breaks again before any op, no
+    graph of it is compiled, and the next code compiled resumes after the second break)."""
+    return code.co_filename == file and code.co_name.startswith(resume_function_name(function, 0)[:-1])
+
+
+def resumed_at(code: Any) -> int:
+    """The line of the break after which Dynamo's resume code `code` (see `resumes`) goes on."""
+    return int(code.co_name.rsplit("_", 1)[1])
 
 
 def interpreting(interpreter: torch.fx.Interpreter, node: torch.fx.Node) -> ContextManager:

@@ -45,8 +45,12 @@ def source_of(node: torch.fx.Node) -> SourceLocation | None:
     if not frames:
         return None
     frame = next((f for f in reversed(frames) if not is_internal_file(f["file"])), frames[-1])
-    file, line = frame["file"], int(frame["line"])
-    return SourceLocation(file, line, linecache.getline(file, line).strip(), frame["fn"])
+    return line_of(frame["file"], int(frame["line"]), frame["fn"])
+
+
+def line_of(file: str, line: int, function: str = "") -> SourceLocation:
+    """`file:line` with its source text."""
+    return SourceLocation(file, line, linecache.getline(file, line).strip(), function)
 
 
 def break_source(gm: torch.fx.GraphModule) -> SourceLocation | None:

@@ -26,14 +26,14 @@ import torch.fx
 from . import render
 from ._compat import (StorageWeakRef, current_compile_id, current_sequence_nr, example_value, graph_break_reason,
                       graph_output_roles, hop_name, inductor_compile_fx, inductor_mode_options, is_multi_output_view,
-                      lookup_backend, pytree, resume_function_name, trace_artifact, tested_range,
+                      lookup_backend, pytree, resumed_at, resumes, trace_artifact, tested_range,
                       torch_is_tested, traced_code, warn_untested_once)
 from ._cross_graph import (BetweenSave, CrossGraphState, ForwardWrite, Reach, SavedByForward, forward_writes_saved,
                            reach_after_call,
                            saves_between_graphs, saves_for_later_graphs, writes_after_reads)
 from ._logs import Counts, PassTimes
 from ._rewrites import mark_kept, mark_rewrites
-from ._sources import SourceLocation, break_source, is_dynamo_file, is_internal_file, root_modules
+from ._sources import SourceLocation, break_source, is_dynamo_file, is_internal_file, line_of, root_modules
 from .errors import AnalysisError, AnalysisWarning, CompilerFallbackWarning
 from .facts import (DEFAULT_SEVERITY, Detail, EagerReason, Hazard, HazardCode, KeptReason, OutputKind, OutputRole,
                     RewriteKind, Saved, Severity, Site, Target)
@@ -321,8 +321,8 @@ class InplaceAudit:
                               per_op: bool) -> dict[torch.fx.Node, list]:
         # The code resuming after a break: what Dynamo ran itself at the break (a custom Function
         # given one tensor twice) may have saved one of its inputs, which no graph's trace shows.
-        mark = self._break_mark
-        if mark is None or identity[1] != resume_function_name(mark[1].function, mark[1].line):
+        mark, codes = self._break_mark, traced_code()
+        if mark is None or not codes or not resumes(codes[0], mark[1].function, mark[1].file):
             return {}
         self._break_mark = None
         pending, self._forward_writes = self._forward_writes, []
@@ -330,6 +330,8 @@ class InplaceAudit:
         self._returned_since_mark = []
         if mark[2] != threading.get_ident():
             return {}
+        if resumed_at(codes[0]) != mark[1].line:  # the code after the break broke again at once
+            mark = (mark[0], line_of(mark[1].file, resumed_at(codes[0]), mark[1].function), mark[2])
         try:
             self._amend_forward_writes(gm, example_inputs, trace, mark, per_op, pending, returned)
             return saves_between_graphs(gm, example_inputs, trace, mark[0], mark[1], per_op, returned)

@@ -427,6 +427,29 @@ def test_the_code_after_a_break_is_named_by_the_function_and_the_line_of_the_bre
     assert names[1] == _compat.resume_function_name("f", line)
 
 
+def test_after_two_breaks_in_a_row_the_code_compiled_next_resumes_after_the_second():
+    # The code resuming after the first break breaks before any op: no graph of it is compiled.
+    codes, stacks = [], []
+
+    def backend(gm, example_inputs):
+        codes.append(_compat.traced_code()[0])
+        stacks.append(_compat.graph_break_frames(gm))
+        return gm.forward
+
+    def f(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        torch._dynamo.graph_break()
+        return y + 1
+
+    torch.compile(f, backend=backend)(torch.randn(3))
+    first = f.__code__.co_firstlineno + 2
+    assert (stacks[0][-1].name, stacks[0][-1].lineno) == ("f", first)
+    assert len(codes) == 2 and codes[1].co_name == _compat.resume_function_name("f", first + 1)
+    assert _compat.resumes(codes[1], "f", f.__code__.co_filename) and _compat.resumed_at(codes[1]) == first + 1
+    assert not _compat.resumes(codes[1], "f", f.__code__.co_filename + "x") and not _compat.resumes(codes[0], "f", f.__code__.co_filename)
+
+
 def test_compile_id_and_traced_code_inside_a_backend_call():
     backend = _Capture(lambda gm, inputs: (_compat.current_compile_id(), _compat.traced_code()))
 

@@ -473,16 +473,19 @@ class Square(torch.autograd.Function):
 class FunctionBetweenGraphs(nn.Module):
     """An energy term `Square.apply(h, h)` between two graphs; then `h` is rescaled in place.
     `energy`: "loss" (summed and returned), "returned" (as it is), "none" (never used), "dropped"
-    (used, then left unused after a second break)."""
+    (used, then left unused after a second break). `break_before`: a break right before the
+    Function, so that the code resuming after it breaks again before any op."""
 
-    def __init__(self, energy="loss", written="h"):
+    def __init__(self, energy="loss", written="h", break_before=False):
         super().__init__()
-        self.energy, self.written = energy, written
+        self.energy, self.written, self.break_before = energy, written, break_before
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
         h = self.fc(x)  # no op saves `h` but the Function
         g = h + 1.0
+        if self.break_before:
+            torch._dynamo.graph_break()
         energy = Square.apply(h, h)  # SAVED
         with torch.no_grad():
             (h if self.written == "h" else g).mul_(0.5)  # CULPRIT
@@ -498,16 +501,18 @@ class FunctionBetweenGraphs(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("energy, written", [("loss", "h"), ("returned", "h"), ("none", "h"), ("dropped", "h"),
-                                             ("loss", "g")],
+@pytest.mark.parametrize("energy, written, break_before",
+                         [("loss", "h", False), ("returned", "h", False), ("none", "h", False), ("dropped", "h", False),
+                          ("loss", "g", False), ("loss", "h", True), ("none", "h", True)],
                          ids=["the Function's save, in the loss", "the Function's save, returned as it is",
                               "the Function's save, in no loss", "the Function's save, dropped after a break",
-                              "another tensor"])
-def test_a_save_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(energy, written):
+                              "another tensor", "the Function's save, in the loss, after a break right before it",
+                              "the Function's save, in no loss, after a break right before it"])
+def test_a_save_of_a_function_dynamo_ran_between_graphs_is_judged_as_eager_does(energy, written, break_before):
     # No graph's trace shows the Function's saves: the next graph finds them in its inputs'
     # autograd history, made after the graph before the break returned.
     torch.manual_seed(0)
-    model, x = FunctionBetweenGraphs(energy, written), torch.randn(2, 4)
+    model, x = FunctionBetweenGraphs(energy, written, break_before), torch.randn(2, 4)
     error = eager_backward_error(model, x)
     assert (error is not None) == (energy in ("loss", "returned") and written == "h")
     report = quiet_audit(copy.deepcopy(model), x)
