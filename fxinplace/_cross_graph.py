@@ -11,6 +11,7 @@ up here before it is analysed.
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -263,13 +264,13 @@ def saves_between_graphs(
     may go past `gm` to a later graph). Only inputs whose backward some output of `gm` reaches
     count (AOTAutograd gives the others no edge either); a save's `positions` are the outputs whose
     backward reaches it: those reaching its input when `gm` runs op by op (`per_op`), every
-    output when compiled (one backward node for them all). Op by op, a save only `returned`
-    leads to is watched on those tensors instead (`BetweenSave.graph`)."""
+    output when compiled (one backward node for them all). A save only `returned` leads to is
+    watched on those tensors instead (`BetweenSave.graph`)."""
     every = frozenset(range(len(output_nodes(gm))))
     by_storage = {}
     for key, found in _reached_saves(gm, example_inputs, trace, since, per_op, returned).items():
         reach, graph = found.positions, None
-        if not reach and per_op:
+        if not reach:  # no backward of `gm` reaches it, compiled or not: the Function's result does
             graph = GraphSaves("between", positions=set(range(len(found.via))))
             graph.call = _watch(graph, found.via)
             reach = frozenset(graph.positions)
@@ -333,7 +334,9 @@ def forward_writes_saved(
         return []
     found = []
     for key, save in _reached_saves(gm, example_inputs, trace, since, per_op, returned).items():
-        code = getattr(getattr(function_class_of(save.fn), "forward", None), "__code__", None)
+        forward = getattr(function_class_of(save.fn), "forward", None)
+        # `@torch.amp.custom_fwd` wraps it: Dynamo compiles the user's forward.
+        code = getattr(inspect.unwrap(forward), "__code__", None) if forward is not None else None
         results = [t for t in returned if t.grad_fn is save.fn]
         for write in pending:
             if code is None or write.code is not code or write.storage != key[1]:
@@ -341,7 +344,7 @@ def forward_writes_saved(
             if not overlaps(_geometry(save.saved), write.region):
                 continue
             watched = None
-            if per_op and results:
+            if results:  # its fate settles the error, compiled or not
                 watched = GraphSaves("between", positions=set(range(len(results))))
                 watched.call = _watch(watched, results)
             found.append(SavedByForward(write, _node_op(save.fn), watched))

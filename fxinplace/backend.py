@@ -64,7 +64,7 @@ class GraphRecord:
     # guard names a compiled write with its audit's facts (`compiled_writes_to`).
     written: tuple[tuple[weakref.ref, int], ...] = ()
     # Saved-tensor errors whose save only outputs of graphs watched per call reach (a graph that
-    # ends in a break, under compiler "eager"): (index in `report.mutations`, index in its
+    # ends in a break, under compiler "eager"; a Function's result, also compiled): (index in `report.mutations`, index in its
     # hazards, [(weakref to the watched `GraphSaves`, positions)]). `InplaceAudit.settle` judges
     # them once the frame has returned.
     past_break: tuple[tuple[int, int, tuple[tuple[weakref.ref, frozenset[int]], ...]], ...] = ()
@@ -223,10 +223,12 @@ class InplaceAudit:
         def run(*args):
             out = compiled(*args)
             flat = out if isinstance(out, (list, tuple)) else (out,)
+            mark = self._break_mark  # read once: another thread may take it meanwhile
             if break_at is not None:
                 self._break_mark = (current_sequence_nr(), break_at, threading.get_ident())
                 self._forward_writes, self._returned_since_mark = [], []
-            elif self._break_mark is not None and self._break_mark[2] == threading.get_ident():
+            elif (mark is not None and mark[2] == threading.get_ident()
+                  and len(self._returned_since_mark) < _RETURNED_KEPT):
                 self._returned_since_mark += [weakref.ref(t) for t in flat if isinstance(t, torch.Tensor)]
             record.outputs = tuple(map(id, flat))
             if graph.trace is not None and (first_call[0] or every_call):
@@ -545,6 +547,11 @@ def _past_break(gm: torch.fx.GraphModule, trace: MutationTrace, report: GraphRep
                 cross.positions |= h.saved_by.tasks
                 found.append((i, j, ((weakref.ref(cross), frozenset(h.saved_by.tasks)),)))
     return tuple(found)
+
+
+# What graphs return after a break is kept (weakly) until the code resuming after it compiles;
+# a mark no resume takes (a break in code run once, then steps without any) stops growing here.
+_RETURNED_KEPT = 1024
 
 
 def _settled(record: GraphRecord, returned: list | None) -> GraphReport:

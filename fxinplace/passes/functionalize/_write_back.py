@@ -180,7 +180,7 @@ def write_back(
     indices: list[int], n_outputs: int, aliased: dict[int, int], clone: Collection[int] = (), keep_version: Collection[int] = ()
 ) -> Callable[[Callable], Callable]:
     # `clone`: inputs the backward may read (see `read_by_backward`); `keep_version`: inputs
-    # eager writes without a version bump (batch norm's running statistics).
+    # eager writes without a version bump (batch norm's running statistics, `.data` writes).
     def wrap(compiled: Callable) -> Callable:
         if not indices and not clone:
             return compiled
