@@ -18,6 +18,8 @@ when first asked for. Left outside: documented tensor attributes (`_version`, `_
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 import warnings
 from typing import Any, Callable, ContextManager
 
@@ -50,6 +52,7 @@ __all__ = [
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
     "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA", "DisableTorchFunction",
+    "inplace_error_versions", "failed_backward", "stale_saves_of_node",
     # FSDP2 (the training guard)
     "fsdp_params", "fsdp_gathered",
 ]
@@ -472,6 +475,75 @@ TENSOR_DATA = torch._C.TensorBase.data
 # A context in which torch functions skip every torch-function mode (the guard's value check
 # computes its fingerprints there, unseen by the guard's own mode).
 DisableTorchFunction = torch._C.DisableTorchFunction
+
+
+# PyTorch's own in-place error, as `SavedVariable::unpack` words it (both releases): "... has been
+# modified by an inplace operation: [torch.FloatTensor [8, 1]], which is output 0 of AsStrided, is
+# at version 2; expected version 1 instead. Hint: ...". The guard names it on entries its hooks
+# do not watch (`training_guard/_unwatched.py`).
+_INPLACE_ERROR = re.compile(r"modified by an inplace operation: \[.*?\].*? is at version (\d+); expected version (\d+) instead")
+
+
+def inplace_error_versions(message: str) -> tuple[int, int] | None:
+    """(version now, version saved) from PyTorch's in-place error message; None for another message."""
+    found = _INPLACE_ERROR.search(message)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def failed_backward(tb: Any) -> tuple[str, list[torch.Tensor], Any] | None:
+    """The `torch.autograd.backward` / `torch.autograd.grad` call a traceback passes through:
+    ("backward" or "autograd.grad", the tensors it started from, its frame), or None. Read from
+    the frame's arguments, named as in the public signatures (`tensors`, `outputs`)."""
+    calls = {inspect.unwrap(torch.autograd.backward).__code__: ("backward", "tensors"),
+             inspect.unwrap(torch.autograd.grad).__code__: ("autograd.grad", "outputs")}
+    while tb is not None:
+        frame = tb.tb_frame
+        call = calls.get(frame.f_code)
+        if call is not None:
+            roots = frame.f_locals.get(call[1])
+            roots = [roots] if isinstance(roots, torch.Tensor) else list(roots or ())
+            return call[0], [r for r in roots if isinstance(r, torch.Tensor)], frame
+        tb = tb.tb_next
+    return None
+
+
+def stale_saves_of_node(node: Any) -> list[tuple[torch.Tensor, str]]:
+    """What `node` saved that fails autograd's version check now, each with the check's message.
+
+    Each saved field is unpacked (`node._saved_<name>`, or a custom Function's `saved_tensors`),
+    which runs the check and nothing else: saves made under saved-tensor hooks (which an unpack
+    would run) are left out, and so are saves a backward already freed. A list of saves (a
+    Function's, `stack`'s) is unpacked at once; the one the message names is told by its shape
+    and version."""
+    if function_class_of(node) is not None:
+        fields = [("saved_tensors", list(node._raw_saved_tensors))]
+    else:
+        fields = [(name[len("_raw"):], getattr(node, name)) for name in dir(node) if name.startswith("_raw_saved_")]
+    found = []
+    for field, raw in fields:
+        raws = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        if not raws or any(_hooked_or_freed(r) for r in raws):
+            continue
+        try:
+            getattr(node, field)
+        except RuntimeError as e:
+            message = str(e)
+            versions = inplace_error_versions(message)
+            if versions is None:
+                continue
+            if not isinstance(raw, (list, tuple)):
+                found.append((raw.data, message))
+            else:
+                found += [(r.data, message) for r in raws
+                          if r.data._version == versions[0] and f" {list(r.data.shape)}]" in message]
+    return found
+
+
+def _hooked_or_freed(raw: Any) -> bool:
+    try:
+        return raw.unpack_hook is not None or not isinstance(raw.data, torch.Tensor)
+    except (RuntimeError, AttributeError):
+        return True
 
 
 # -- FSDP2 (the training guard) --------------------------------------------------------------------

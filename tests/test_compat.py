@@ -408,6 +408,35 @@ def test_a_custom_functions_node_names_its_class_and_saves():
     assert before <= _compat.sequence_nr(out.grad_fn) < _compat.sequence_nr(later)
 
 
+def test_pytorchs_inplace_error_its_backward_call_and_the_stale_save_it_stopped_at():
+    # What the guard's unwatched entries read from PyTorch's own error: the versions in its
+    # words, the call's roots in the traceback's `torch.autograd.backward` frame, and the save
+    # that fails the check, unpacked with no hook run (a hooked save is left out).
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(2, 4, requires_grad=True)  # so that `mm` saves `w` too
+    y = (x @ w).tanh().sum()
+    with torch.no_grad():
+        w.add_(1.0)
+    stale = _compat.stale_saves_of_node(y.grad_fn.next_functions[0][0].next_functions[0][0])  # MmBackward0
+    assert [(t is w or t.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()) for t, _ in stale] == [True]
+    with pytest.raises(RuntimeError) as info:
+        y.backward()
+    assert _compat.inplace_error_versions(str(info.value)) == (1, 0)
+    assert stale[0][1].split(" Hint:")[0] == str(info.value).split(" Hint:")[0]
+    call, roots, frame = _compat.failed_backward(info.value.__traceback__)
+    assert call == "backward" and roots[0] is y and frame.f_code.co_name == "backward"
+    with pytest.raises(RuntimeError) as info:
+        torch.autograd.grad(y, [w])
+    call, roots, _ = _compat.failed_backward(info.value.__traceback__)
+    assert call == "autograd.grad" and roots[0] is y
+    assert _compat.inplace_error_versions("Trying to backward through the graph a second time") is None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        z = (x @ w).sum()
+    with torch.no_grad():
+        w.add_(1.0)
+    assert _compat.stale_saves_of_node(z.grad_fn.next_functions[0][0]) == []
+
+
 def test_the_code_after_a_break_is_named_by_the_function_and_the_line_of_the_break():
     names, stacks = [], []
 

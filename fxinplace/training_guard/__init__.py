@@ -55,6 +55,7 @@ entry by `_session`; `_names` names tensors, optimizers and tasks; `_facts` hold
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -66,7 +67,9 @@ from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
 from ._facts import GuardWrite, StaleSavedTensor, WriteKind
 from ._names import Names
 from ._render import render_table
+from ._saved_log import SavedLines
 from ._session import Session
+from ._unwatched import Unwatched
 
 __all__ = [
     "guard",
@@ -79,6 +82,8 @@ __all__ = [
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | Mapping[str, torch.optim.Optimizer]
 Models = torch.nn.Module | Mapping[str, torch.nn.Module]
@@ -108,15 +113,19 @@ class guard:
             in `hazards` and lets the backward go on with the changed value, as PyTorch
             would without its check: those gradients are wrong; use it to survey a loop.
         tasks_from_outputs: name tasks by the model's output keys (see ``model``).
-        check: ``"all"`` (default) checks every entry into the guard; ``"sampled"`` checks
-            the ``first`` entries, then one entry in ``every`` (``every=0``: none after the
-            first), and on the others installs nothing, for long runs. Enter the guard once
-            per step (a decorated step function) for entries to be steps. On an unchecked
-            step PyTorch's own version check still raises its own error, unnamed; a write
-            through ``.data`` goes unseen. A loop whose order changes after the first steps
-            (a discriminator updated every k steps, gradient accumulation) is checked only on
-            the sampled steps.
-        first, every: the sampling, with ``check="sampled"`` only (defaults 3 and 100).
+        check: ``"all"`` (default) watches every entry into the guard with its hooks.
+            ``"fast"`` watches the ``first`` entries; on the others it installs only the
+            optimizer step hooks, PyTorch's own version check runs, and the in-place error it
+            raises becomes a `StaleSavedTensorError` naming the tensor, the node, the backward
+            and the optimizer step (not the forward line that saved it, nor other writers).
+            ``"sampled"`` (long runs) watches the ``first`` entries, then one entry in
+            ``every``, and names PyTorch's errors on the others without the step hooks. Enter
+            the guard once per step (a decorated step function) for entries to be steps. On
+            an unwatched entry a write through ``.data`` goes unseen, and ``on_stale="warn"``
+            does not apply (PyTorch's error stops the backward).
+        first: the entries watched first, with ``check="fast"`` or ``"sampled"`` (default 3).
+        every: with ``check="sampled"`` only, one entry watched in ``every`` after them
+            (default 100; 0: none).
         check_values: also fingerprint each saved tensor when it is saved and compare when
             backward needs it (`_values`): catches the writes no version counter sees (`.data`
             in the model's forward or in compiled code, kernels writing their inputs, custom
@@ -129,22 +138,25 @@ class guard:
     def __init__(self, model: Models | None = None, *, optimizers: Optimizers | None = None,
                  on_stale: Literal["raise", "warn"] = "raise",
                  tasks_from_outputs: bool = True,
-                 check: Literal["all", "sampled"] = "all",
+                 check: Literal["all", "fast", "sampled"] = "all",
                  first: int | None = None, every: int | None = None,
                  check_values: bool = False) -> None:
         if on_stale not in ("raise", "warn"):
             raise ValueError(f"`on_stale` must be 'raise' or 'warn', got {on_stale!r}")
-        if check not in ("all", "sampled"):
-            raise ValueError(f"`check` must be 'all' or 'sampled', got {check!r}")
+        if check not in ("all", "fast", "sampled"):
+            raise ValueError(f"`check` must be 'all', 'fast' or 'sampled', got {check!r}")
         if check == "all" and (first is not None or every is not None):
-            raise ValueError("`first` and `every` set the sampling of check='sampled'; got them with "
-                             "check='all' (pass check='sampled', or leave them out)")
+            raise ValueError("`first` and `every` say which entries check='fast' / 'sampled' watch; got them "
+                             "with check='all', which watches every entry (pass check='sampled', or leave them out)")
+        if check == "fast" and every is not None:
+            raise ValueError("`every` sets the sampling of check='sampled'; check='fast' watches only the "
+                             "`first` entries (pass check='sampled', or leave `every` out)")
         if not isinstance(check_values, bool):
             raise TypeError(f"`check_values` must be True or False, got {check_values!r}")
         self.check = check
         self.check_values = check_values
         self.first = _count("first", 3 if first is None else first, least=1)
-        self.every = _count("every", 100 if every is None else every, least=0)
+        self.every = _count("every", 100 if every is None else every, least=0) if check == "sampled" else 0
         self.entries = 0  # entries so far, checked or not
         self._names = Names(_modules_of(model), _optimizers_of(optimizers))
         self.on_stale = on_stale
@@ -152,27 +164,36 @@ class guard:
         self.hazards: list[StaleSavedTensor] = []
         self._session: Session | None = None
         self._tasks: list[str] = []
-        self._skipping = False  # an unchecked entry (check="sampled") is under way
+        self._unwatched: Unwatched | None = None  # an entry the hooks do not watch is under way
+        self._lines = SavedLines() if check != "all" else None  # learned on watched entries, for the others
+        self._unwatched_entry: Unwatched | None = None
 
     def checks(self, entry: int) -> bool:
-        """Does the guard check its `entry`-th entry (from 0)?"""
+        """Does the guard watch its `entry`-th entry (from 0) with its hooks?"""
         if self.check == "all" or entry < self.first:
             return True
         return self.every > 0 and (entry - self.first + 1) % self.every == 0
 
     def __enter__(self) -> guard:
-        if self._session is not None or self._skipping:
+        if self._session is not None or self._unwatched is not None:
             raise RuntimeError(
                 "this `guard` is already active; nest a second `fxinplace.guard(...)` instead "
                 "of entering the same one twice")
         entry, self.entries = self.entries, self.entries + 1
         if not self.checks(entry):
-            self._skipping = True  # nothing installed: the step runs as without the guard
+            # PyTorch's own version check runs; `__exit__` names the error it raises.
+            unwatched = self._unwatched_entry
+            if unwatched is None:  # one per guard, reused: an entry per step allocates little
+                unwatched = self._unwatched_entry = Unwatched(self._names, self._lines, _warn_once,
+                                                              log_steps=self.check == "fast")
+            unwatched.start()
+            self._unwatched = unwatched
             return self
         # The settings are read when needed, so that a change made while active counts.
         session = Session(self._names, self._tasks, on_stale=lambda: self.on_stale,
                           found=lambda stale: self.hazards.append(stale),
-                          tasks_from_outputs=lambda: self.tasks_from_outputs, check_values=self.check_values)
+                          tasks_from_outputs=lambda: self.tasks_from_outputs, check_values=self.check_values,
+                          lines=self._lines)
         session.start()
         self._session = session
         return self
@@ -180,8 +201,19 @@ class guard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         session, self._session = self._session, None
-        if self._skipping:
-            self._skipping = False
+        unwatched, self._unwatched = self._unwatched, None
+        if unwatched is not None:
+            unwatched.stop()
+            found = None
+            if exc is not None and not isinstance(exc, StaleSavedTensorError):
+                try:
+                    found = unwatched.explain(exc)
+                except Exception as e:  # PyTorch's own error stands
+                    _warn_once("naming PyTorch's error", e)
+            self._names.forget_losses()
+            if found is not None:
+                self.hazards.append(found)
+                raise StaleSavedTensorError(found) from exc
             return
         self._names.forget_losses()
         if session is not None:
@@ -209,8 +241,6 @@ class guard:
 
         Returns ``losses`` unchanged, so ``losses = g.losses({...})`` reads naturally.
         """
-        if self._skipping:
-            return losses
         self._names.add_losses(losses)
         return losses
 
@@ -219,9 +249,19 @@ class guard:
         return render_table(self.hazards)
 
     def __repr__(self) -> str:
-        state = "active" if self._session is not None else "unchecked entry" if self._skipping else "inactive"
-        sampling = f", check='sampled', first={self.first}, every={self.every}" if self.check == "sampled" else ""
+        state = "active" if self._session is not None else "unwatched entry" if self._unwatched else "inactive"
+        sampling = (f", check='sampled', first={self.first}, every={self.every}" if self.check == "sampled"
+                    else f", check='fast', first={self.first}" if self.check == "fast" else "")
         return f"fxinplace.guard({state}, on_stale={self.on_stale!r}{sampling}, {len(self.hazards)} hazards)"
+
+
+_failed: set[str] = set()
+
+
+def _warn_once(where: str, e: Exception) -> None:
+    if where not in _failed:
+        _failed.add(where)
+        log.warning("fxinplace.guard: bookkeeping failed in %s (%s); continuing without it", where, e, exc_info=True)
 
 
 def _count(name: str, value: Any, least: int) -> int:

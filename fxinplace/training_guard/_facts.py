@@ -52,6 +52,10 @@ class StaleSavedTensor:
     hidden: bool  # changed although its version counter did not move (`.data`)
     called_at: SourceLocation | None = None  # the loop's line that called the model whose forward saved it
     by_value: bool = False  # found by the value check (`check_values=True`): its values changed, not its version
+    # False: found by PyTorch's own version check on an entry the guard's hooks did not watch
+    # (`check="fast"` / `"sampled"`): the saving op's line and writes other than optimizer steps are unknown.
+    watched: bool = True
+    steps_logged: bool = True  # unwatched: whether the optimizer steps were logged (`check="fast"`) or not
 
     @property
     def changed_at(self) -> SourceLocation | None:

@@ -12,7 +12,7 @@ import torch
 from ._fsdp import unwrapped
 from ._runtime import storage_key
 
-__all__ = ["Names", "name_outputs", "heads_reached"]
+__all__ = ["Names", "name_outputs", "heads_reached", "backward_task"]
 
 
 class Names:
@@ -112,3 +112,8 @@ def heads_reached(roots: list[torch.Tensor]) -> list[str]:
         seen.add(node)
         todo.extend((n, i) for n, i in node.next_functions if n is not None)
     return sorted(found, key=found.__getitem__)
+
+
+def backward_task(names: Names, roots: list[torch.Tensor]) -> str | None:
+    """The task of a backward from `roots`: its named losses', else the model outputs it reaches."""
+    return names.loss_task(roots) or ", ".join(heads_reached(roots)) or None

@@ -16,17 +16,19 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from .._compat import current_sequence_nr
 from ._facts import WriteKind
 from ._mode import Mode
 from ._runtime import At, getframe, is_compiling, next_seq, user_at
 from ._write_log import Written
 
-__all__ = ["OptimizerWatch", "Step"]
+__all__ = ["OptimizerWatch", "Step", "StepWritten"]
 
 _version_of = operator.attrgetter("_version")
 
-# A step under way: (optimizer, seq, where, its parameters, their versions before the step).
-Step = tuple[torch.optim.Optimizer, int, At | None, list, list[int]]
+# A step under way: (optimizer, seq, where, its parameters, their versions before the step,
+# the sequence number autograd gives the next node: nodes made before the step have smaller ones).
+Step = tuple[torch.optim.Optimizer, int, At | None, list, list[int], int]
 
 
 class OptimizerWatch:
@@ -126,7 +128,7 @@ class OptimizerWatch:
         try:
             params = [p for group in opt.param_groups for p in group["params"]]
             at = user_at(getframe(1))
-            self.steps.append((opt, next_seq(), at, params, list(map(_version_of, params))))
+            self.steps.append((opt, next_seq(), at, params, list(map(_version_of, params)), current_sequence_nr()))
         except Exception as e:
             self.warn_once("optimizer step", e)
 
@@ -135,36 +137,37 @@ class OptimizerWatch:
             steps = self.steps
             for i in range(len(steps) - 1, -1, -1):
                 if steps[i][0] is opt:
-                    _, seq, at, params, versions = steps.pop(i)
+                    _, seq, at, params, versions, node_seq = steps.pop(i)
                     break
             else:
                 return
             after = list(map(_version_of, params))
             if after != versions:
                 name = self.name_of(opt)
-                self.record(_StepWritten(
-                    seq, f"`{name}.step()` ({type(opt).__name__})", at, name, params, versions, after))
+                self.record(StepWritten(
+                    seq, f"`{name}.step()` ({type(opt).__name__})", at, name, params, versions, after, node_seq))
         except Exception as e:
             self.warn_once("optimizer step", e)
         finally:
             self.mode.unlift()
 
 
-class _StepWritten(Written):
+class StepWritten(Written):
     """A step's `Written`, whose parameters moved (`refs`) are worked out when a finding asks.
 
     The step's own list of its parameters is held, not weak references: the session (one
     entry into the guard) holds it, and the optimizer holds the parameters anyway.
     """
 
-    __slots__ = ("params", "before", "after", "_refs")
+    __slots__ = ("params", "before", "after", "node_seq", "_refs")
 
     def __init__(self, seq: int, by: str, at: At | None, optimizer: str, params: list,
-                 before: list[int], after: list[int]) -> None:
+                 before: list[int], after: list[int], node_seq: int) -> None:
         # `Written.__init__` would set `refs`, a property here.
         self.seq, self.kind, self.op, self.by, self.at = seq, WriteKind.OPTIMIZER, "step", by, at
         self.optimizer, self.storages = optimizer, ()
         self.params, self.before, self.after = params, before, after
+        self.node_seq = node_seq  # the step came after the autograd nodes numbered below it
         self._refs: tuple[weakref.ref, ...] | None = None
 
     @property  # type: ignore[override]

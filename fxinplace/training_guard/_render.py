@@ -10,7 +10,7 @@ from tabulate import tabulate
 from .._sources import SourceLocation
 from ._facts import StaleSavedTensor, WriteKind
 
-__all__ = ["explain", "advice", "render_table", "compiled_write_by", "finding_dict"]
+__all__ = ["explain", "advice", "render_table", "compiled_write_by", "finding_dict", "tensor_words"]
 
 
 def compiled_write_by(graph, mutation) -> str:
@@ -18,6 +18,15 @@ def compiled_write_by(graph, mutation) -> str:
     tasks = graph.tasks_of(mutation)
     task = f", task {', '.join(tasks)}" if tasks else ""
     return f"`{mutation.op}` in graph {graph.compile_id} `{graph.function}` (compiled, audited by inplace_audit{task})"
+
+
+def tensor_words(kind: str, name: str | None, is_view: bool, shape: tuple[int, ...], op: str | None) -> str:
+    """A finding's tensor in words (`StaleSavedTensor.tensor`), from `Names.tensor`'s answer."""
+    if name is None:
+        return f"a {list(shape)} tensor" + (f" saved by `{op}`" if op else "")
+    if is_view:
+        return f"a {list(shape)} view of {kind} `{name}`"
+    return f"{kind} `{name}` {list(shape)}"
 
 
 def explain(stale: StaleSavedTensor, with_fix: bool = True) -> str:
@@ -56,10 +65,19 @@ def explain(stale: StaleSavedTensor, with_fix: bool = True) -> str:
     called = (f", called from {_where(s.called_at)}"
               if s.called_at is not None and (s.saved_at is None or (s.called_at.file, s.called_at.line)
                                              != (s.saved_at.file, s.saved_at.line)) else "")
-    lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called}{_task(s.saved_for)}")
+    if s.watched:
+        lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called}{_task(s.saved_for)}")
+    elif s.saved_at is None:
+        lines.append(f"  saved by:   {saved} (line not recorded: this entry was checked by PyTorch's version "
+                     "counter, not watched by the guard's hooks; check=\"all\" records it)")
+    else:
+        lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called} (the line the watched entries saw)")
     if s.writes:
         for w in s.writes:
             lines.append(f"  changed by: {w.by} at {_where(w.source)}")
+    elif not s.watched:
+        logged = "only optimizer steps" if s.steps_logged else "no writes"
+        lines.append(f"  changed by: not known (on this entry the guard logged {logged}; check=\"all\" names every write)")
     else:
         lines.append(
             "  changed by: code the guard did not see (compiled kernels, a C++ extension, "
@@ -105,10 +123,8 @@ def advice(s: StaleSavedTensor) -> str:
     target = f"`{s.name}`" if s.name else "the saved tensor"
     w = s.writes[0] if s.writes else None
     if w is None:
-        fix = (
-            f"Find what writes to {target} between the forward at {_where(s.saved_at)} and this "
-            "backward, and move it after the backward."
-        )
+        forward = f"the forward at {_where(s.saved_at)}" if s.saved_at is not None else "the forward that saved it"
+        fix = f"Find what writes to {target} between {forward} and this backward, and move it after the backward."
     elif w.kind is WriteKind.OPTIMIZER:
         fix = (
             f"{w.by} updated {target} between the forward that saved it and this backward. Run "

@@ -18,11 +18,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .._compat import current_autograd_node
+from .._sources import SourceLocation
 from ._errors import StaleSavedTensorError, StaleSavedTensorWarning
-from ._facts import GuardWrite, StaleSavedTensor
+from ._facts import StaleSavedTensor
 from ._mode import Mode
-from ._names import Names, heads_reached
-from ._render import explain
+from ._names import Names, backward_task
+from ._render import explain, tensor_words
 from ._runtime import (
     At,
     forward_op,
@@ -35,9 +36,9 @@ from ._runtime import (
     user_at,
 )
 from ._values import changed, fingerprint
-from ._write_log import WriteLog, compiled_writes
+from ._write_log import WriteLog, guard_writes
 
-__all__ = ["SavedLog"]
+__all__ = ["SavedLog", "SavedLines"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class _Saved(NamedTuple):
 
 
 class _Backward:
-    __slots__ = ("call", "at", "task", "roots", "heads")
+    __slots__ = ("call", "at", "task", "roots")
 
     def __init__(self, call: str, at: At | None, task: str | None,
                  roots: list[torch.Tensor]) -> None:
@@ -67,7 +68,6 @@ class _Backward:
         self.at = at
         self.task = task  # the `guard.task` block's; the losses' names are read on a finding
         self.roots = roots
-        self.heads: list[str] | None = None  # the model outputs it reaches, on a finding
 
 
 def _unread_running_stat(t: torch.Tensor) -> bool:
@@ -208,26 +208,11 @@ class SavedLog:
         node_name = node.name() if node is not None else None
         op = op_name(saved.op) if saved.op is not None else forward_op(node_name)
         shape = tuple(t.shape)
-        if name is None:
-            what = f"a {list(shape)} tensor" + (f" saved by `{op}`" if op else "")
-        elif is_view:
-            what = f"a {list(shape)} view of {kind} `{name}`"
-        else:
-            what = f"{kind} `{name}` {list(shape)}"
-        writes = tuple(
-            GuardWrite(w.kind, w.op, w.by, location(w.at), w.optimizer)
-            for w in sorted(self.writes.writes_to(t, saved.seq, key), key=lambda w: w.seq)
-        ) or compiled_writes(t)
+        writes = guard_writes(self.writes.writes_to(t, saved.seq, key), t)
         call = self.backwards[-1] if self.backwards else None
-        needed_for = None
-        if call is not None:
-            needed_for = call.task or self.names.loss_task(call.roots)
-            if needed_for is None:
-                if call.heads is None:
-                    call.heads = heads_reached(call.roots)
-                needed_for = ", ".join(call.heads) or None
+        needed_for = (call.task or backward_task(self.names, call.roots)) if call is not None else None
         return StaleSavedTensor(
-            tensor=what, name=name, shape=shape, op=op, node=node_name,
+            tensor=tensor_words(kind, name, is_view, shape, op), name=name, shape=shape, op=op, node=node_name,
             saved_at=location(saved.at), saved_for=saved.task, called_at=location(saved.called_at),
             version_saved=saved.version, version_now=t._version, writes=writes,
             needed_for=needed_for, backward=call.call if call else None,
@@ -265,3 +250,35 @@ class SavedLog:
             mode.op = prev
             mode.forget()
             self.backwards.pop()
+
+
+class SavedLines:
+    """Which forward lines saved each parameter and buffer for each backward node, learned on
+    the watched entries of `check="fast"` and read on the others, where no hook records it.
+
+    Keyed by the node's name and the saved tensor's storage: a parameter keeps its storage from
+    step to step (an activation's is gone by the next step, and no other tensor takes a live
+    parameter's). A key that two lines saved (a module run from two places) names no line.
+    """
+
+    _MAX = 4096
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int | None], set[tuple[At | None, At | None]]] = {}
+
+    def learning(self, unpack: Callable[[tuple], torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
+        seen = self.seen
+
+        def unpack_learning(packed: tuple) -> torch.Tensor:
+            t = unpack(packed)
+            node = current_autograd_node()
+            if node is not None and len(seen) < self._MAX:
+                seen.setdefault((node.name(), storage_key(t)), set()).add((packed[4], packed[6]))
+            return t
+        return unpack_learning
+
+    def saved_by(self, node: str, key: int | None) -> tuple[SourceLocation | None, SourceLocation | None]:
+        """(the op's line, the loop's line that called the model) that saved storage `key` for
+        `node` on the watched entries; (None, None) unless one pair of lines did."""
+        pairs = {(location(at), location(called)) for at, called in self.seen.get((node, key), ())}
+        return next(iter(pairs)) if len(pairs) == 1 else (None, None)

@@ -16,7 +16,7 @@ from ._mode import Mode
 from ._names import Names, name_outputs
 from ._optimizer_watch import OptimizerWatch, Step
 from ._runtime import getframe, is_compiling, user_at
-from ._saved_log import SavedLog
+from ._saved_log import SavedLog, SavedLines
 from ._write_log import WriteLog
 
 __all__ = ["Session"]
@@ -35,14 +35,19 @@ class Session:
         tasks_from_outputs: says whether to name tasks by the keys of the models' output
             dicts. The three read the guard's attributes when asked, so that a change made
             while the guard is active counts.
+        check_values: fingerprint saved tensors too (`_values`).
+        lines: learns, as backward unpacks them, which lines saved the parameters and
+            buffers, for the entries the hooks will not watch (`check="fast"`).
     """
 
     def __init__(self, names: Names, tasks: list[str],
                  on_stale: Callable[[], Literal["raise", "warn"]],
                  found: Callable[[StaleSavedTensor], None],
-                 tasks_from_outputs: Callable[[], bool], check_values: bool = False) -> None:
+                 tasks_from_outputs: Callable[[], bool], check_values: bool = False,
+                 lines: SavedLines | None = None) -> None:
         self.names = names
         self.check_values = check_values
+        self.lines = lines
         self.tasks_from_outputs = tasks_from_outputs
         self.failed: set[str] = set()
         self.undo: list[Callable[[], Any]] = []
@@ -79,6 +84,8 @@ class Session:
                 undo.append(self.optimizers.lift_model_zero_grad(cls))
             saved = self.saved
             pack, unpack = (saved.pack_values, saved.unpack_values) if self.check_values else (saved.pack, saved.unpack)
+            if self.lines is not None:
+                unpack = self.lines.learning(unpack)
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
             hooks.__enter__()
             undo.append(functools.partial(hooks.__exit__, None, None, None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -13,9 +13,9 @@ import torch
 from ._facts import GuardWrite, WriteKind
 from ._mode import Mode
 from ._render import compiled_write_by
-from ._runtime import At, getframe, next_seq, op_name, storage_key, tensors_in, user_at
+from ._runtime import At, getframe, location, next_seq, op_name, storage_key, tensors_in, user_at
 
-__all__ = ["Written", "WriteLog", "compiled_writes"]
+__all__ = ["Written", "WriteLog", "compiled_writes", "guard_writes"]
 
 # Bounded logs: a write only matters while a graph saved before it is alive, i.e. for a step or
 # two; the bounds keep a long run from growing them.
@@ -172,6 +172,12 @@ class WriteLog:
         except Exception as e:
             self.warn_once(".data", e)
         return result
+
+
+def guard_writes(written: Iterable[Written], t: torch.Tensor) -> tuple[GuardWrite, ...]:
+    """The facts of the writes seen to `t`, oldest first; else those compiled graphs make."""
+    return tuple(GuardWrite(w.kind, w.op, w.by, location(w.at), w.optimizer)
+                 for w in sorted(written, key=lambda w: w.seq)) or compiled_writes(t)
 
 
 def compiled_writes(t: torch.Tensor) -> tuple[GuardWrite, ...]:
