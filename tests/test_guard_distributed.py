@@ -134,13 +134,22 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _run(wrapper: str, model_name: str, loop: str, mode: str, rank: int) -> dict[str, Any]:
-    """One loop: `mode` is "eager" (no guard), "guard" or "warn" (`on_stale="warn"`)."""
+    """One loop: `mode` is "eager" (no guard), "guard" or "warn" (`on_stale="warn"`); or
+    "fast" (`check="fast", first=1`) and its "eager_warm", the loop after one correct entry."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     wrapped = _wrap(wrapper, model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
-    g = None if mode == "eager" else guard(
-        wrapped, optimizers={"opt": opt}, on_stale="warn" if mode == "warn" else "raise")
+    check = {"check": "fast", "first": 1} if mode == "fast" else {}
+    g = None if mode.startswith("eager") else guard(
+        wrapped, optimizers={"opt": opt}, on_stale="warn" if mode == "warn" else "raise", **check)
+    if mode in ("fast", "eager_warm"):  # entry 0, watched: correct; the loop runs unwatched
+        with g if g is not None else nullcontext():
+            d = _data(rank, 0)
+            la, lb = _losses(model_name, wrapped(d["x"]), d)
+            (la + lb).backward()
+            opt.step()
+        opt.zero_grad()
     seen: dict[str, Any] = {"error": None, "grads": [], "hazards": None}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StaleSavedTensorWarning)
@@ -169,7 +178,7 @@ def _loop(wrapped: nn.Module, model: nn.Module, model_name: str, loop: str,
             seen["stale"] = {"name": stale.name, "tensor": stale.tensor, "hidden": stale.hidden,
                              "versions": (stale.version_saved, stale.version_now),
                              "writes": [(w.kind.name, w.by) for w in stale.writes],
-                             "needed_for": stale.needed_for, "node": stale.node}
+                             "needed_for": stale.needed_for, "node": stale.node, "watched": stale.watched}
             seen["grads"].append({n: _full(p.grad) for n, p in model.named_parameters()})
 
 
@@ -221,7 +230,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 continue
             for model_name in MODELS:
                 for loop in CORRECT + HAZARDS:
-                    for mode in ("eager", "guard", "warn") if loop == "step_between" else ("eager", "guard"):
+                    modes = ("eager", "guard", "warn", "eager_warm", "fast") if loop == "step_between" else ("eager", "guard")
+                    for mode in modes:
                         results[f"{wrapper}/{model_name}/{loop}/{mode}"] = _run(
                             wrapper, model_name, loop, mode, rank)
                 dist.barrier()
@@ -375,6 +385,41 @@ def test_ddp_hazard_is_pytorchs_error_named_on_every_rank(ranks, model: str, loo
             f"`{name}` is at version {now}; expected version {saved} instead.\n")
         assert "  changed by: `opt.step()` (SGD) at " in message
         assert guarded["hazards"] == 1
+
+
+@models
+def test_ddp_hazard_on_an_unwatched_entry_is_pytorchs_error_named_on_every_rank(ranks, model: str) -> None:
+    # check="fast" after its one watched entry: DDP's reducer runs with only the step hooks
+    # installed, and PyTorch's own error is named, on each rank, as the hooks would name it.
+    for rank, got in enumerate(ranks):
+        eager = got[f"ddp/{model}/step_between/eager_warm"]
+        found = _PYTORCH_STALE.search(eager["error"][1] if eager["error"] else "")
+        assert found, eager["error"]
+        shape = [int(s) for s in found[1].split(",")]
+        now, saved, name = int(found[2]), int(found[3]), _param_saved_as(model, shape)
+        fast = got[f"ddp/{model}/step_between/fast"]
+        kind, message = fast["error"]
+        assert kind == StaleSavedTensorError.__name__, message
+        stale = fast["stale"]
+        assert (stale["name"], stale["versions"], stale["watched"]) == (name, (saved, now), False)
+        assert stale["writes"] == [(WriteKind.OPTIMIZER.name, "`opt.step()` (SGD)")]
+        assert stale["needed_for"] == "b" and fast["hazards"] == 1
+        assert message.startswith(f"[rank {rank}] fxinplace.guard: one of the variables needed for gradient "
+                                  f"computation has been modified by an inplace operation: a {shape} view of "
+                                  f"parameter `{name}` is at version {now}; expected version {saved} instead.\n")
+
+
+@pytest.mark.parametrize("wrapper", [_wrapper_param(w) for w in WRAPPERS if w != "ddp"])
+@models
+def test_fsdp_hazard_on_an_unwatched_entry_is_missed(ranks, wrapper: str, model: str) -> None:
+    # The limit, stated: FSDP's all-gather keeps the version counter, so PyTorch's check, all
+    # an unwatched entry has, sees nothing; eager's gradients are wrong there
+    # (`test_fsdp_guard_raises_exactly_where_eager_gradients_are_wrong`) and
+    # the guard is as silent as eager.
+    for got in ranks:
+        assert got[f"{wrapper}/{model}/step_between/eager_warm"]["error"] is None
+        fast = got[f"{wrapper}/{model}/step_between/fast"]
+        assert fast["error"] is None and fast["hazards"] == 0
 
 
 # Under FSDP2 the stale tensor is the unsharded weight the backward of the trunk's last layer

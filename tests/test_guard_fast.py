@@ -10,6 +10,7 @@ facts it can have there, and a correct loop must stay silent and compute exactly
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from typing import Any
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from conftest import marked_line
 from fxinplace import StaleSavedTensor, StaleSavedTensorError, guard
-from test_guard import CASES, DATA_CASES, _PYTORCH_STALE, Case, Run, _assert_same, _no_names, _state
+from test_guard import CASES, DATA_CASES, _PYTORCH_STALE, Case, Run, _assert_same, _no_names, _state, make_gan
 
 
 def _entries(run: Run, g: Any, good: int, case: Case) -> None:
@@ -237,3 +238,13 @@ def test_a_data_write_on_an_unwatched_entry_is_missed() -> None:
     with g:
         missed = case.bad(run, g.losses)
     assert g.hazards == [] and missed.keys() == silent.keys()
+
+
+def test_a_compiled_models_stale_save_is_named() -> None:
+    # A graph compiled by AOTAutograd saves in one `CompiledFunctionBackward` node, a custom
+    # Function's: its saves are read together and the stale one told by shape and version.
+    case = dataclasses.replace(CASES["gan_disc_step_between_gen_losses"], make=lambda: make_gan("aot_eager"))
+    shape, now, saved, expected, _ = _pytorch_verdict(case, good=2)
+    stale, _, _ = _caught(case, good=2, check="fast", first=1)
+    assert (stale.name, list(stale.shape), stale.version_now, stale.version_saved) == (expected, shape, now, saved)
+    assert stale.node == "CompiledFunctionBackward" and stale.writes[0].by == case.by

@@ -35,6 +35,12 @@ How it works, in three parts that stay out of each other's way:
 - Global optimizer step pre/post hooks attribute version bumps to ``opt.step()`` and the
   parameter it moved.
 
+Those three run on every entry with ``check="all"``, on the first ``first`` entries with
+``check="fast"`` and ``"sampled"``. On the other entries (`_unwatched`) nothing but the step
+hooks is installed (with ``"sampled"`` not even those): autograd runs its own version check, and
+the error it raises is named on the way out of the guard, from the graph the failed backward
+left.
+
 What is detected: any write that moves the version counter of a saved tensor (optimizer steps,
 in-place ops under `no_grad` or not, on the tensor or a view of it), whoever made it; and
 writes through `.data` made by Python code under the guard: ``p.data.clamp_()``,
@@ -48,7 +54,7 @@ made by compiled kernels is still detected, but attributed to nobody.
 
 The package: `_mode` (the function mode, the hot path), `_saved_log` (the saved-tensor hooks and
 backward calls), `_write_log` (writes seen), `_optimizer_watch` (step hooks), tied together per
-entry by `_session`; `_names` names tensors, optimizers and tasks; `_facts` holds what is found,
+watched entry by `_session`; `_unwatched` the other entries; `_names` names tensors, optimizers and tasks; `_facts` holds what is found,
 `_render` its words, `_errors` the error and warning that carry it.
 """
 
