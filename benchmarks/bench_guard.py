@@ -13,8 +13,11 @@ decorated training step is. Configurations:
 - ``no guard``;
 - ``identity hooks``: `saved_tensors_hooks` whose pack and unpack return the tensor: PyTorch's
   own cost of the hooks the guard installs (no target);
-- ``check="all"``: every step checked (target: at most 1.05 times no guard);
-- ``check="sampled"``: the first 3 steps checked, then one in 100 (target: at most 1.01);
+- ``check="all"``: every step watched by the guard's hooks (target: at most 1.05 times no guard);
+- ``check="fast"``: the first 3 steps watched; on the others the optimizer step hooks, and
+  PyTorch's own version check named by the guard when it fails (target: at most 1.05);
+- ``check="sampled"``: the first 3 steps watched, then one in 100; PyTorch's check named on the
+  others, nothing installed (target: at most 1.01);
 - ``check_values=True``: every step checked, and each saved tensor fingerprinted (no target:
   what the value check adds to ``check="all"``).
 

@@ -52,7 +52,7 @@ __all__ = [
     # the torch-function mode stack and autograd (the training guard)
     "len_torch_function_stack", "torch_function_stack_at", "pop_torch_function_stack",
     "push_torch_function_stack", "current_autograd_node", "TENSOR_DATA", "DisableTorchFunction",
-    "inplace_error_versions", "failed_backward", "stale_saves_of_node",
+    "inplace_error_versions", "failed_backward", "gradient_edge_node", "stale_saves_of_node",
     # FSDP2 (the training guard)
     "fsdp_params", "fsdp_gathered",
 ]
@@ -283,22 +283,33 @@ def saves_of_node(node: Any) -> list[torch.Tensor]:
     """What autograd node `node` saved, read from its raw saved variables without unpacking
     them (no version check, no unpack hook runs). A save made under saved-tensor hooks holds
     what the hook packed, not the tensor: left out; so is one a backward already freed."""
-    if hasattr(node, "_raw_saved_tensors"):  # a custom Function's node
-        raw = list(node._raw_saved_tensors)
+    return [saved.data for _, raws in _raw_saves(node) for saved in raws if not _hooked_or_freed(saved)]
+
+
+def _raw_saves(node: Any) -> list[tuple[str, list]]:
+    """Each saved field of `node` (the name that unpacks it) with its raw saved variables: a
+    custom Function's `saved_tensors`, a built-in node's `_saved_<name>` (some hold a list).
+    A field a backward already freed (a Function's list then raises) is left out."""
+    if function_class_of(node) is not None:
+        names = ["_raw_saved_tensors"]
     else:
-        raw = []
-        for name in dir(node):
-            if name.startswith("_raw_saved_"):
-                value = getattr(node, name)
-                raw += value if isinstance(value, (list, tuple)) else [value]
-    found = []
-    for saved in raw:
+        names = [name for name in dir(node) if name.startswith("_raw_saved_")]
+    fields = []
+    for name in names:
         try:
-            if saved.unpack_hook is None and isinstance(saved.data, torch.Tensor):
-                found.append(saved.data)
-        except (RuntimeError, AttributeError):
+            value = getattr(node, name)
+        except RuntimeError:
             continue
-    return found
+        field = "saved_tensors" if name == "_raw_saved_tensors" and function_class_of(node) is not None else name[len("_raw"):]
+        fields.append((field, list(value) if isinstance(value, (list, tuple)) else [value]))
+    return fields
+
+
+def _hooked_or_freed(raw: Any) -> bool:
+    try:
+        return raw.unpack_hook is not None or not isinstance(raw.data, torch.Tensor)
+    except (RuntimeError, AttributeError):
+        return True
 
 
 def function_class_of(node: Any) -> type | None:
@@ -490,60 +501,74 @@ def inplace_error_versions(message: str) -> tuple[int, int] | None:
     return (int(found[1]), int(found[2])) if found else None
 
 
-def failed_backward(tb: Any) -> tuple[str, list[torch.Tensor], Any] | None:
-    """The `torch.autograd.backward` / `torch.autograd.grad` call a traceback passes through:
-    ("backward" or "autograd.grad", the tensors it started from, its frame), or None. Read from
-    the frame's arguments, named as in the public signatures (`tensors`, `outputs`)."""
+def failed_backward(tb: Any) -> tuple[str, list[torch.Tensor], list[torch.Tensor] | None, Any] | None:
+    """The innermost `torch.autograd.backward` / `torch.autograd.grad` call a traceback passes
+    through (a Function's backward may call another): ("backward" or "autograd.grad", the
+    tensors it started from, its `inputs` or None for all leaves, its frame), or None. Read from
+    the frame's arguments, named as in the public signatures (`tensors` / `outputs`, `inputs`)."""
     calls = {inspect.unwrap(torch.autograd.backward).__code__: ("backward", "tensors"),
              inspect.unwrap(torch.autograd.grad).__code__: ("autograd.grad", "outputs")}
+    found = None
     while tb is not None:
         frame = tb.tb_frame
         call = calls.get(frame.f_code)
         if call is not None:
-            roots = frame.f_locals.get(call[1])
-            roots = [roots] if isinstance(roots, torch.Tensor) else list(roots or ())
-            return call[0], [r for r in roots if isinstance(r, torch.Tensor)], frame
+            found = (call, frame)
         tb = tb.tb_next
-    return None
+    if found is None:
+        return None
+    (kind, roots_name), frame = found
+    roots, inputs = (_tensors(frame.f_locals.get(name)) for name in (roots_name, "inputs"))
+    return kind, roots, inputs or None, frame
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = x.values()
+    return [t for t in (x or ()) if isinstance(t, torch.Tensor)]
+
+
+def gradient_edge_node(t: torch.Tensor) -> Any:
+    """The node whose input receives `t`'s gradient (its grad_fn, or a leaf's accumulator)."""
+    return torch.autograd.graph.get_gradient_edge(t).node
 
 
 def stale_saves_of_node(node: Any) -> list[tuple[torch.Tensor, str]]:
     """What `node` saved that fails autograd's version check now, each with the check's message.
 
-    Each saved field is unpacked (`node._saved_<name>`, or a custom Function's `saved_tensors`),
-    which runs the check and nothing else: saves made under saved-tensor hooks (which an unpack
-    would run) are left out, and so are saves a backward already freed. A list of saves (a
-    Function's, `stack`'s) is unpacked at once; the one the message names is told by its shape
-    and version."""
-    if function_class_of(node) is not None:
-        fields = [("saved_tensors", list(node._raw_saved_tensors))]
-    else:
-        fields = [(name[len("_raw"):], getattr(node, name)) for name in dir(node) if name.startswith("_raw_saved_")]
-    found = []
-    for field, raw in fields:
-        raws = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    Each raw saved variable is unpacked on its own (`SavedTensor.unpack`), which runs the check
+    and nothing else; saves made under saved-tensor hooks (whose unpack would run the hook) are
+    left out, and so are saves a backward already freed. A saved output unpacks only through its
+    node (`node._saved_<name>`, a Function's `saved_tensors`, which pass its grad_fn): for those
+    the message is told apart by shape and version, and names none where two would fit."""
+    found: list[tuple[torch.Tensor, str]] = []
+    for field, raws in _raw_saves(node):
         if not raws or any(_hooked_or_freed(r) for r in raws):
+            continue
+        outputs = []
+        for raw in raws:
+            try:
+                raw.unpack()
+            except RuntimeError as e:
+                if inplace_error_versions(str(e)):
+                    found.append((raw.data, str(e)))
+                else:  # a saved output: no grad_fn to give it here
+                    outputs.append(raw)
+        if not outputs:
             continue
         try:
             getattr(node, field)
         except RuntimeError as e:
             message = str(e)
             versions = inplace_error_versions(message)
-            if versions is None:
+            if versions is None or any(message == words for _, words in found):
                 continue
-            if not isinstance(raw, (list, tuple)):
-                found.append((raw.data, message))
-            else:
-                found += [(r.data, message) for r in raws
-                          if r.data._version == versions[0] and f" {list(r.data.shape)}]" in message]
+            fits = [r for r in outputs if r.data._version == versions[0] and f" {list(r.data.shape)}]" in message]
+            if len(fits) == 1:
+                found.append((fits[0].data, message))
     return found
-
-
-def _hooked_or_freed(raw: Any) -> bool:
-    try:
-        return raw.unpack_hook is not None or not isinstance(raw.data, torch.Tensor)
-    except (RuntimeError, AttributeError):
-        return True
 
 
 # -- FSDP2 (the training guard) --------------------------------------------------------------------

@@ -423,12 +423,13 @@ def test_pytorchs_inplace_error_its_backward_call_and_the_stale_save_it_stopped_
         y.backward()
     assert _compat.inplace_error_versions(str(info.value)) == (1, 0)
     assert stale[0][1].split(" Hint:")[0] == str(info.value).split(" Hint:")[0]
-    call, roots, frame = _compat.failed_backward(info.value.__traceback__)
-    assert call == "backward" and roots[0] is y and frame.f_code.co_name == "backward"
+    call, roots, inputs, frame = _compat.failed_backward(info.value.__traceback__)
+    assert call == "backward" and roots[0] is y and inputs is None and frame.f_code.co_name == "backward"
     with pytest.raises(RuntimeError) as info:
         torch.autograd.grad(y, [w])
-    call, roots, _ = _compat.failed_backward(info.value.__traceback__)
-    assert call == "autograd.grad" and roots[0] is y
+    call, roots, inputs, _ = _compat.failed_backward(info.value.__traceback__)
+    assert call == "autograd.grad" and roots[0] is y and inputs[0] is w
+    assert _compat.gradient_edge_node(w) is y.grad_fn.next_functions[0][0].next_functions[0][0].next_functions[1][0]
     assert _compat.inplace_error_versions("Trying to backward through the graph a second time") is None
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         z = (x @ w).sum()

@@ -123,7 +123,8 @@ class guard:
             ``"fast"`` watches the ``first`` entries; on the others it installs only the
             optimizer step hooks, PyTorch's own version check runs, and the in-place error it
             raises becomes a `StaleSavedTensorError` naming the tensor, the node, the backward
-            and the optimizer step (not the forward line that saved it, nor other writers).
+            and the optimizer step, and the forward line the watched entries saw save it (not
+            other writers).
             ``"sampled"`` (long runs) watches the ``first`` entries, then one entry in
             ``every``, and names PyTorch's errors on the others without the step hooks. Enter
             the guard once per step (a decorated step function) for entries to be steps. On
@@ -153,7 +154,8 @@ class guard:
             raise ValueError(f"`check` must be 'all', 'fast' or 'sampled', got {check!r}")
         if check == "all" and (first is not None or every is not None):
             raise ValueError("`first` and `every` say which entries check='fast' / 'sampled' watch; got them "
-                             "with check='all', which watches every entry (pass check='sampled', or leave them out)")
+                             "with check='all', which watches every entry (pass check='fast' or 'sampled', "
+                             "or leave them out)")
         if check == "fast" and every is not None:
             raise ValueError("`every` sets the sampling of check='sampled'; check='fast' watches only the "
                              "`first` entries (pass check='sampled', or leave `every` out)")
@@ -216,6 +218,7 @@ class guard:
                     found = unwatched.explain(exc)
                 except Exception as e:  # PyTorch's own error stands
                     _warn_once("naming PyTorch's error", e)
+            unwatched.forget()
             self._names.forget_losses()
             if found is not None:
                 self.hazards.append(found)

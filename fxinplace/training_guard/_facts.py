@@ -56,6 +56,10 @@ class StaleSavedTensor:
     # (`check="fast"` / `"sampled"`): the saving op's line and writes other than optimizer steps are unknown.
     watched: bool = True
     steps_logged: bool = True  # unwatched: whether the optimizer steps were logged (`check="fast"`) or not
+    # Unwatched: the op's line (and the loop's line) that the watched entries saw save this
+    # parameter or buffer for this node; not checked on this entry, whose loop may differ.
+    seen_saved_at: SourceLocation | None = None
+    seen_called_at: SourceLocation | None = None
 
     @property
     def changed_at(self) -> SourceLocation | None:

@@ -49,6 +49,13 @@ class Names:
             return entry[1]
         return None
 
+    def storage_keys(self) -> set[int]:
+        """The storages of the given models' parameters and buffers, and the optimizers' parameters."""
+        tensors = [t for _, module in self.modules for m in (unwrapped(module),)
+                   for t in (*m.parameters(), *m.buffers())]
+        tensors += [p for _, opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        return {key for key in map(storage_key, tensors) if key is not None}
+
     def optimizer(self, opt: torch.optim.Optimizer) -> str:
         for name, known in self.optimizers:
             if known is opt:

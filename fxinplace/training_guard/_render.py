@@ -62,16 +62,14 @@ def explain(stale: StaleSavedTensor, with_fix: bool = True) -> str:
         )
     lines = [_rank_head() + head]
     saved = f"`{s.op}`" if s.op else _compiled_or_unknown(s.node)
-    called = (f", called from {_where(s.called_at)}"
-              if s.called_at is not None and (s.saved_at is None or (s.called_at.file, s.called_at.line)
-                                             != (s.saved_at.file, s.saved_at.line)) else "")
     if s.watched:
-        lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called}{_task(s.saved_for)}")
-    elif s.saved_at is None:
+        lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{_called(s.saved_at, s.called_at)}{_task(s.saved_for)}")
+    elif s.seen_saved_at is None:
         lines.append(f"  saved by:   {saved} (line not recorded: this entry was checked by PyTorch's version "
                      "counter, not watched by the guard's hooks; check=\"all\" records it)")
     else:
-        lines.append(f"  saved by:   {saved} at {_where(s.saved_at)}{called} (the line the watched entries saw)")
+        lines.append(f"  saved by:   {saved} (not recorded on this entry; on the entries the guard watched, at "
+                     f"{_where(s.seen_saved_at)}{_called(s.seen_saved_at, s.seen_called_at)})")
     if s.writes:
         for w in s.writes:
             lines.append(f"  changed by: {w.by} at {_where(w.source)}")
@@ -172,6 +170,13 @@ def _where(source: SourceLocation | None) -> str:
     if source is None:
         return "?"
     return f"{source}" + (f" `{source.code}`" if source.code else "")
+
+
+def _called(saved_at: SourceLocation | None, called_at: SourceLocation | None) -> str:
+    # The loop's line that called the model, unless it is the saving line itself.
+    if called_at is None or (saved_at is not None and (called_at.file, called_at.line) == (saved_at.file, saved_at.line)):
+        return ""
+    return f", called from {_where(called_at)}"
 
 
 def _task(task: str | None) -> str:

@@ -266,14 +266,19 @@ class SavedLines:
     def __init__(self) -> None:
         self.seen: dict[tuple[str, int | None], set[tuple[At | None, At | None]]] = {}
 
-    def learning(self, unpack: Callable[[tuple], torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
+    def learning(self, unpack: Callable[[tuple], torch.Tensor],
+                 named: set[int]) -> Callable[[tuple], torch.Tensor]:
+        """`unpack`, also learning the lines of the saves whose storage is in `named` (the
+        storages of the guard's parameters and buffers)."""
         seen = self.seen
 
         def unpack_learning(packed: tuple) -> torch.Tensor:
             t = unpack(packed)
-            node = current_autograd_node()
-            if node is not None and len(seen) < self._MAX:
-                seen.setdefault((node.name(), storage_key(t)), set()).add((packed[4], packed[6]))
+            key = storage_key(t)
+            if key in named and len(seen) < self._MAX:
+                node = current_autograd_node()
+                if node is not None:
+                    seen.setdefault((node.name(), key), set()).add((packed[4], packed[6]))
             return t
         return unpack_learning
 

@@ -37,7 +37,7 @@ class Session:
             while the guard is active counts.
         check_values: fingerprint saved tensors too (`_values`).
         lines: learns, as backward unpacks them, which lines saved the parameters and
-            buffers, for the entries the hooks will not watch (`check="fast"`).
+            buffers, for the entries the hooks will not watch (`check="fast"`, `"sampled"`).
     """
 
     def __init__(self, names: Names, tasks: list[str],
@@ -85,7 +85,7 @@ class Session:
             saved = self.saved
             pack, unpack = (saved.pack_values, saved.unpack_values) if self.check_values else (saved.pack, saved.unpack)
             if self.lines is not None:
-                unpack = self.lines.learning(unpack)
+                unpack = self.lines.learning(unpack, self.names.storage_keys())
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
             hooks.__enter__()
             undo.append(functools.partial(hooks.__exit__, None, None, None))
