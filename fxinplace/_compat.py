@@ -291,16 +291,15 @@ def _raw_saves(node: Any) -> list[tuple[str, list]]:
     custom Function's `saved_tensors`, a built-in node's `_saved_<name>` (some hold a list).
     A field a backward already freed (a Function's list then raises) is left out."""
     if function_class_of(node) is not None:
-        names = ["_raw_saved_tensors"]
+        names = [("_raw_saved_tensors", "saved_tensors")]
     else:
-        names = [name for name in dir(node) if name.startswith("_raw_saved_")]
+        names = [(name, name[len("_raw"):]) for name in dir(node) if name.startswith("_raw_saved_")]
     fields = []
-    for name in names:
+    for raw_name, field in names:
         try:
-            value = getattr(node, name)
+            value = getattr(node, raw_name)
         except RuntimeError:
             continue
-        field = "saved_tensors" if name == "_raw_saved_tensors" and function_class_of(node) is not None else name[len("_raw"):]
         fields.append((field, list(value) if isinstance(value, (list, tuple)) else [value]))
     return fields
 

@@ -358,16 +358,22 @@ def _param_saved_as(model: str, shape: list[int]) -> str:
     return hits[0]
 
 
+def _pytorch_stale(error: tuple[str, str] | None, model: str) -> tuple[list[int], int, int, str]:
+    """PyTorch's in-place error as a rank saw it: the shape, the versions now and saved, and the
+    parameter they designate."""
+    assert error is not None and error[0] == "RuntimeError", error
+    found = _PYTORCH_STALE.search(error[1])
+    assert "modified by an inplace operation" in error[1] and found, error
+    shape = [int(s) for s in found[1].split(",")]
+    return shape, int(found[2]), int(found[3]), _param_saved_as(model, shape)
+
+
 @models
 @pytest.mark.parametrize("loop", HAZARDS)
 def test_ddp_hazard_is_pytorchs_error_named_on_every_rank(ranks, model: str, loop: str) -> None:
     for rank, got in enumerate(ranks):
         eager = got[f"ddp/{model}/{loop}/eager"]
-        assert eager["error"] is not None and eager["error"][0] == "RuntimeError", eager["error"]
-        found = _PYTORCH_STALE.search(eager["error"][1])
-        assert "modified by an inplace operation" in eager["error"][1] and found, eager["error"]
-        shape = [int(s) for s in found[1].split(",")]
-        now, saved, name = int(found[2]), int(found[3]), _param_saved_as(model, shape)
+        shape, now, saved, name = _pytorch_stale(eager["error"], model)
 
         guarded = got[f"ddp/{model}/{loop}/guard"]
         kind, message = guarded["error"]
@@ -393,10 +399,7 @@ def test_ddp_hazard_on_an_unwatched_entry_is_pytorchs_error_named_on_every_rank(
     # installed, and PyTorch's own error is named, on each rank, as the hooks would name it.
     for rank, got in enumerate(ranks):
         eager = got[f"ddp/{model}/step_between/eager_warm"]
-        found = _PYTORCH_STALE.search(eager["error"][1] if eager["error"] else "")
-        assert found, eager["error"]
-        shape = [int(s) for s in found[1].split(",")]
-        now, saved, name = int(found[2]), int(found[3]), _param_saved_as(model, shape)
+        shape, now, saved, name = _pytorch_stale(eager["error"], model)
         fast = got[f"ddp/{model}/step_between/fast"]
         kind, message = fast["error"]
         assert kind == StaleSavedTensorError.__name__, message

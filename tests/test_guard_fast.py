@@ -10,6 +10,7 @@ facts it can have there, and a correct loop must stay silent and compute exactly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from conftest import marked_line
 from fxinplace import StaleSavedTensor, StaleSavedTensorError, guard
+from test_graph_breaks import Square  # x * y, saving both
 from test_guard import CASES, DATA_CASES, _PYTORCH_STALE, Case, Run, _assert_same, _no_names, _state, make_gan
 
 
@@ -29,16 +31,8 @@ def _entries(run: Run, g: Any, good: int, case: Case) -> None:
     """`good` entries of the correct loop, then one of the bad loop, each an entry of `g`
     (a guard, or `None` for PyTorch alone)."""
     for i in range(good + 1):
-        with g if g is not None else _plain():
+        with g if g is not None else contextlib.nullcontext():
             (case.bad if i == good else case.good)(run, g.losses if g is not None else _no_names)
-
-
-class _plain:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _pytorch_verdict(case: Case, good: int) -> tuple[list[int], int, int, str, RuntimeError]:
@@ -169,26 +163,14 @@ def test_of_same_shaped_weights_the_one_autograd_stopped_at_is_named() -> None:
     assert stale.writes[0].source.line == marked_line(_trunk_step, "<- writes")
 
 
-class Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, w = ctx.saved_tensors
-        return grad * w, (grad * x).sum(0)
-
-
 def test_a_custom_functions_stale_save_is_named() -> None:
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(3))
     model = nn.ParameterDict({"w": w})
-    x = torch.randn(2, 3, requires_grad=True)
+    x = torch.randn(3, requires_grad=True)
 
     def step(bad: bool) -> None:
-        y = Scale.apply(x, w).sum()
+        y = Square.apply(x, w).sum()
         if bad:
             with torch.no_grad():
                 w.mul_(0.5)
@@ -204,7 +186,7 @@ def test_a_custom_functions_stale_save_is_named() -> None:
         with g:
             step(bad=True)
     stale = info.value.stale
-    assert (stale.name, stale.node, stale.version_saved, stale.version_now) == ("w", "ScaleBackward", 1, 2)
+    assert (stale.name, stale.node, stale.version_saved, stale.version_now) == ("w", "SquareBackward", 1, 2)
     assert stale.writes == ()
 
 
@@ -295,18 +277,6 @@ def test_with_inputs_the_save_named_is_on_the_path_the_engine_ran() -> None:
     assert info.value.stale.name == "a.weight" and info.value.stale.backward == "autograd.grad"
 
 
-class Mul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(b, w)
-        return b * w
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, w = ctx.saved_tensors
-        return grad * w, grad * b
-
-
 class BufferTimesWeight(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -314,7 +284,7 @@ class BufferTimesWeight(nn.Module):
         self.register_buffer("b", torch.randn(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Mul.apply(self.b, self.w) * x
+        return Square.apply(self.b, self.w) * x
 
 
 def test_of_a_functions_same_shaped_saves_the_changed_one_is_named() -> None:
@@ -346,18 +316,6 @@ def test_of_a_functions_same_shaped_saves_the_changed_one_is_named() -> None:
     assert (stale.name, stale.version_saved, stale.version_now) == ("w", 0, 1)
 
 
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return 2 * grad * x
-
-
 @pytest.mark.parametrize("head", ["function", "compiled"])
 def test_a_function_or_compiled_graph_the_backward_ran_first_leaves_the_walk_intact(head: str) -> None:
     # Their saves are freed by the time the engine stops further down: the walk skips them.
@@ -365,7 +323,7 @@ def test_a_function_or_compiled_graph_the_backward_ran_first_leaves_the_walk_int
     m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     x = torch.randn(2, 3)
-    square = Square.apply if head == "function" else torch.compile(lambda h: h * h, backend="aot_eager")
+    square = (lambda h: Square.apply(h, h)) if head == "function" else torch.compile(lambda h: h * h, backend="aot_eager")
 
     def step(bad: bool) -> None:
         y = square(m(x)).sum()

@@ -61,7 +61,6 @@ watched entry by `_session`; `_unwatched` the other entries; `_names` names tens
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -74,6 +73,7 @@ from ._facts import GuardWrite, StaleSavedTensor, WriteKind
 from ._names import Names
 from ._render import render_table
 from ._saved_log import SavedLines
+from ._runtime import report_failure
 from ._session import Session
 from ._unwatched import Unwatched
 
@@ -88,8 +88,6 @@ __all__ = [
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-log = logging.getLogger(__name__)
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | Mapping[str, torch.optim.Optimizer]
 Models = torch.nn.Module | Mapping[str, torch.nn.Module]
@@ -172,9 +170,12 @@ class guard:
         self.hazards: list[StaleSavedTensor] = []
         self._session: Session | None = None
         self._tasks: list[str] = []
-        self._unwatched: Unwatched | None = None  # an entry the hooks do not watch is under way
         self._lines = SavedLines() if check != "all" else None  # learned on watched entries, for the others
-        self._unwatched_entry: Unwatched | None = None
+        # The entries the hooks do not watch, one at a time (one object, reused: an entry per
+        # step allocates little); `_unwatched` while one is under way.
+        self._unwatched_entry = (Unwatched(self._names, self._lines, _warn_once, log_steps=check == "fast")
+                                 if check != "all" else None)
+        self._unwatched: Unwatched | None = None
 
     def checks(self, entry: int) -> bool:
         """Does the guard watch its `entry`-th entry (from 0) with its hooks?"""
@@ -191,9 +192,7 @@ class guard:
         if not self.checks(entry):
             # PyTorch's own version check runs; `__exit__` names the error it raises.
             unwatched = self._unwatched_entry
-            if unwatched is None:  # one per guard, reused: an entry per step allocates little
-                unwatched = self._unwatched_entry = Unwatched(self._names, self._lines, _warn_once,
-                                                              log_steps=self.check == "fast")
+            assert unwatched is not None  # check="all" watches every entry
             unwatched.start()
             self._unwatched = unwatched
             return self
@@ -264,13 +263,8 @@ class guard:
         return f"fxinplace.guard({state}, on_stale={self.on_stale!r}{sampling}, {len(self.hazards)} hazards)"
 
 
-_failed: set[str] = set()
-
-
-def _warn_once(where: str, e: Exception) -> None:
-    if where not in _failed:
-        _failed.add(where)
-        log.warning("fxinplace.guard: bookkeeping failed in %s (%s); continuing without it", where, e, exc_info=True)
+_failed: set[str] = set()  # the places whose failure was logged, outside any session
+_warn_once = functools.partial(report_failure, _failed)
 
 
 def _count(name: str, value: Any, least: int) -> int:

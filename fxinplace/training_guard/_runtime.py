@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import linecache
 import re
 import sys
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from .._sources import SourceLocation, user_frame
+
+log = logging.getLogger(__name__)
 
 # One clock for saves and writes: a write changes a saved tensor only if it came after the save.
 next_seq = itertools.count().__next__
@@ -23,6 +26,13 @@ is_compiling = torch.compiler.is_compiling
 # Where the user is: a frame's code and the offset of the instruction it runs. No line-table
 # walk while training; `location` turns it into a line on a finding.
 At = tuple[CodeType, int]
+
+
+def report_failure(failed: set[str], where: str, e: Exception) -> None:
+    """Log a failure of the guard's bookkeeping once per place (`failed` holds the places so far)."""
+    if where not in failed:
+        failed.add(where)
+        log.warning("fxinplace.guard: bookkeeping failed in %s (%s); continuing without it", where, e, exc_info=True)
 
 
 def user_at(frame: FrameType | None) -> At | None:

@@ -4,7 +4,6 @@ optimizer watch, gives each what it needs, installs their hooks and takes them o
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -15,13 +14,11 @@ from ._fsdp import ShardWatch
 from ._mode import Mode
 from ._names import Names, name_outputs
 from ._optimizer_watch import OptimizerWatch, Step
-from ._runtime import getframe, is_compiling, user_at
+from ._runtime import getframe, is_compiling, report_failure, user_at
 from ._saved_log import SavedLog, SavedLines
 from ._write_log import WriteLog
 
 __all__ = ["Session"]
-
-log = logging.getLogger(__name__)
 
 
 class Session:
@@ -151,7 +148,4 @@ class Session:
             self.mode.unlift()  # after the names: with the mode on, each call above would go through it
 
     def warn_once(self, where: str, e: Exception) -> None:
-        if where not in self.failed:
-            self.failed.add(where)
-            log.warning("fxinplace.guard: bookkeeping failed in %s (%s); continuing without it",
-                        where, e, exc_info=True)
+        report_failure(self.failed, where, e)
